@@ -120,7 +120,9 @@ class ModelConfig(_Strict):
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(self, name) >= self.vocab_size:
-                raise ValueError(f"{name}={getattr(self, name)} is outside vocab_size={self.vocab_size}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is outside vocab_size={self.vocab_size}"
+                )
         return self
 
     @classmethod
@@ -155,7 +157,6 @@ class ModelConfig(_Strict):
 
     # ---- Hugging Face config.json interop ----
 
-
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         """Build from a released `config.json` (CoDALanguageModel or Qwen3ForCausalLM)."""
@@ -167,7 +168,9 @@ class ModelConfig(_Strict):
         if hf.get("rope_scaling"):
             raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
         if hf.get("attention_bias"):
-            raise ValueError("attention_bias=true is not supported (Qwen3/CoDA have no attention bias)")
+            raise ValueError(
+                "attention_bias=true is not supported (Qwen3/CoDA have no attention bias)"
+            )
         kwargs: dict[str, Any] = {}
         for ours, theirs in _HF_FIELDS.items():
             if theirs in hf and hf[theirs] is not None:
@@ -191,7 +194,9 @@ class ModelConfig(_Strict):
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def to_hf_config(self, architecture: Literal["CoDALanguageModel", "Qwen3ForCausalLM"] = "CoDALanguageModel") -> dict[str, Any]:
+    def to_hf_config(
+        self, architecture: Literal["CoDALanguageModel", "Qwen3ForCausalLM"] = "CoDALanguageModel"
+    ) -> dict[str, Any]:
         hf: dict[str, Any] = {theirs: getattr(self, ours) for ours, theirs in _HF_FIELDS.items()}
         hf.update(
             architectures=[architecture],
@@ -242,20 +247,43 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-1.7b": ModelConfig(**{**_QWEN3_1P7B, "tie_word_embeddings": True}, causal=True),
     # ~100M parameters with the Qwen3 vocabulary: CPU benchmarks.
     "coda-100m": ModelConfig(
-        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_layers=8,
-        num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True,
+        vocab_size=151936,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
     ),
     # The embedded default: trains on 2 CPU cores in minutes with the project tokenizer.
     "coda-tiny": ModelConfig(
-        vocab_size=PROJECT_VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_layers=4,
-        num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096,
-        dtype="float32", **PROJECT_TOKENIZER_IDS,
+        vocab_size=PROJECT_VOCAB_SIZE,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        dtype="float32",
+        **PROJECT_TOKENIZER_IDS,
     ),
     # Unit tests: a few thousand parameters, f32 so comparisons are exact to 1e-5.
     "test-micro": ModelConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-        dtype="float32", mask_token_id=255, pad_token_id=0, eos_token_id=1, bos_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        dtype="float32",
+        mask_token_id=255,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=0,
     ),
 }
 
@@ -291,14 +319,18 @@ def check_uri(uri: str) -> str:
     if "://" in uri and not uri.startswith("gs://"):
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or gs://bucket/path")
     if not _URI.match(uri):
-        raise ValueError(f"malformed URI {uri!r}: gs:// URIs need a valid bucket name (gs://bucket/path)")
+        raise ValueError(
+            f"malformed URI {uri!r}: gs:// URIs need a valid bucket name (gs://bucket/path)"
+        )
     return uri
 
 
 class BatchConfig(_Strict):
     sequences: int = Field(gt=0, description="Global batch size in sequences per optimizer step.")
     seq_len: int = Field(gt=1, le=1 << 20, description="Tokens per sequence.")
-    grad_accum: int = Field(default=1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    grad_accum: int = Field(
+        default=1, gt=0, description="Micro-batches accumulated per optimizer step."
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> BatchConfig:
@@ -312,7 +344,9 @@ class BatchConfig(_Strict):
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adafactor"] = "adamw"
     peak_lr: float = Field(default=3e-4, gt=0)
-    end_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final lr as a fraction of peak.")
+    end_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Final lr as a fraction of peak."
+    )
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0)
     warmup_ratio: float | None = Field(default=None, ge=0, le=1)
@@ -396,10 +430,16 @@ class MaskingConfig(MaskingProbs):
     def probs_at(self, step: int, total_steps: int) -> MaskingProbs:
         """The strategy probabilities in force at `step` (host-side; steps are Python ints)."""
         if self.curriculum == "constant":
-            return MaskingProbs(prefix_prob=self.prefix_prob, truncate_prob=self.truncate_prob, block_prob=self.block_prob)
+            return MaskingProbs(
+                prefix_prob=self.prefix_prob,
+                truncate_prob=self.truncate_prob,
+                block_prob=self.block_prob,
+            )
         if self.curriculum == "paper-table-3":
             epoch = min(int(step * self.epochs / max(total_steps, 1)), self.epochs - 1)
-            return PAPER_TABLE_3[min(epoch * len(PAPER_TABLE_3) // self.epochs, len(PAPER_TABLE_3) - 1)]
+            return PAPER_TABLE_3[
+                min(epoch * len(PAPER_TABLE_3) // self.epochs, len(PAPER_TABLE_3) - 1)
+            ]
         assert self.ramp_to is not None
         frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
         lerp = lambda a, b: a + (b - a) * frac  # noqa: E731
@@ -412,7 +452,9 @@ class MaskingConfig(MaskingProbs):
 
 class SFTConfig(_Strict):
     prompt_ramp_fraction: float = Field(
-        default=0.05, ge=0, le=1,
+        default=0.05,
+        ge=0,
+        le=1,
         description="Over this fraction of steps the unmaskable prompt span grows from 0 to the full prompt.",
     )
     over_length: Literal["drop", "truncate"] = "drop"
@@ -423,7 +465,9 @@ class SFTConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    uri: str = Field(default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final.")
+    uri: str = Field(
+        default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final."
+    )
     every_steps: int = Field(default=1000, gt=0)
     keep: int = Field(default=3, gt=0)
     async_save: bool = True
@@ -471,7 +515,9 @@ class MeshConfig(_Strict):
 class StageConfig(_Strict):
     """One training stage. The CodaTrainingRun CRD's `spec.stages[]` schema is generated from this."""
 
-    name: str = Field(description="Stage name, a DNS label; names the JobSet and checkpoint directory.")
+    name: str = Field(
+        description="Stage name, a DNS label; names the JobSet and checkpoint directory."
+    )
     kind: Literal["pretrain", "midtrain", "sft"]
     steps: int = Field(gt=0)
     batch: BatchConfig
@@ -492,7 +538,9 @@ class StageConfig(_Strict):
     @classmethod
     def _dns(cls, v: str) -> str:
         if not _DNS_LABEL.match(v):
-            raise ValueError(f"stage name {v!r} must be a lowercase DNS label of at most 40 characters")
+            raise ValueError(
+                f"stage name {v!r} must be a lowercase DNS label of at most 40 characters"
+            )
         return v
 
     @field_validator("init_from")
@@ -516,7 +564,9 @@ class TrainJobConfig(_Strict):
 
     run: str = Field(default="local", description="Run name (metrics and logs).")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    tokenizer: str = Field(description="HF tokenizer folder (local or gs://), or 'project' for the built-in one.")
+    tokenizer: str = Field(
+        description="HF tokenizer folder (local or gs://), or 'project' for the built-in one."
+    )
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     stage: StageConfig
     metrics_dir: str | None = None
