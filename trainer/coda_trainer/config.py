@@ -167,6 +167,12 @@ class ModelConfig(_Strict):
             )
         if hf.get("rope_scaling"):
             raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
+        # transformers >= 5 writes `rope_parameters: {rope_type, rope_theta}` instead of `rope_theta`.
+        rope_parameters = hf.get("rope_parameters") or {}
+        if rope_parameters.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters={rope_parameters!r} is not supported (only rope_type=default)")
+        if "rope_theta" not in hf and "rope_theta" in rope_parameters:
+            hf = {**hf, "rope_theta": rope_parameters["rope_theta"]}
         if hf.get("attention_bias"):
             raise ValueError(
                 "attention_bias=true is not supported (Qwen3/CoDA have no attention bias)"
@@ -192,6 +198,9 @@ class ModelConfig(_Strict):
             kwargs["causal"] = True
         # Qwen3's config.json carries token ids of the 151k vocab; keep mask id in range for small vocabs.
         kwargs.update(overrides)
+        for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            if name not in kwargs and cls.model_fields[name].default >= kwargs["vocab_size"]:
+                kwargs[name] = kwargs["vocab_size"] - 1
         return cls(**kwargs)
 
     def to_hf_config(
@@ -310,7 +319,7 @@ class ModelSpec(_Strict):
 # Stage
 # --------------------------------------------------------------------------------------------------
 
-_URI = re.compile(r"^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?|[^:]+)$")
+URI_PATTERN = re.compile(r"^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?|[^:]+)$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 
 
@@ -318,7 +327,7 @@ def check_uri(uri: str) -> str:
     """Accept a local path or a well-formed gs:// URI (bucket naming rules); reject other schemes."""
     if "://" in uri and not uri.startswith("gs://"):
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or gs://bucket/path")
-    if not _URI.match(uri):
+    if not URI_PATTERN.match(uri):
         raise ValueError(
             f"malformed URI {uri!r}: gs:// URIs need a valid bucket name (gs://bucket/path)"
         )

@@ -1,0 +1,72 @@
+"""`python -m coda_operator`: run the CodaTrainingRun operator (kopf) with coda's handlers.
+
+python -m coda_operator --namespace ml --namespace research --liveness http://0.0.0.0:8080/healthz
+python -m coda_operator --all-namespaces --standalone --metrics-port 9090
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m coda_operator", description=__doc__.splitlines()[0])
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; globs allowed)",
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch the whole cluster"
+    )
+    p.add_argument(
+        "--standalone", action="store_true", help="no peering: this is the only operator instance"
+    )
+    p.add_argument(
+        "--liveness", metavar="URL", help="kopf health endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
+    )
+    p.add_argument(
+        "--resync-seconds", type=float, default=None, help="safety-net timer per run (default 60)"
+    )
+    p.add_argument(
+        "--server", default=None, help=argparse.SUPPRESS
+    )  # API URL without auth (emulators)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.resync_seconds is not None:
+        # read when the handlers module registers its timer, so set it before importing
+        os.environ["CODA_OPERATOR_RESYNC_SECONDS"] = str(args.resync_seconds)
+
+    import kopf
+
+    from coda_operator.handlers import OperatorConfig, run_operator
+
+    kopf.configure(verbose=args.verbose)
+    config = OperatorConfig(server=args.server, metrics_port=args.metrics_port)
+    asyncio.run(
+        run_operator(
+            namespaces=args.namespace,
+            clusterwide=args.all_namespaces,
+            standalone=args.standalone,
+            liveness=args.liveness,
+            config=config,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

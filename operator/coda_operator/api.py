@@ -1,0 +1,479 @@
+"""The CodaTrainingRun API: pydantic models from which the CRD schema is generated.
+
+`spec.stages[]` items *are* the trainer's `StageConfig` (subclassed only to add a per-stage
+accelerator override), `spec.model` is the trainer's `ModelSpec` and `spec.checkpoints` its
+`CheckpointConfig`: nothing is defined twice. Everything is camelCase on the wire and accepts
+snake_case in Python.
+
+Cluster-only rules (checkpoints must live on gs:// so every host and stage sees them) apply by
+default; `coda-ctl local run` validates the same resource with
+`parse_spec(data, cluster=False)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from coda_trainer.config import PRESETS, CheckpointConfig, ModelSpec, StageConfig
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from coda_operator.topology import TopologyError, TpuSlice, tpu_slice
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAME",
+    "SINGULAR",
+    "VERSION",
+    "AcceleratorSpec",
+    "CodaTrainingRunSpec",
+    "CodaTrainingRunStatus",
+    "Condition",
+    "FailurePolicySpec",
+    "GPUSpec",
+    "InvalidSpec",
+    "Progress",
+    "ResourcesSpec",
+    "RunModelSpec",
+    "RunStage",
+    "SamplerDefaults",
+    "SamplerSpec",
+    "SamplerStatus",
+    "StageStatus",
+    "TPUSpec",
+    "format_validation_error",
+    "parse_spec",
+]
+
+GROUP = "coda.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CodaTrainingRun"
+PLURAL = "codatrainingruns"
+SINGULAR = "codatrainingrun"
+SHORT_NAME = "ctr"
+
+# Child names: "<run>-<stage>-r<NN>" becomes pod hostnames "<jobset>-slice-<j>-<p>" (a DNS label,
+# ≤ 63 chars); leaving room for 3-digit slice/host indexes and a 2-digit retry suffix gives 44.
+MAX_RUN_PLUS_STAGE_NAME = 44
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_TOPOLOGY_PATTERN = r"^[1-9][0-9]*(x[1-9][0-9]*){1,2}$"
+
+
+class _Wire(BaseModel):
+    """Spec models: strict (unknown fields are errors), camelCase on the wire, immutable."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        protected_namespaces=(),
+    )
+
+
+class _StatusWire(BaseModel):
+    """Status models: lenient (kopf and the trainer may add fields), mutable for the planner."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        protected_namespaces=(),
+    )
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator refuses; `errors` are "spec.<field path>: <why>" lines."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------
+# Accelerators
+# --------------------------------------------------------------------------------------------------
+
+
+class TPUSpec(_Wire):
+    """A GKE TPU slice shape; `slices` > 1 is multislice (DCN between slices)."""
+
+    type: Literal["v4", "v5e", "v5p", "v6e"] = Field(
+        description="TPU generation. Slice names like v5p-8 count TensorCores: v5p-8 is type v5p, topology 2x2x1."
+    )
+    topology: str = Field(
+        pattern=_TOPOLOGY_PATTERN,
+        max_length=16,
+        description="Chip topology: AxBxC for v4/v5p, AxB for v5e/v6e (e.g. 2x2x1 = one v5p host).",
+    )
+    slices: int = Field(
+        default=1, ge=1, le=256, description="Number of slices (multislice over DCN)."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> TPUSpec:
+        tpu_slice(self.type, self.topology)  # raises TopologyError (a ValueError) with a hint
+        return self
+
+    @property
+    def slice(self) -> TpuSlice:
+        return tpu_slice(self.type, self.topology)
+
+
+class GPUSpec(_Wire):
+    """A GKE GPU node pool: `nodes` hosts with `gpusPerNode` GPUs each (one JAX process per node)."""
+
+    type: str = Field(
+        pattern=r"^nvidia-[a-z0-9][-a-z0-9]*$",
+        max_length=63,
+        description="Value of the cloud.google.com/gke-accelerator node label, e.g. nvidia-h100-80gb.",
+    )
+    gpus_per_node: int = Field(ge=1, le=16)
+    nodes: int = Field(default=1, ge=1, le=1024)
+
+
+class AcceleratorSpec(_Wire):
+    """Where a stage runs: a TPU slice (default form) or a GPU node pool; optionally on Spot capacity."""
+
+    tpu: TPUSpec | None = None
+    gpu: GPUSpec | None = None
+    spot: bool = Field(
+        default=False,
+        description="Run on Spot/preemptible nodes (cloud.google.com/gke-spot selector and toleration).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> AcceleratorSpec:
+        if self.tpu is not None and self.gpu is not None:
+            raise ValueError("set accelerator.tpu or accelerator.gpu, not both")
+        return self
+
+    def merged(self, override: AcceleratorSpec | None) -> AcceleratorSpec:
+        """A stage override wins field by field; choosing tpu drops the default's gpu and vice versa."""
+        if override is None:
+            return self
+        update: dict[str, Any] = {k: getattr(override, k) for k in override.model_fields_set}
+        if update.get("tpu") is not None:
+            update.setdefault("gpu", None)
+        if update.get("gpu") is not None:
+            update.setdefault("tpu", None)
+        return self.model_copy(update=update)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_schema(schema: dict[str, Any]) -> None:
+    # StageConfig checks its name with a validator; say the same thing in the schema for the CRD.
+    name = schema.get("properties", {}).get("name")
+    if name is not None:
+        name.update(pattern=_DNS_LABEL, maxLength=40, minLength=1)
+
+
+class RunStage(StageConfig):
+    """A trainer StageConfig plus the operator-only per-stage accelerator override."""
+
+    model_config = ConfigDict(json_schema_extra=_stage_schema)
+
+    accelerator: AcceleratorSpec | None = Field(
+        default=None, description="Overrides spec.accelerator for this stage (fields set here win)."
+    )
+
+    def trainer_stage(self, **update: Any) -> StageConfig:
+        """The plain StageConfig the trainer reads (operator-only fields removed)."""
+        data = self.model_dump(exclude={"accelerator"})
+        data.update(update)
+        return StageConfig.model_validate(data)
+
+
+def _model_schema(schema: dict[str, Any]) -> None:
+    preset = schema.get("properties", {}).get("preset")
+    if preset is not None:
+        preset["enum"] = sorted(PRESETS)
+
+
+class RunModelSpec(ModelSpec):
+    """The trainer's ModelSpec; the subclass only lists the known presets in the CRD schema."""
+
+    model_config = ConfigDict(json_schema_extra=_model_schema)
+
+
+class SamplerDefaults(_Wire):
+    """Default sampling parameters of the sampler service (requests may override them)."""
+
+    steps: int | None = Field(default=None, ge=1, le=4096)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=32768)
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
+    alg_temp: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    block_length: int | None = Field(default=None, ge=1)
+    threshold: float | None = Field(default=None, gt=0, le=1)
+
+
+class ResourcesSpec(_Wire):
+    """Container requests/limits as Kubernetes quantities (strings), e.g. {cpu: "4", memory: 32Gi}."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class SamplerSpec(_Wire):
+    """The sampler Deployment + Service created once the last stage succeeds."""
+
+    enabled: bool = True
+    replicas: int = Field(default=1, ge=0, le=64)
+    image: str | None = Field(default=None, description="Defaults to spec.image.")
+    accelerator: AcceleratorSpec | None = Field(
+        default=None, description="Single-host TPU or one GPU node; omit to serve on CPU."
+    )
+    resources: ResourcesSpec | None = None
+    defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+
+    @model_validator(mode="after")
+    def _single_host(self) -> SamplerSpec:
+        acc = self.accelerator
+        tpu = acc.tpu if acc is not None else None
+        if tpu is not None and (tpu.slices != 1 or tpu.slice.hosts != 1):
+            raise ValueError(
+                f"sampler.accelerator.tpu must be one single-host slice (1x1, 2x2, 2x4 or 2x2x1), "
+                f"got {tpu.slices} x {tpu.type} {tpu.topology}"
+            )
+        if acc is not None and acc.gpu is not None and acc.gpu.nodes != 1:
+            raise ValueError("sampler.accelerator.gpu.nodes must be 1 (each replica is one pod)")
+        return self
+
+
+class FailurePolicySpec(_Wire):
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="JobSet failurePolicy.maxRestarts: whole-slice restarts on crashes (preemption does not count).",
+    )
+    stage_retries: int = Field(
+        default=1,
+        ge=0,
+        le=20,
+        description="Operator-level retries: a failed JobSet is replaced by <run>-<stage>-r<N> this many times.",
+    )
+
+
+class CodaTrainingRunSpec(_Wire):
+    """spec of a CodaTrainingRun: train the stages in order, then serve the last stage's final checkpoint."""
+
+    image: str = Field(
+        min_length=1, max_length=512, description="Trainer image (also the sampler's default)."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    service_account_name: str | None = Field(
+        default=None,
+        pattern=_DNS_SUBDOMAIN,
+        max_length=253,
+        description="Pod ServiceAccount (Workload Identity for GCS); no keys in specs.",
+    )
+    model: RunModelSpec = Field(default_factory=RunModelSpec)
+    tokenizer: str = Field(
+        min_length=1, description="HF tokenizer folder (gs:// or in the image), or 'project'."
+    )
+    checkpoints: CheckpointConfig
+    accelerator: AcceleratorSpec | None = Field(
+        default=None, description="Default accelerator of every stage (stages may override it)."
+    )
+    stages: list[RunStage] = Field(min_length=1, max_length=16)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    suspend: bool = Field(
+        default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Fail the run this long after it started (suspended time included).",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete the run (and, by ownership, its children) this long after it finished.",
+    )
+    queue_name: str | None = Field(
+        default=None,
+        pattern=_DNS_SUBDOMAIN,
+        max_length=253,
+        description="Kueue LocalQueue: JobSets are created suspended and Kueue admits them (phase Queued).",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[RunStage]) -> list[RunStage]:
+        seen: dict[str, int] = {}
+        for i, s in enumerate(stages):
+            if s.name in seen:
+                raise ValueError(
+                    f"spec.stages[{i}].name: duplicate stage name {s.name!r} (also spec.stages[{seen[s.name]}])"
+                )
+            seen[s.name] = i
+        return stages
+
+    @model_validator(mode="after")
+    def _resolvable(self, info: ValidationInfo) -> CodaTrainingRunSpec:
+        try:
+            model = self.model.resolve()
+        except ValidationError as e:
+            raise ValueError(
+                f"spec.model.overrides: {'; '.join(format_validation_error(e, 'model'))}"
+            ) from None
+        for i, stage in enumerate(self.stages):
+            if stage.batch.seq_len > model.max_position_embeddings:
+                raise ValueError(
+                    f"spec.stages[{i}].batch.seqLen: {stage.batch.seq_len} exceeds the model's "
+                    f"maxPositionEmbeddings ({model.max_position_embeddings})"
+                )
+            acc = self.stage_accelerator(i)
+            if acc.tpu is None and acc.gpu is None:
+                raise ValueError(
+                    f"spec.stages[{i}].accelerator: stage {stage.name!r} has no accelerator "
+                    f"(set spec.accelerator.tpu/gpu or a per-stage override)"
+                )
+        cluster = True if info.context is None else info.context.get("cluster", True)
+        if cluster and not self.checkpoints.uri.startswith("gs://"):
+            raise ValueError(
+                f"spec.checkpoints.uri: {self.checkpoints.uri!r} must be a gs:// URI on a cluster "
+                f"(every host of every stage must see the same checkpoints)"
+            )
+        return self
+
+    def stage_accelerator(self, index: int) -> AcceleratorSpec:
+        base = self.accelerator or AcceleratorSpec()
+        return base.merged(self.stages[index].accelerator)
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+def format_validation_error(err: ValidationError, prefix: str = "spec") -> list[str]:
+    """pydantic errors → "spec.stages[1].steps: Input should be greater than 0" lines."""
+    lines = []
+    for e in err.errors():
+        path = prefix
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        msg = e["msg"].removeprefix("Value error, ")
+        # Our own validators already name the field (spec.x.y: ...); do not say it twice.
+        lines.append(msg if msg.startswith(f"{prefix}.") else f"{path}: {msg}")
+    return lines
+
+
+def parse_spec(data: Any, *, cluster: bool = True) -> CodaTrainingRunSpec:
+    """Validate a raw spec dict; raises InvalidSpec whose lines name the offending fields."""
+    if not isinstance(data, dict):
+        raise InvalidSpec([f"spec: expected an object, got {type(data).__name__}"])
+    try:
+        return CodaTrainingRunSpec.model_validate(data, context={"cluster": cluster})
+    except ValidationError as e:
+        raise InvalidSpec(format_validation_error(e)) from None
+    except TopologyError as e:  # raised outside pydantic's wrapping (defensive)
+        raise InvalidSpec([f"spec.accelerator.tpu: {e}"]) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
+StagePhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(_StatusWire):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: str
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class StageStatus(_StatusWire):
+    name: str
+    phase: StagePhase = "Pending"
+    job_set: str | None = Field(default=None, description="Current JobSet of this stage.")
+    retries: int = Field(default=0, ge=0, description="Operator retries used (JobSets replaced).")
+    job_set_restarts: int = Field(
+        default=0, ge=0, description="Whole-slice restarts inside the current JobSet."
+    )
+    init_from: str | None = None
+    final: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+    fingerprint: dict[str, str] = Field(
+        default_factory=dict,
+        description="Hashes of the spec parts the current JobSet was rendered from.",
+    )
+
+
+class Progress(_StatusWire):
+    """Written by the trainer's process 0 (see coda_operator.progress); reset by the operator per stage."""
+
+    model_config = ConfigDict(
+        extra="allow"
+    )  # fields a newer trainer adds survive the operator's writes
+
+    stage: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    checkpoint: str | None = None
+    update_time: str | None = None
+
+
+class SamplerStatus(_StatusWire):
+    deployment: str | None = None
+    service: str | None = None
+    endpoint: str | None = None
+    checkpoint: str | None = None
+    ready: bool = False
+    ready_replicas: int = 0
+
+
+class CodaTrainingRunStatus(_StatusWire):
+    phase: Phase = "Pending"
+    stage: str | None = Field(default=None, description="The current (or last) stage.")
+    stage_index: int | None = None
+    message: str | None = None
+    stages: list[StageStatus] = Field(default_factory=list)
+    progress: Progress | None = None
+    sampler: SamplerStatus | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def is_true(self, type_: str) -> bool:
+        c = self.condition(type_)
+        return c is not None and c.status == "True"

@@ -1,0 +1,423 @@
+"""Thin kopf layer: observe, call the pure planner, apply its actions, patch status, post Events.
+
+Triggers (all end in the same level-triggered `reconcile(namespace, name)`):
+- create / update / resume of a CodaTrainingRun,
+- any event on a JobSet or sampler Deployment labelled `coda.dev/run` (react at once to
+  Completed/Failed and to Kueue admission),
+- a slow timer per run (safety net, `CODA_OPERATOR_RESYNC_SECONDS`, default 60 s),
+- precise wake-ups the planner asks for (activeDeadlineSeconds, ttlSecondsAfterFinished) and
+  back-off retries after API errors.
+
+Children are observed through kopf indexes (no list call per reconcile); the run itself is read
+fresh inside a per-run lock, so concurrent triggers never act on a stale status. Children have
+deterministic names and are created only if absent, so a restarted operator (or a reconcile that
+runs twice) never duplicates a JobSet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import kopf
+
+from coda_operator import api, metrics, planner, render
+from coda_operator.kube import ApiError, Kube
+
+__all__ = ["OperatorConfig", "make_memo", "reconcile", "registry", "run_operator"]
+
+log = logging.getLogger("coda_operator")
+
+registry = kopf.OperatorRegistry()
+RUNS = (api.GROUP, api.VERSION, api.PLURAL)
+JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+RESYNC_SECONDS = float(os.environ.get("CODA_OPERATOR_RESYNC_SECONDS", "60"))
+_API_ERRORS = (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    server: str | None = (
+        None  # an API URL to use without credentials (emulators); else in-cluster/kubeconfig
+    )
+    metrics_port: int | None = None
+    batch_window: float = 0.02  # kopf waits this long for more events of one object before handling
+    retry_backoff: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30, 60)
+
+
+Key = tuple[str, str]
+
+
+class _State:
+    """Per-operator state, kept in kopf's memo (several operators can share a process in tests)."""
+
+    def __init__(self, config: OperatorConfig):
+        self.config = config
+        self.info: kopf.ConnectionInfo | None = None
+        self.kube: Kube | None = None
+        self.locks: dict[Key, asyncio.Lock] = {}
+        self.wakeups: dict[Key, asyncio.TimerHandle] = {}
+        self.failures: dict[Key, int] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.phases = metrics.PhaseTracker()
+        self.jobsets: Any = None  # kopf.Index, bound from the handler kwargs
+        self.samplers: Any = None
+
+    def bind(self, kwargs: dict[str, Any]) -> _State:
+        self.jobsets = kwargs.get("coda_jobsets", self.jobsets)
+        self.samplers = kwargs.get("coda_samplers", self.samplers)
+        return self
+
+    def client(self) -> Kube:
+        if self.kube is None:
+            if self.info is None:
+                raise RuntimeError("not logged in yet")
+            self.kube = Kube(self.info, relogin=self._relogin)
+        return self.kube
+
+    async def _relogin(self) -> kopf.ConnectionInfo:
+        self.info = _login(self.config) or self.info
+        assert self.info is not None
+        return self.info
+
+    def observe(self, key: Key) -> planner.Observed:
+        jobsets = {obs.name: obs for obs in (self.jobsets or {}).get(key, [])}
+        samplers = list((self.samplers or {}).get(key, []))
+        return planner.Observed(jobsets=jobsets, sampler=samplers[0] if samplers else None)
+
+    def wake_in(self, key: Key, delay: float, trigger: str) -> None:
+        old = self.wakeups.pop(key, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self.wakeups[key] = loop.call_later(max(delay, 0.0) + 0.01, self._spawn, key, trigger)
+
+    def _spawn(self, key: Key, trigger: str) -> None:
+        self.wakeups.pop(key, None)
+        task = asyncio.create_task(reconcile(self, key[0], key[1], trigger=trigger))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def retry_later(self, key: Key) -> None:
+        n = self.failures[key] = self.failures.get(key, 0) + 1
+        backoff = self.config.retry_backoff
+        self.wake_in(key, backoff[min(n - 1, len(backoff) - 1)], "retry")
+
+    def forget(self, key: Key) -> None:
+        handle = self.wakeups.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        self.failures.pop(key, None)
+        self.phases.forget(key)
+
+    async def close(self) -> None:
+        for handle in self.wakeups.values():
+            handle.cancel()
+        self.wakeups.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        self.phases.clear()
+        if self.kube is not None:
+            await self.kube.close()
+
+
+def make_memo(config: OperatorConfig | None = None) -> kopf.Memo:
+    return kopf.Memo(coda=_State(config or OperatorConfig()))
+
+
+def _state(memo: Any, kwargs: dict[str, Any]) -> _State:
+    return memo.coda.bind(kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Operator lifecycle
+# --------------------------------------------------------------------------------------------------
+
+
+def _login(config: OperatorConfig, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    if config.server:
+        return kopf.ConnectionInfo(server=config.server, insecure=True)
+    # In a pod: the ServiceAccount; elsewhere: the kubeconfig (the same order `kubectl` uses).
+    settings = kwargs.get("settings") or kopf.OperatorSettings()
+    logger = kwargs.get("logger", log)
+    # login_via_client is None when the kubernetes package is missing: then the minimal fallbacks
+    return (
+        kopf.login_via_client(logger=logger, settings=settings)
+        or kopf.login_with_service_account(settings=settings)
+        or kopf.login_with_kubeconfig(settings=settings)
+    )
+
+
+@kopf.on.login(registry=registry)
+def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    state: _State = memo.coda
+    state.info = _login(state.config, **kwargs)
+    return state.info
+
+
+@kopf.on.startup(registry=registry)
+async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
+    state: _State = memo.coda
+    # Our Events are posted by `reconcile` (one per transition); kopf's own would duplicate them.
+    settings.posting.enabled = False
+    settings.batching.batch_window = state.config.batch_window
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="coda.dev", key="last-handled-configuration"
+    )
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="coda.dev")
+    settings.networking.request_timeout = 60
+    if state.config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(state.config.metrics_port)
+        logger.info("metrics on :%d/metrics", state.config.metrics_port)
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: Any, **_: Any) -> None:
+    await memo.coda.close()
+
+
+@kopf.on.probe(id="runs", registry=registry)
+def probe_runs(memo: Any, **_: Any) -> int:
+    return len(memo.coda.locks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Observation: children through indexes
+# --------------------------------------------------------------------------------------------------
+
+
+@kopf.index(*JOBSETS, labels={render.LABEL_RUN: kopf.PRESENT}, registry=registry)
+def coda_jobsets(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, planner.JobSetObs]:
+    return {(namespace, labels[render.LABEL_RUN]): planner.JobSetObs.from_body(body)}
+
+
+@kopf.index(
+    *DEPLOYMENTS,
+    labels={render.LABEL_RUN: kopf.PRESENT, render.LABEL_COMPONENT: "sampler"},
+    registry=registry,
+)
+def coda_samplers(
+    namespace: str, labels: Any, body: Any, **_: Any
+) -> dict[Key, planner.DeploymentObs]:
+    return {(namespace, labels[render.LABEL_RUN]): planner.DeploymentObs.from_body(body)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Triggers
+# --------------------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(*RUNS, registry=registry)
+@kopf.on.create(*RUNS, registry=registry)
+@kopf.on.update(*RUNS, field="spec", registry=registry)
+async def run_changed(namespace: str, name: str, memo: Any, reason: Any, **kwargs: Any) -> None:
+    await reconcile(_state(memo, kwargs), namespace, name, trigger=str(reason))
+
+
+@kopf.on.event(*RUNS, registry=registry)
+async def run_event(
+    event: dict[str, Any], namespace: str, name: str, memo: Any, **kwargs: Any
+) -> None:
+    if event.get("type") == "DELETED":
+        _state(memo, kwargs).forget((namespace, name))
+
+
+@kopf.timer(*RUNS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=registry)
+async def resync(namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
+    await reconcile(_state(memo, kwargs), namespace, name, trigger="timer")
+
+
+@kopf.on.event(*JOBSETS, labels={render.LABEL_RUN: kopf.PRESENT}, registry=registry)
+async def jobset_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -> None:
+    await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="jobset")
+
+
+@kopf.on.event(
+    *DEPLOYMENTS,
+    labels={render.LABEL_RUN: kopf.PRESENT, render.LABEL_COMPONENT: "sampler"},
+    registry=registry,
+)
+async def sampler_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -> None:
+    await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="sampler")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reconcile
+# --------------------------------------------------------------------------------------------------
+
+
+async def reconcile(state: _State, namespace: str, name: str, *, trigger: str) -> None:
+    key = (namespace, name)
+    metrics.RECONCILES.labels(trigger).inc()
+    lock = state.locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                await _reconcile(state, key)
+            except Exception:  # never let kopf's slow back-off take over; retry on our schedule
+                log.exception("reconcile of %s/%s failed", namespace, name)
+                metrics.RECONCILE_ERRORS.labels("unexpected").inc()
+                state.retry_later(key)
+
+
+def _describe(action: planner.Action) -> str:
+    if isinstance(action, planner.Create):
+        return f"creating {action.obj['kind']} {action.obj['metadata']['name']}"
+    if isinstance(action, planner.PatchChild):
+        return f"patching {action.kind} {action.name}"
+    if isinstance(action, planner.DeleteChild):
+        return f"deleting {action.kind} {action.name}"
+    return "deleting the run"
+
+
+async def _apply(kube: Kube, run: dict[str, Any], action: planner.Action) -> None:
+    ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    if isinstance(action, planner.Create):
+        obj = action.obj
+        kopf.adopt(obj, owner=run)  # ownerReference → garbage collection with the run
+        await kube.create(obj)
+    elif isinstance(action, planner.PatchChild):
+        await kube.patch(action.api_version, action.kind, ns, action.name, action.patch)
+    elif isinstance(action, planner.DeleteChild):
+        await kube.delete(action.api_version, action.kind, ns, action.name)
+    elif isinstance(action, planner.DeleteRun):
+        await kube.delete(api.API_VERSION, api.KIND, ns, name)
+
+
+_STATUS_KEYS = {f.alias or n for n, f in api.CodaTrainingRunStatus.model_fields.items()}
+
+
+def _merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning `old` into `new` (nested dicts diffed, lists replaced)."""
+    patch: dict[str, Any] = {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            sub = _merge_diff(old[k], v)
+            if sub:
+                patch[k] = sub
+        elif old.get(k) != v:
+            patch[k] = v
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Merge patch of the fields we own; others (kopf's, future ones) are left alone."""
+    return _merge_diff({k: v for k, v in old.items() if k in _STATUS_KEYS}, new)
+
+
+async def _reconcile(state: _State, key: Key) -> None:
+    namespace, name = key
+    kube = state.client()
+    try:
+        run = await kube.get(api.API_VERSION, api.KIND, namespace, name)
+    except _API_ERRORS as e:
+        log.warning("reading %s/%s: %s", namespace, name, e)
+        metrics.RECONCILE_ERRORS.labels("read").inc()
+        state.retry_later(key)
+        return
+    if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
+        state.forget(key)  # deleted: children go with it (ownerReferences); nothing is recreated
+        return
+    run.setdefault("apiVersion", api.API_VERSION)
+    run.setdefault("kind", api.KIND)
+
+    result = planner.plan(run, state.observe(key), datetime.now(UTC))
+    status = result.status_dict()
+    events = list(result.events)
+
+    failed: list[str] = []
+    for action in result.actions:
+        try:
+            await _apply(kube, run, action)
+        except _API_ERRORS as e:
+            failed.append(f"{_describe(action)}: {e}")
+    if failed:
+        # Status says what went wrong even when no child could be created (Kubeflow #2351).
+        metrics.RECONCILE_ERRORS.labels("apply").inc()
+        message = "; ".join(failed)
+        _set_condition(status, "Created", "False", "CreateFailed", message)
+        status["message"] = message
+        events.append(planner.Event("Warning", "CreateFailed", message))
+        state.retry_later(key)
+    else:
+        state.failures.pop(key, None)
+
+    patch = _status_patch(run.get("status") or {}, status)
+    if patch:
+        try:
+            await kube.patch(
+                api.API_VERSION, api.KIND, namespace, name, {"status": patch}, status=True
+            )
+        except _API_ERRORS as e:
+            log.warning("patching status of %s/%s: %s", namespace, name, e)
+            metrics.RECONCILE_ERRORS.labels("status").inc()
+            state.retry_later(key)
+            return  # events follow the status they describe; they are re-derived next time
+    for ev in events:
+        with contextlib.suppress(*_API_ERRORS):
+            await kube.post_event(run, ev.type, ev.reason, ev.message)
+            metrics.EVENTS.labels(ev.reason).inc()
+    state.phases.set(key, status.get("phase", "Pending"))
+    for kind, seconds in result.finished_stages:
+        metrics.STAGE_SECONDS.labels(kind).observe(seconds)
+    if result.requeue_after is not None and not failed:
+        state.wake_in(key, result.requeue_after, "timer")
+
+
+def _set_condition(
+    status: dict[str, Any], type_: str, value: str, reason: str, message: str
+) -> None:
+    now = planner.isoformat(datetime.now(UTC))
+    conditions = status.setdefault("conditions", [])
+    for c in conditions:
+        if c["type"] == type_:
+            if c["status"] != value:
+                c["lastTransitionTime"] = now
+            c.update(status=value, reason=reason, message=message[:32768])
+            return
+    conditions.append(
+        {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message[:32768],
+            "lastTransitionTime": now,
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point (used by __main__ and the tests)
+# --------------------------------------------------------------------------------------------------
+
+
+async def run_operator(
+    *,
+    namespaces: list[str] | tuple[str, ...] = (),
+    clusterwide: bool = False,
+    standalone: bool = True,
+    liveness: str | None = None,
+    config: OperatorConfig | None = None,
+    stop_flag: Any = None,
+    ready_flag: Any = None,
+) -> None:
+    await kopf.operator(
+        registry=registry,
+        memo=make_memo(config),
+        namespaces=list(namespaces),
+        clusterwide=clusterwide,
+        standalone=standalone,
+        liveness_endpoint=liveness,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )

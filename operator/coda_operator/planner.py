@@ -1,0 +1,607 @@
+"""The stage machine, as a pure function: (run, observed children, now) → (actions, new status).
+
+No Kubernetes here: `handlers` observes (kopf indexes of JobSets and Deployments), calls `plan`,
+applies the actions and patches the status. Everything is level-triggered and idempotent: running
+`plan` twice on the same input gives the same output, children have deterministic names and are
+created only if absent, and a terminal run (Complete or Failed) never gets a new JobSet.
+
+The state-transition table is in operator/README.md; the tests in tests/operator/test_planner.py
+walk every row of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from coda_operator import render
+from coda_operator.api import (
+    CodaTrainingRunSpec,
+    CodaTrainingRunStatus,
+    Condition,
+    InvalidSpec,
+    Progress,
+    SamplerStatus,
+    StageStatus,
+    parse_spec,
+)
+
+__all__ = [
+    "CONDITION_TYPES",
+    "Create",
+    "DeleteChild",
+    "DeleteRun",
+    "DeploymentObs",
+    "Event",
+    "JobSetObs",
+    "Observed",
+    "PatchChild",
+    "Plan",
+    "isoformat",
+    "parse_time",
+    "phase_from_conditions",
+    "plan",
+]
+
+# Printed phase precedence: the first of these conditions that is True names the phase.
+_PHASE_OF = [
+    ("Failed", "Failed"),
+    ("Complete", "Succeeded"),
+    ("Suspended", "Suspended"),
+    ("Queued", "Queued"),
+    ("Running", "Running"),
+]
+CONDITION_TYPES = (
+    "Created",
+    "Running",
+    "Queued",
+    "Suspended",
+    "Complete",
+    "Failed",
+    "SamplerReady",
+    "SpecChangeRejected",
+    "Invalid",
+)
+_WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
+
+
+def isoformat(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def phase_from_conditions(conditions: list[Condition]) -> str:
+    true = {c.type for c in conditions if c.status == "True"}
+    return next((phase for ctype, phase in _PHASE_OF if ctype in true), "Pending")
+
+
+# --------------------------------------------------------------------------------------------------
+# Observations
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSetObs:
+    name: str
+    stage: str | None
+    suspended: bool
+    state: Literal["Active", "Completed", "Failed"]
+    message: str = ""
+    restarts: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> JobSetObs:
+        meta, spec, status = (
+            body.get("metadata") or {},
+            body.get("spec") or {},
+            body.get("status") or {},
+        )
+        state: Literal["Active", "Completed", "Failed"] = "Active"
+        message = ""
+        terminal = status.get("terminalState")
+        for cond in status.get("conditions") or []:
+            if cond.get("status") == "True" and cond.get("type") in ("Completed", "Failed"):
+                terminal = terminal or cond["type"]
+                message = cond.get("message") or cond.get("reason") or ""
+        if terminal in ("Completed", "Failed"):
+            state = terminal
+        return cls(
+            name=meta.get("name", ""),
+            stage=(meta.get("labels") or {}).get(render.LABEL_STAGE),
+            suspended=bool(spec.get("suspend")),
+            state=state,
+            message=message,
+            restarts=int(status.get("restarts") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentObs:
+    name: str
+    replicas: int
+    ready_replicas: int
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> DeploymentObs:
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        return cls(
+            name=(body.get("metadata") or {}).get("name", ""),
+            replicas=int(spec.get("replicas", 1) or 0),
+            ready_replicas=int(status.get("readyReplicas") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Observed:
+    jobsets: Mapping[str, JobSetObs] = field(default_factory=dict)
+    sampler: DeploymentObs | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Actions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create if absent (HTTP 409 means done): objects have deterministic names."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PatchChild:
+    api_version: str
+    kind: str
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeleteChild:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteRun:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = Create | PatchChild | DeleteChild | DeleteRun
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    events: list[Event]
+    status: CodaTrainingRunStatus
+    requeue_after: float | None = None
+    # (stage kind, seconds) of stages that finished in this step, for the metrics
+    finished_stages: list[tuple[str, float]] = field(default_factory=list)
+
+    def status_dict(self) -> dict[str, Any]:
+        return self.status.wire()
+
+
+# --------------------------------------------------------------------------------------------------
+# The planner
+# --------------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, status: CodaTrainingRunStatus, now: datetime, generation: int | None):
+        self.st = status
+        self.now = now
+        self.now_s = isoformat(now)
+        self.gen = generation
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.finished: list[tuple[str, float]] = []
+        self.requeue: float | None = None
+
+    def cond(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        value = "True" if status else "False"
+        existing = self.st.condition(type_)
+        if existing is None:
+            self.st.conditions.append(
+                Condition(
+                    type=type_,
+                    status=value,
+                    reason=reason,
+                    message=message,
+                    last_transition_time=self.now_s,
+                    observed_generation=self.gen,
+                )
+            )
+            return
+        if existing.status != value:
+            existing.last_transition_time = self.now_s
+        existing.status, existing.reason, existing.message = value, reason, message
+        existing.observed_generation = self.gen
+
+    def clear(self, type_: str, reason: str, message: str = "") -> None:
+        """Set a condition False only if it exists (keeps never-relevant conditions out of status)."""
+        if self.st.condition(type_) is not None:
+            self.cond(type_, False, reason, message)
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def requeue_in(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+    def terminal(self) -> bool:
+        return self.st.is_true("Complete") or self.st.is_true("Failed")
+
+
+def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
+    """Decide what to do for one CodaTrainingRun body (metadata + spec + status)."""
+    meta = run.get("metadata") or {}
+    name, namespace = meta["name"], meta.get("namespace") or "default"
+    old = CodaTrainingRunStatus.model_validate(run.get("status") or {})
+    ctx = _Ctx(old.model_copy(deep=True), now, meta.get("generation"))
+    st = ctx.st
+    if st.start_time is None:
+        st.start_time = ctx.now_s
+
+    try:
+        spec: CodaTrainingRunSpec | None = parse_spec(run.get("spec"))
+        invalid: InvalidSpec | None = None
+    except InvalidSpec as e:
+        spec, invalid = None, e
+
+    if invalid is not None:
+        _on_invalid(ctx, invalid)
+    else:
+        assert spec is not None
+        ctx.clear("Invalid", "SpecValid")
+        if not ctx.terminal():
+            _advance(ctx, name, namespace, spec, observed)
+        if st.is_true("Complete"):
+            _sampler(ctx, name, namespace, spec, observed)
+        _timers(ctx, spec)
+
+    st.phase = phase_from_conditions(st.conditions)  # type: ignore[assignment]
+    st.observed_generation = ctx.gen
+    _condition_events(ctx, old)
+    return Plan(ctx.actions, ctx.events, st, ctx.requeue, ctx.finished)
+
+
+def _on_invalid(ctx: _Ctx, err: InvalidSpec) -> None:
+    message = "; ".join(err.errors)
+    ctx.cond("Invalid", True, "InvalidSpec", message)
+    started = any(s.job_set for s in ctx.st.stages)
+    if not ctx.terminal() and not started:
+        # Nothing ran yet: the run cannot start, and says why (Kubeflow #2351: status even when
+        # no child could be created).
+        ctx.cond("Failed", True, "InvalidSpec", message)
+        ctx.cond("Running", False, "InvalidSpec", message)
+        ctx.st.message = message
+        ctx.st.completion_time = ctx.st.completion_time or ctx.now_s
+    # A run already past its first stage keeps its children; it waits until the spec is valid again.
+
+
+def _sync_stage_list(ctx: _Ctx, spec: CodaTrainingRunSpec) -> str | None:
+    """Align status.stages with spec.stages; returns why the new stage list is refused, if it is."""
+    started = [s.name for s in ctx.st.stages if s.job_set]
+    names = spec.stage_names()
+    if names[: len(started)] != started:
+        return (
+            f"spec.stages: stages that already started ({', '.join(started)}) must stay first and in order; "
+            f"got {', '.join(names)}"
+        )
+    by_name = {s.name: s for s in ctx.st.stages}
+    ctx.st.stages = [by_name.get(n) or StageStatus(name=n) for n in names]
+    return None
+
+
+def _advance(
+    ctx: _Ctx, name: str, namespace: str, spec: CodaTrainingRunSpec, observed: Observed
+) -> None:
+    st = ctx.st
+    refused = _sync_stage_list(ctx, spec)
+    if refused:
+        ctx.cond("SpecChangeRejected", True, "StagesReordered", refused)
+        return
+
+    deadline = spec.active_deadline_seconds
+    if deadline is not None and st.start_time is not None:
+        elapsed = (ctx.now - parse_time(st.start_time)).total_seconds()
+        if elapsed >= deadline:
+            _fail_deadline(ctx, name, spec, observed, deadline)
+            return
+
+    rejected: list[str] = []
+    n = len(spec.stages)
+    i = 0
+    while i < n:
+        ss = st.stages[i]
+        if ss.phase == "Succeeded":
+            i += 1
+            continue
+        stage = spec.stages[i]
+        js_name = render.jobset_name(name, stage.name, ss.retries)
+        ss.job_set = js_name
+        fp = render.fingerprint(name, spec, i)
+        obs = observed.jobsets.get(js_name)
+        st.stage, st.stage_index = stage.name, i
+
+        if obs is None:
+            _start_stage(ctx, name, namespace, spec, i, fp)
+            break
+
+        ctx.cond("Created", True, "JobSetCreated", f"JobSet {js_name} exists")
+        ss.job_set_restarts = obs.restarts
+        if not ss.fingerprint:
+            ss.fingerprint = fp  # created before a crash lost the status write
+        changed = [k for k in fp if ss.fingerprint.get(k) != fp[k]]
+
+        if obs.state == "Completed":
+            ss.phase = "Succeeded"
+            ss.final = render.stage_final(spec, i)
+            ss.completion_time = ctx.now_s
+            ss.message = None
+            ss.fingerprint = {}  # only the running stage's is compared
+            if ss.start_time:
+                ctx.finished.append(
+                    (stage.kind, (ctx.now - parse_time(ss.start_time)).total_seconds())
+                )
+            ctx.event(
+                "Normal",
+                "StageSucceeded",
+                f"Stage {stage.name} ({i + 1}/{n}) completed; final checkpoint {ss.final}",
+            )
+            i += 1
+            continue
+
+        if obs.state == "Failed":
+            why = obs.message or "JobSet failed"
+            if ss.retries < spec.failure_policy.stage_retries:
+                ss.retries += 1
+                ss.message = f"retry {ss.retries}/{spec.failure_policy.stage_retries} after: {why}"
+                ctx.event(
+                    "Warning",
+                    "StageRetrying",
+                    f"Stage {stage.name}: JobSet {js_name} failed ({why}); starting retry "
+                    f"{ss.retries}/{spec.failure_policy.stage_retries}, resuming from the newest checkpoint",
+                )
+                continue  # same stage, next attempt name
+            ss.phase = "Failed"
+            ss.message = why
+            ss.completion_time = ctx.now_s
+            attempts = ss.retries + 1
+            msg = f"stage {stage.name} failed after {attempts} attempt{'s' * (attempts > 1)}: {why}"
+            ctx.cond("Failed", True, "StageFailed", msg)
+            ctx.cond("Running", False, "StageFailed", msg)
+            st.message = msg
+            st.completion_time = ctx.now_s
+            return
+
+        # Active JobSet: honour suspend, tell Kueue's hold from a user suspend.
+        if changed:
+            fields = ", ".join(render.FINGERPRINT_FIELDS[k].format(i=i) for k in changed)
+            rejected.append(
+                f"{fields} changed while stage {stage.name} runs; not applied to JobSet {js_name} "
+                f"(it applies to later stages and to a retry of this one)"
+            )
+        _active_stage(ctx, spec, ss, obs)
+        break
+    else:
+        _complete(ctx, n)
+
+    if rejected:
+        ctx.cond("SpecChangeRejected", True, "RunningStageImmutable", "; ".join(rejected))
+    else:
+        ctx.clear("SpecChangeRejected", "SpecAccepted")
+
+
+def _start_stage(
+    ctx: _Ctx, name: str, namespace: str, spec: CodaTrainingRunSpec, i: int, fp: dict[str, str]
+) -> None:
+    st, ss, stage = ctx.st, ctx.st.stages[i], spec.stages[i]
+    objs = render.render_stage(name, namespace, spec, i, attempt=ss.retries, suspend=spec.suspend)
+    ctx.actions += [Create(objs.configmap), Create(objs.jobset)]
+    first_time = ss.start_time is None
+    ss.phase = "Pending"
+    ss.fingerprint = fp
+    ss.init_from = render.stage_init_from(spec, i)
+    if first_time:
+        ss.start_time = ctx.now_s
+        acc = spec.stage_accelerator(i)
+        where = (
+            f"{acc.tpu.slices} x {acc.tpu.type} {acc.tpu.topology}"
+            if acc.tpu
+            else f"{acc.gpu.nodes} x {acc.gpu.gpus_per_node} {acc.gpu.type}"
+            if acc.gpu
+            else "cpu"
+        )
+        ctx.event(
+            "Normal",
+            "StageStarted",
+            f"Stage {stage.name} ({i + 1}/{len(spec.stages)}): creating JobSet {ss.job_set} on {where}"
+            + (f", init from {ss.init_from}" if ss.init_from else ""),
+        )
+    if st.progress is None or st.progress.stage != stage.name:
+        st.progress = Progress(stage=stage.name, step=0, total_steps=stage.steps)
+    ctx.cond("Created", False, "Creating", f"creating JobSet {ss.job_set}")
+    st.message = f"stage {stage.name}: waiting for JobSet {ss.job_set}"
+    _stage_conditions(ctx, spec, ss)
+
+
+def _active_stage(ctx: _Ctx, spec: CodaTrainingRunSpec, ss: StageStatus, obs: JobSetObs) -> None:
+    if spec.suspend:
+        if not obs.suspended:
+            ctx.actions.append(
+                PatchChild(
+                    "jobset.x-k8s.io/v1alpha2", "JobSet", obs.name, {"spec": {"suspend": True}}
+                )
+            )
+        ss.phase = "Suspended"
+    elif obs.suspended:
+        if spec.queue_name:
+            ss.phase = "Queued"  # Kueue admits by unsuspending; never mistaken for a user suspend
+        else:
+            ctx.actions.append(
+                PatchChild(
+                    "jobset.x-k8s.io/v1alpha2", "JobSet", obs.name, {"spec": {"suspend": False}}
+                )
+            )
+            ss.phase = "Running"
+    else:
+        ss.phase = "Running"
+    ctx.st.message = {
+        "Suspended": f"stage {ss.name} suspended (JobSet {obs.name} kept)",
+        "Queued": f"stage {ss.name} queued in {spec.queue_name}: waiting for Kueue to admit JobSet {obs.name}",
+        "Running": f"stage {ss.name} running (JobSet {obs.name})",
+    }[ss.phase]
+    _stage_conditions(ctx, spec, ss)
+
+
+def _stage_conditions(ctx: _Ctx, spec: CodaTrainingRunSpec, ss: StageStatus) -> None:
+    phase = ss.phase
+    ctx.cond(
+        "Suspended",
+        spec.suspend,
+        "SuspendedByUser" if spec.suspend else "Resumed",
+        f"spec.suspend is {'true' if spec.suspend else 'false'}",
+    )
+    if phase == "Queued":
+        ctx.cond(
+            "Queued",
+            True,
+            "WaitingForAdmission",
+            f"Kueue LocalQueue {spec.queue_name} has not admitted {ss.job_set}",
+        )
+    else:
+        ctx.clear("Queued", "Admitted" if phase == "Running" else phase, "")
+    running = phase == "Running"
+    ctx.cond(
+        "Running",
+        running,
+        "StageRunning" if running else f"Stage{phase}",
+        f"stage {ss.name}: {phase.lower()}",
+    )
+    ctx.cond("Complete", False, "StagesRemaining", f"stage {ss.name} is {phase.lower()}")
+
+
+def _complete(ctx: _Ctx, n: int) -> None:
+    st = ctx.st
+    msg = f"all {n} stages succeeded"
+    ctx.cond("Complete", True, "AllStagesSucceeded", msg)
+    ctx.cond("Running", False, "Completed", msg)
+    ctx.clear("Queued", "Completed")
+    ctx.clear("Suspended", "Completed")
+    st.message = msg
+    st.completion_time = st.completion_time or ctx.now_s
+
+
+def _fail_deadline(
+    ctx: _Ctx, name: str, spec: CodaTrainingRunSpec, observed: Observed, deadline: int
+) -> None:
+    st = ctx.st
+    msg = f"run exceeded activeDeadlineSeconds={deadline}"
+    for ss in st.stages:
+        obs = observed.jobsets.get(ss.job_set or "")
+        if ss.phase != "Succeeded" and obs is not None and obs.state == "Active":
+            # Free the slices: a finished run keeps no TPUs (its Succeeded stages keep their checkpoints).
+            ctx.actions.append(DeleteChild("jobset.x-k8s.io/v1alpha2", "JobSet", obs.name))
+            ss.phase, ss.message, ss.completion_time = "Failed", msg, ctx.now_s
+    ctx.cond("Failed", True, "DeadlineExceeded", msg)
+    ctx.cond("Running", False, "DeadlineExceeded", msg)
+    ctx.clear("Queued", "DeadlineExceeded")
+    st.message = msg
+    st.completion_time = ctx.now_s
+
+
+def _sampler(
+    ctx: _Ctx, name: str, namespace: str, spec: CodaTrainingRunSpec, observed: Observed
+) -> None:
+    if not spec.sampler.enabled:
+        return
+    st = ctx.st
+    if st.sampler is None or st.sampler.deployment is None:
+        deployment, service = render.render_sampler(name, namespace, spec)
+        ctx.actions += [Create(deployment), Create(service)]
+        st.sampler = SamplerStatus(
+            deployment=deployment["metadata"]["name"],
+            service=service["metadata"]["name"],
+            endpoint=render.sampler_endpoint(name, namespace),
+            checkpoint=render.sampler_checkpoint(spec),
+        )
+        ctx.event(
+            "Normal",
+            "SamplerCreated",
+            f"Serving {st.sampler.checkpoint} at {st.sampler.endpoint} ({spec.sampler.replicas} replica(s))",
+        )
+        ctx.cond("SamplerReady", False, "Starting", "sampler Deployment created")
+        return
+    obs = observed.sampler
+    if obs is None:
+        # Created once; a terminal run never recreates children, so a deleted sampler stays deleted.
+        ctx.cond("SamplerReady", False, "NotFound", f"Deployment {st.sampler.deployment} not found")
+        st.sampler.ready, st.sampler.ready_replicas = False, 0
+        return
+    st.sampler.ready_replicas = obs.ready_replicas
+    st.sampler.ready = obs.ready_replicas >= 1
+    if st.sampler.ready:
+        ctx.cond(
+            "SamplerReady",
+            True,
+            "ReplicasReady",
+            f"{obs.ready_replicas}/{obs.replicas} replicas ready",
+        )
+    else:
+        ctx.cond(
+            "SamplerReady", False, "Starting", f"{obs.ready_replicas}/{obs.replicas} replicas ready"
+        )
+
+
+def _timers(ctx: _Ctx, spec: CodaTrainingRunSpec) -> None:
+    st = ctx.st
+    if ctx.terminal():
+        ttl = spec.ttl_seconds_after_finished
+        if ttl is not None and st.completion_time:
+            left = ttl - (ctx.now - parse_time(st.completion_time)).total_seconds()
+            if left <= 0:
+                ctx.actions.append(DeleteRun(f"ttlSecondsAfterFinished={ttl} expired"))
+                ctx.event(
+                    "Normal",
+                    "TTLExpired",
+                    f"deleting the run: ttlSecondsAfterFinished={ttl} expired",
+                )
+            else:
+                ctx.requeue_in(left)
+    elif spec.active_deadline_seconds is not None and st.start_time:
+        left = spec.active_deadline_seconds - (ctx.now - parse_time(st.start_time)).total_seconds()
+        ctx.requeue_in(left)
+
+
+def _condition_events(ctx: _Ctx, old: CodaTrainingRunStatus) -> None:
+    """One Kubernetes Event per run-level condition that became True (and for Resumed/Admitted)."""
+    for c in ctx.st.conditions:
+        before = old.condition(c.type)
+        was_true = before is not None and before.status == "True"
+        if c.status == "True" and not was_true and c.type != "Created":
+            kind: Literal["Normal", "Warning"] = (
+                "Warning" if c.type in _WARNING_CONDITIONS else "Normal"
+            )
+            ctx.event(kind, c.reason, c.message or c.type)
+        elif c.status == "False" and was_true and c.type in ("Suspended", "Queued"):
+            ctx.event(
+                "Normal", c.reason, f"{c.type} → False: {c.message}" if c.message else c.reason
+            )

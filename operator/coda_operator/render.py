@@ -1,0 +1,556 @@
+"""Pure manifest builders: a validated spec in, plain Kubernetes dicts out.
+
+One stage = one ConfigMap holding the resolved trainer job YAML (`TrainJobConfig`) and one JobSet
+running `python -m coda_trainer.train --config /etc/coda/job.yaml` on every host of every slice.
+After the last stage: the sampler Deployment + Service `<run>-sampler`.
+
+Failure handling lives in the manifests, where Kubernetes enforces it:
+- Job `podFailurePolicy` turns the trainer's permanent exit code (78) and its retryable code (75,
+  SIGTERM after a checkpoint) and pod disruptions (DisruptionTarget: preemption, host maintenance)
+  into a Job failure with reason PodFailurePolicy and a message naming the cause.
+- JobSet `failurePolicy.rules` then fail the JobSet at once on code 78 and restart the whole JobSet
+  with `RestartJobSetAndIgnoreMaxRestarts` on code 75 or a disruption, so Spot/Kueue preemption never
+  eats `maxRestarts` (JobSet #1117); any other crash restarts it counting against `maxRestarts`.
+- Every host gets a unique JAX process id `slice * hostsPerSlice + host` and all hosts share the
+  coordinator `<jobset>-slice-0-0.<jobset>` (Kubeflow Trainer #3537 gave slices duplicate ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from coda_trainer.config import ModelSpec, TrainJobConfig
+from coda_trainer.exit_codes import EXIT_PERMANENT, EXIT_RETRYABLE
+
+from coda_operator.api import AcceleratorSpec, CodaTrainingRunSpec, parse_spec
+
+__all__ = [
+    "CONFIG_DIR",
+    "COORDINATOR_PORT",
+    "JOB_FILE",
+    "LABEL_ATTEMPT",
+    "LABEL_COMPONENT",
+    "LABEL_RUN",
+    "LABEL_STAGE",
+    "REPLICATED_JOB",
+    "SAMPLER_PORT",
+    "StageObjects",
+    "configmap_name",
+    "fingerprint",
+    "jobset_name",
+    "render_all",
+    "render_sampler",
+    "render_stage",
+    "sampler_checkpoint",
+    "sampler_endpoint",
+    "sampler_name",
+    "stage_final",
+    "stage_init_from",
+    "stage_job_config",
+]
+
+LABEL_RUN = "coda.dev/run"
+LABEL_STAGE = "coda.dev/stage"
+LABEL_ATTEMPT = "coda.dev/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+EXCLUSIVE_TOPOLOGY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
+TPU_RESOURCE = "google.com/tpu"
+GPU_RESOURCE = "nvidia.com/gpu"
+SPOT_LABEL = "cloud.google.com/gke-spot"
+
+REPLICATED_JOB = "slice"
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/coda"
+JOB_FILE = "job.yaml"
+COORDINATOR_PORT = 8476
+SAMPLER_PORT = 8000
+# Seconds between SIGTERM and SIGKILL: the trainer checkpoints on SIGTERM before exiting 75.
+TERMINATION_GRACE_SECONDS = 120
+TRAINER_UID = 1000
+
+# Shell step in front of the trainer: the only arithmetic the downward API cannot do.
+_LAUNCH = (
+    "export JAX_PROCESS_ID=$((CODA_SLICE_ID * CODA_HOSTS_PER_SLICE + CODA_HOST_ID)) && "
+    f"exec python -m coda_trainer.train --config {CONFIG_DIR}/{JOB_FILE}"
+)
+
+
+def jobset_name(run: str, stage: str, attempt: int = 0) -> str:
+    return f"{run}-{stage}" + (f"-r{attempt}" if attempt else "")
+
+
+def configmap_name(run: str, stage: str, attempt: int = 0) -> str:
+    return f"{jobset_name(run, stage, attempt)}-config"
+
+
+def sampler_name(run: str) -> str:
+    return f"{run}-sampler"
+
+
+def sampler_endpoint(run: str, namespace: str) -> str:
+    return f"http://{sampler_name(run)}.{namespace}.svc:{SAMPLER_PORT}"
+
+
+def stage_final(spec: CodaTrainingRunSpec, index: int) -> str:
+    return f"{spec.checkpoints.uri.rstrip('/')}/{spec.stages[index].name}/final"
+
+
+def sampler_checkpoint(spec: CodaTrainingRunSpec) -> str:
+    """The sampler serves the last stage's final checkpoint (the SFT model in the CoDA recipe)."""
+    return stage_final(spec, len(spec.stages) - 1)
+
+
+def stage_init_from(spec: CodaTrainingRunSpec, index: int) -> str | None:
+    """An explicit stage initFrom wins; otherwise stage i > 0 starts from stage i−1's final."""
+    explicit = spec.stages[index].init_from
+    if explicit is not None or index == 0:
+        return explicit
+    return stage_final(spec, index - 1)
+
+
+def stage_job_config(run: str, spec: CodaTrainingRunSpec, index: int) -> TrainJobConfig:
+    """What the trainer reads from /etc/coda/job.yaml for stage `index`."""
+    stage = spec.stages[index].trainer_stage(init_from=stage_init_from(spec, index))
+    model = ModelSpec.model_validate(spec.model.model_dump())
+    if index > 0:
+        # Weights come from the previous stage; the run-level initFrom only seeds the first stage.
+        model = model.model_copy(update={"init_from": None})
+    return TrainJobConfig(
+        run=run, model=model, tokenizer=spec.tokenizer, checkpoints=spec.checkpoints, stage=stage
+    )
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# fingerprint key → the spec field a user would have changed
+FINGERPRINT_FIELDS = {
+    "stage": "spec.stages[{i}]",
+    "model": "spec.model",
+    "tokenizer": "spec.tokenizer",
+    "checkpoints": "spec.checkpoints",
+    "image": "spec.image",
+    "accelerator": "spec.accelerator (or spec.stages[{i}].accelerator)",
+    "serviceAccountName": "spec.serviceAccountName",
+    "queueName": "spec.queueName",
+    "maxRestarts": "spec.failurePolicy.maxRestarts",
+}
+
+
+def fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, str]:
+    """Short hashes of every spec part the stage's JobSet is rendered from (spec-change detection)."""
+    job = stage_job_config(run, spec, index)
+    return {
+        "stage": _digest(job.stage.model_dump(mode="json")),
+        "model": _digest(job.model.model_dump(mode="json")),
+        "tokenizer": _digest(job.tokenizer),
+        "checkpoints": _digest(job.checkpoints.model_dump(mode="json")),
+        "image": _digest([spec.image, spec.image_pull_policy]),
+        "accelerator": _digest(spec.stage_accelerator(index).model_dump(mode="json")),
+        "serviceAccountName": _digest(spec.service_account_name),
+        "queueName": _digest(spec.queue_name),
+        "maxRestarts": _digest(spec.failure_policy.max_restarts),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Pod building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def _labels(run: str, component: str, **extra: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "coda",
+        LABEL_COMPONENT: component,
+        "app.kubernetes.io/managed-by": "coda-operator",
+        LABEL_RUN: run,
+        **extra,
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security(read_only_root: bool) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+@dataclass(frozen=True)
+class _Placement:
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    limits: dict[str, str]
+    hosts: int
+    slices: int
+    tpu: bool
+
+
+def _placement(acc: AcceleratorSpec) -> _Placement:
+    selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    limits: dict[str, str] = {}
+    hosts, slices, tpu = 1, 1, False
+    if acc.tpu is not None:
+        sl = acc.tpu.slice
+        selector = {
+            "cloud.google.com/gke-tpu-accelerator": sl.accelerator,
+            "cloud.google.com/gke-tpu-topology": sl.topology,
+        }
+        tolerations.append({"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+        limits[TPU_RESOURCE] = str(sl.chips_per_host)
+        hosts, slices, tpu = sl.hosts, acc.tpu.slices, True
+    elif acc.gpu is not None:
+        selector = {"cloud.google.com/gke-accelerator": acc.gpu.type}
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+        limits[GPU_RESOURCE] = str(acc.gpu.gpus_per_node)
+        hosts = acc.gpu.nodes
+    if acc.spot:
+        selector[SPOT_LABEL] = "true"
+        tolerations.append(
+            {"key": SPOT_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+        )
+    return _Placement(selector, tolerations, limits, hosts, slices, tpu)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _trainer_env(
+    run: str, spec: CodaTrainingRunSpec, index: int, attempt: int, pl: _Placement
+) -> list[dict[str, Any]]:
+    stage = spec.stages[index]
+    coordinator_host = "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
+    env: list[dict[str, Any]] = [
+        {"name": "CODA_RUN_NAME", "value": run},
+        _field_env("CODA_RUN_NAMESPACE", "metadata.namespace"),
+        {"name": "CODA_STAGE", "value": stage.name},
+        {"name": "CODA_STAGE_INDEX", "value": str(index)},
+        {"name": "CODA_ATTEMPT", "value": str(attempt)},
+        # The trainer's process 0 merge-patches status.progress of its CodaTrainingRun.
+        {"name": "CODA_PROGRESS", "value": "status"},
+        _field_env("JOBSET_NAME", "metadata.labels['jobset.sigs.k8s.io/jobset-name']"),
+        _field_env(
+            "REPLICATED_JOB_NAME", "metadata.labels['jobset.sigs.k8s.io/replicatedjob-name']"
+        ),
+        _field_env("CODA_SLICE_ID", "metadata.labels['jobset.sigs.k8s.io/job-index']"),
+        _field_env(
+            "CODA_NUM_SLICES", "metadata.labels['jobset.sigs.k8s.io/replicatedjob-replicas']"
+        ),
+        _field_env(
+            "CODA_HOST_ID", "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        ),
+        {"name": "CODA_HOSTS_PER_SLICE", "value": str(pl.hosts)},
+        {"name": "JAX_NUM_PROCESSES", "value": str(pl.hosts * pl.slices)},
+        {"name": "JAX_COORDINATOR_ADDRESS", "value": f"{coordinator_host}:{COORDINATOR_PORT}"},
+    ]
+    if pl.tpu and pl.slices > 1:
+        env += [
+            {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": coordinator_host},
+            _field_env(
+                "MEGASCALE_NUM_SLICES",
+                "metadata.labels['jobset.sigs.k8s.io/replicatedjob-replicas']",
+            ),
+            _field_env("MEGASCALE_SLICE_ID", "metadata.labels['jobset.sigs.k8s.io/job-index']"),
+        ]
+    return env
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_PERMANENT],
+                },
+            },
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_RETRYABLE],
+                },
+            },
+            # A disrupted pod fails its Job (not Ignore: one host cannot rejoin a running JAX slice alone),
+            # and the JobSet rule below restarts the whole group without spending maxRestarts.
+            {
+                "action": "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
+    }
+
+
+def _jobset_failure_policy(max_restarts: int) -> dict[str, Any]:
+    return {
+        "maxRestarts": max_restarts,
+        "restartStrategy": "Recreate",
+        "rules": [
+            {
+                "name": "PermanentFailure",
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [f"exit code {EXIT_PERMANENT} matching FailJob"],
+            },
+            {
+                "name": "PreemptedOrRetryable",
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [
+                    f"exit code {EXIT_RETRYABLE} matching FailJob",
+                    "DisruptionTarget",
+                ],
+            },
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: ConfigMap + JobSet
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageObjects:
+    configmap: dict[str, Any]
+    jobset: dict[str, Any]
+
+    def all(self) -> list[dict[str, Any]]:
+        return [self.configmap, self.jobset]
+
+
+def render_stage(
+    run: str,
+    namespace: str,
+    spec: CodaTrainingRunSpec,
+    index: int,
+    *,
+    attempt: int = 0,
+    suspend: bool = False,
+) -> StageObjects:
+    """ConfigMap + JobSet for stage `index`. With a Kueue queue the JobSet is always created
+    suspended: Kueue admits it by unsuspending."""
+    stage = spec.stages[index]
+    acc = spec.stage_accelerator(index)
+    pl = _placement(acc)
+    js_name = jobset_name(run, stage.name, attempt)
+    cm_name = configmap_name(run, stage.name, attempt)
+    labels = _labels(run, "trainer", **{LABEL_STAGE: stage.name, LABEL_ATTEMPT: str(attempt)})
+    job = stage_job_config(run, spec, index)
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": cm_name, "namespace": namespace, "labels": dict(labels)},
+        "data": {JOB_FILE: yaml.safe_dump(job.to_yaml_dict(), sort_keys=False)},
+    }
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "command": ["/bin/sh", "-c", _LAUNCH],
+        "env": _trainer_env(run, spec, index, attempt, pl),
+        "ports": [{"name": "jax-coord", "containerPort": COORDINATOR_PORT, "protocol": "TCP"}],
+        "resources": {"requests": dict(pl.limits), "limits": dict(pl.limits)},
+        "securityContext": _container_security(read_only_root=False),
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # podFailurePolicy requires it; restarts are whole-JobSet
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": cm_name}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if pl.node_selector:
+        pod_spec["nodeSelector"] = dict(pl.node_selector)
+    if pl.tolerations:
+        pod_spec["tolerations"] = list(pl.tolerations)
+
+    js_labels = dict(labels)
+    if spec.queue_name:
+        js_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    annotations = {"coda.dev/config-hash": _digest(fingerprint(run, spec, index))}
+    if pl.tpu:
+        annotations[EXCLUSIVE_TOPOLOGY] = "cloud.google.com/gke-nodepool"
+    jobset = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": js_name,
+            "namespace": namespace,
+            "labels": js_labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "suspend": bool(suspend or spec.queue_name),
+            "failurePolicy": _jobset_failure_policy(spec.failure_policy.max_restarts),
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "replicatedJobs": [
+                {
+                    "name": REPLICATED_JOB,
+                    "replicas": pl.slices,
+                    "template": {
+                        "metadata": {"labels": dict(labels)},
+                        "spec": {
+                            "parallelism": pl.hosts,
+                            "completions": pl.hosts,
+                            "completionMode": "Indexed",
+                            "backoffLimit": 0,
+                            "podFailurePolicy": _pod_failure_policy(),
+                            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+                        },
+                    },
+                }
+            ],
+        },
+    }
+    return StageObjects(configmap=configmap, jobset=jobset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler: Deployment + Service
+# --------------------------------------------------------------------------------------------------
+
+
+def render_sampler(
+    run: str, namespace: str, spec: CodaTrainingRunSpec
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    sampler = spec.sampler
+    name = sampler_name(run)
+    selector = {LABEL_RUN: run, LABEL_COMPONENT: "sampler"}
+    labels = _labels(run, "sampler")
+    pl = _placement(sampler.accelerator or AcceleratorSpec())
+    requests = dict(sampler.resources.requests) if sampler.resources else {}
+    limits = dict(sampler.resources.limits) if sampler.resources else {}
+    requests.update(pl.limits)
+    limits.update(pl.limits)
+    resources: dict[str, Any] = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    defaults = sampler.defaults.model_dump(mode="json", exclude_none=True)
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "http"},
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+    }
+    container: dict[str, Any] = {
+        "name": "sampler",
+        "image": sampler.image or spec.image,
+        "command": [
+            "python",
+            "-m",
+            "coda_trainer.serve",
+            "--checkpoint",
+            sampler_checkpoint(spec),
+            "--port",
+            str(SAMPLER_PORT),
+        ],
+        "env": [
+            {"name": "CODA_RUN_NAME", "value": run},
+            {"name": "CODA_SAMPLER_DEFAULTS", "value": json.dumps(defaults, sort_keys=True)},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "ports": [{"name": "http", "containerPort": SAMPLER_PORT, "protocol": "TCP"}],
+        # Loading a 1.7B checkpoint and compiling takes minutes: the startup probe covers it.
+        "startupProbe": {**probe, "failureThreshold": 90},
+        "livenessProbe": {**probe, "failureThreshold": 3},
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "securityContext": _container_security(read_only_root=True),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if resources:
+        container["resources"] = resources
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if pl.node_selector:
+        pod_spec["nodeSelector"] = dict(pl.node_selector)
+    if pl.tolerations:
+        pod_spec["tolerations"] = list(pl.tolerations)
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": sampler.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "http", "port": SAMPLER_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+    return deployment, service
+
+
+def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, Any]]:
+    """Every object the operator would create for a CodaTrainingRun (first attempts; sampler last).
+
+    Raises `api.InvalidSpec` naming the offending fields. Used by `coda-ctl render`.
+    """
+    meta = run.get("metadata") or {}
+    name, namespace = meta.get("name"), meta.get("namespace") or "default"
+    if not name:
+        raise ValueError("a CodaTrainingRun needs metadata.name")
+    spec = parse_spec(run.get("spec"), cluster=cluster)
+    objects: list[dict[str, Any]] = []
+    for i in range(len(spec.stages)):
+        objects += render_stage(name, namespace, spec, i, suspend=spec.suspend).all()
+    if spec.sampler.enabled:
+        objects += list(render_sampler(name, namespace, spec))
+    return objects
