@@ -1,0 +1,470 @@
+"""The sampler service, run as `python -m coda_trainer.serve` in a subprocess on a loopback port.
+
+A tiny random model (test-micro with the project tokenizer's vocabulary) is exported as a HF
+folder; its text is gibberish, so the tests check the service's behaviour: OpenAI client
+compatibility, streaming = non-streaming text, infill keeps prefix and suffix, validation errors in
+OpenAI's shape, batching under concurrency, auth, readiness, graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from coda_trainer.config import PROJECT_TOKENIZER_IDS, PROJECT_VOCAB_SIZE, ModelConfig
+from coda_trainer.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Buckets kept tiny so warm-up compiles 2 programs (batch 8 × prompt 64 × gen {16, 32}).
+SERVER_ARGS = [
+    "--prompt-buckets", "64", "--gen-buckets", "16,32", "--batch-buckets", "8", "--max-batch", "8",
+    "--max-wait-ms", "50", "--steps", "8", "--dtype", "float32", "--default-max-tokens", "16",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from coda_trainer import hf
+    from coda_trainer.model import Transformer
+    from flax import nnx
+
+    config = ModelConfig.preset(
+        "test-micro", vocab_size=PROJECT_VOCAB_SIZE, **PROJECT_TOKENIZER_IDS, attention="xla"
+    )
+    path = tmp_path_factory.mktemp("serve") / "final"
+    hf.save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), str(path))
+    return path
+
+
+class Server:
+    def __init__(self, checkpoint: Path, *extra: str, env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = checkpoint.parent / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "coda_trainer.serve", "--checkpoint", str(checkpoint),
+               "--port", str(self.port), "--log-level", "info", *SERVER_ARGS, *extra]  # fmt: skip
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("trainer", "operator", "cli")),
+        }
+        full_env.pop("CODA_API_KEY", None)
+        full_env.update(env or {})
+        self._log_file = open(self.log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env
+        )
+        self.readyz_before_ready: int | None = None
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    self.readyz_before_ready = httpx.get(
+                        self.url + "/readyz", timeout=5
+                    ).status_code
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"server not healthy:\n{self.log.read_text()}")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = httpx.get(self.url + "/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        """SIGTERM; returns 0 for a graceful shutdown (uvicorn re-raises the signal once done)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        rc = self.proc.returncode
+        graceful = "coda sampler stopped" in self.log.read_text()
+        return 0 if rc in (0, -signal.SIGTERM) and graceful else (rc or -1)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path):
+    srv = Server(checkpoint)
+    try:
+        srv.wait_healthy()
+        srv.wait_ready()
+        yield srv
+    finally:
+        rc = srv.stop()
+    assert rc == 0, f"server did not shut down cleanly (exit {rc}):\n{srv.log.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_readyz_is_false_until_the_buckets_are_compiled(server: Server) -> None:
+    # The fixture saw /healthz answer while warm-up was still compiling.
+    assert server.readyz_before_ready == 503
+    body = httpx.get(server.url + "/readyz").json()
+    assert body["ready"] is True and body["warmup_seconds"] > 0
+
+
+def test_models_lists_the_checkpoint(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["final"]
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI client: completions, chat, streaming
+# --------------------------------------------------------------------------------------------------
+
+
+def test_completions_with_the_openai_client(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="final", prompt=["def add(a, b):", "import os"], max_tokens=10, n=2
+    )
+    assert r.object == "text_completion" and len(r.choices) == 4
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason in ("stop", "length") and isinstance(c.text, str) for c in r.choices)
+    # Greedy decoding: the n copies of one prompt agree, and batch-mates do not change a row.
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+    assert 0 < r.usage.completion_tokens <= 40 and r.usage.prompt_tokens > 0
+
+
+def test_chat_with_the_openai_client(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="final", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        max_tokens=12,
+    )  # fmt: skip
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and isinstance(
+        r.choices[0].message.content, str
+    )
+    assert r.usage.completion_tokens <= 12
+
+
+def test_streamed_completion_equals_the_plain_one(client: openai.OpenAI) -> None:
+    kwargs = dict(model="final", prompt="class Stack:", max_tokens=16)
+    plain = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_streamed_chat_equals_the_plain_one(client: openai.OpenAI) -> None:
+    kwargs = dict(
+        model="final", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=16
+    )
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert (
+        chunks[-1].usage is not None
+        and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    )
+
+
+def test_raw_sse_ends_with_done(server: Server) -> None:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"prompt": "x = ", "max_tokens": 8, "stream": True},
+        timeout=60,
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_stop_sequence_cuts_the_text(client: openai.OpenAI) -> None:
+    text = (
+        client.completions.create(model="final", prompt="for i in", max_tokens=16).choices[0].text
+    )
+    assert len(text) >= 6, "the random model should produce some text"
+    stop = text[3:6]
+    r = client.completions.create(model="final", prompt="for i in", max_tokens=16, stop=[stop])
+    assert r.choices[0].text == text[: text.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_eval_harness_scores_the_endpoint(server: Server) -> None:
+    """run_eval against the live server through OpenAISource (short prompts: the test buckets are tiny)."""
+    from coda_trainer.evaluate.datasets import load_benchmark
+    from coda_trainer.evaluate.runner import OpenAISource, run_eval
+
+    source = OpenAISource(
+        server.url, model="final", max_tokens=16, render=lambda p: f"def {p.entry_point}("
+    )
+    report = run_eval(load_benchmark("humaneval", limit=4), source)
+    assert report.n_problems == 4 and report.pass_at_k["pass@1"] == 0.0  # gibberish fails
+    assert all(isinstance(p.samples[0].response, str) for p in report.problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw HTTP: infill and bad inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix"),
+    [
+        ("def add(a, b):\n    ", "\n    return c\n"),
+        ("", "print('x')"),
+        ("# ünïcode → ", ""),
+        ("x", "y"),
+    ],
+)
+def test_infill_keeps_prefix_and_suffix_exactly(server: Server, prefix: str, suffix: str) -> None:
+    r = httpx.post(
+        server.url + "/v1/infill",
+        json={"prefix": prefix, "suffix": suffix, "max_tokens": 8},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == prefix + choice["infill"] + suffix
+    assert choice["text"].startswith(prefix) and choice["text"].endswith(suffix)
+    assert r.json()["usage"]["completion_tokens"] <= 8
+
+
+BAD_REQUESTS = [
+    # (route, body, status, param)
+    ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "steps": 0}, 422, "steps"),
+    ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 9.0}, 422, "temperature"),
+    ("/v1/completions", {"prompt": 5}, 422, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [999999]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 422, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 422, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "alg": "magic"}, 422, "alg"),
+    ("/v1/completions", {"prompt": "x", "block_length": 5}, 400, "block_length"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 422, "messages"),
+    ("/v1/infill", {"prefix": "a", "suffix": "b", "max_tokens": 100_000}, 400, "max_tokens"),
+    ("/v1/infill", {"prefix": "a"}, 422, "suffix"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_inputs_get_openai_shaped_errors(
+    server: Server, route: str, body: dict, status: int, param: str
+) -> None:
+    r = httpx.post(server.url + route, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_unknown_routes(server: Server) -> None:
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_openai_client_raises_on_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="final", prompt="word " * 400, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency and metrics (after the tests above: the server survived every bad request)
+# --------------------------------------------------------------------------------------------------
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert m, f"{name}{labels} missing from /metrics"
+    return float(m.group(1))
+
+
+def test_fifty_concurrent_requests_succeed_and_are_batched(server: Server) -> None:
+    before = httpx.get(server.url + "/metrics").text
+    batches_before = _metric(before, "coda_batch_size_count")
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120
+        )
+        jobs = [
+            client.completions.create(model="final", prompt=f"def f{i}(x):", max_tokens=8)
+            for i in range(50)
+        ]
+        try:
+            return await asyncio.gather(*jobs)
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 50 and all(
+        r.choices[0].finish_reason in ("stop", "length") for r in results
+    )
+    after = httpx.get(server.url + "/metrics").text
+    batches = _metric(after, "coda_batch_size_count") - batches_before
+    rows = _metric(after, "coda_batch_size_sum") - _metric(before, "coda_batch_size_sum")
+    assert rows == 50
+    assert batches < 50, "requests were not batched"
+    # Batches of more than one row are visible in the histogram itself.
+    singles = _metric(after, "coda_batch_size_bucket", '{le="1.0"}') - _metric(
+        before, "coda_batch_size_bucket", '{le="1.0"}'
+    )
+    assert batches - singles > 0
+    assert _metric(after, "coda_requests_total", '{route="/v1/completions",status="200"}') >= 50
+    assert _metric(after, "coda_requests_total", '{route="/v1/completions",status="400"}') >= 1
+    assert _metric(after, "coda_request_latency_seconds_count", '{route="/v1/completions"}') >= 50
+    assert _metric(after, "coda_generated_tokens_total") > 0
+    assert _metric(after, "coda_tokens_per_second") > 0
+    assert _metric(after, "coda_queue_depth") == 0
+    assert _metric(after, "coda_ready") == 1
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Auth
+# --------------------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_when_set(checkpoint: Path) -> None:
+    srv = Server(checkpoint, "--no-warmup", env={"CODA_API_KEY": "s3cret"})
+    try:
+        srv.wait_healthy()
+        assert httpx.get(srv.url + "/readyz").status_code == 200  # probes stay open
+        r = httpx.get(srv.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code
+            == 401
+        )
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert good.models.list().data[0].id == "final"
+        assert isinstance(
+            good.completions.create(model="final", prompt="a", max_tokens=4).choices[0].text, str
+        )
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_refuses_a_public_host_without_a_key(checkpoint: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    env.pop("CODA_API_KEY", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "coda_trainer.serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "refusing to serve" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The batcher on its own (no model): grouping, failure isolation, limits, shutdown
+# --------------------------------------------------------------------------------------------------
+
+
+def test_batcher_groups_by_key_and_isolates_failures() -> None:
+    calls: list[tuple[str, list[int]]] = []
+
+    def run(key, payloads):
+        calls.append((key, list(payloads)))
+        if key == "bad":
+            raise RuntimeError("model exploded")
+        return [p * 10 for p in payloads]
+
+    async def main() -> None:
+        b = DynamicBatcher(run, max_batch=4, max_wait_s=0.05)
+        await b.start()
+        good = [b.submit("a", i) for i in range(6)] + [b.submit("b", 100)]
+        bad = b.submit("bad", 1)
+        results = await asyncio.gather(*good, bad, return_exceptions=True)
+        assert results[:7] == [0, 10, 20, 30, 40, 50, 1000]
+        assert isinstance(results[7], RuntimeError)
+        assert await b.submit("a", 7) == 70  # the worker survived the failing batch
+        await b.stop()
+        with pytest.raises(ShuttingDown):
+            await b.submit("a", 1)
+
+    asyncio.run(main())
+    sizes = {k: sorted(len(p) for kk, p in calls if kk == k) for k in ("a", "b", "bad")}
+    assert (
+        sizes["a"][-1] == 4 and sum(sizes["a"]) == 7 and sizes["b"] == [1] and sizes["bad"] == [1]
+    )
+
+
+def test_batcher_queue_limit_and_cancelled_requests() -> None:
+    seen: list[int] = []
+
+    def run(key, payloads):
+        seen.extend(payloads)
+        time.sleep(0.05)
+        return payloads
+
+    async def main() -> None:
+        b = DynamicBatcher(run, max_batch=2, max_wait_s=0.2, max_queue=3)
+        await b.start()
+        tasks = [asyncio.create_task(b.submit("k", i)) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit("k", 99)
+        tasks[0].cancel()  # the caller went away before its batch left
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert done[1:] == [1, 2]
+        await b.stop()
+
+    asyncio.run(main())
+    assert 0 not in seen and 99 not in seen

@@ -1,0 +1,145 @@
+"""`python -m coda_trainer.evaluate`: score a checkpoint or an OpenAI-compatible endpoint.
+
+    python -m coda_trainer.evaluate --benchmark humaneval --checkpoint runs/sft/final \\
+        --max-new-tokens 768 --steps 768 --temperature 0.1 --top-p 0.9 --alg entropy
+    python -m coda_trainer.evaluate --benchmark mbpp --url http://127.0.0.1:8000 --api completions
+    python -m coda_trainer.evaluate --benchmark humaneval --reference          # harness self-check
+
+Writes a JSON report (`--out`) and prints a table. Exit status 0 when the run completed (whatever
+the score), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from coda_trainer.evaluate.datasets import BENCHMARKS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m coda_trainer.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--benchmark", action="append", choices=BENCHMARKS, required=True, help="repeatable"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="HF folder to load in-process")
+    src.add_argument("--url", help="OpenAI-compatible base URL (…/v1 optional)")
+    src.add_argument("--reference", choices=["canonical", "wrong"], nargs="?", const="canonical",
+                     help="score the reference (or deliberately wrong) solutions: checks the harness")  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None, help="in-process: tokenizer folder (default: as the server)"
+    )
+    p.add_argument("--model", default="coda", help="--url: model name to request")
+    p.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("CODA_API_KEY")
+    )
+    p.add_argument("--api", choices=["completions", "chat"], default="completions")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--n-samples", type=int, default=1)
+    p.add_argument(
+        "--k", type=int, action="append", default=None, help="pass@k to report (repeatable)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N problems only")
+    p.add_argument("--workers", type=int, default=None, help="parallel sandboxes")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-program wall timeout (s)")
+    p.add_argument("--memory-mb", type=int, default=1024)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON report path (one file per benchmark: <out>.<bench>.json if several)",
+    )
+    s = p.add_argument_group(
+        "sampling (release eval: 768 tokens, 768 steps, temperature 0.1, top-p 0.9, entropy)"
+    )
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--steps", type=int, default=None, help="default: = max-new-tokens")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument(
+        "--alg", default="entropy", choices=["origin", "maskgit_plus", "topk_margin", "entropy"]
+    )
+    s.add_argument("--alg-temp", type=float, default=None)
+    s.add_argument("--block-length", type=int, default=None)
+    s.add_argument("--threshold", type=float, default=None)
+    s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _source(args: argparse.Namespace):
+    from coda_trainer.evaluate.runner import InProcessSource, OpenAISource, ReferenceSource
+
+    steps = args.steps or args.max_new_tokens
+    sampling = dict(
+        steps=steps, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, alg=args.alg,
+        alg_temp=args.alg_temp, block_length=args.block_length, threshold=args.threshold,
+    )  # fmt: skip
+    if args.reference:
+        return ReferenceSource(
+            wrong=args.reference == "wrong", name=f"reference-{args.reference}"
+        ), {}
+    if args.url:
+        extra = {
+            k: v for k, v in sampling.items() if v is not None and k not in ("temperature", "top_p")
+        }
+        src = OpenAISource(
+            base_url=args.url, model=args.model, api_key=args.api_key, api=args.api,
+            max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p or 1.0,
+            extra_body=extra, concurrency=args.concurrency, name=f"{args.url} ({args.api})",
+        )  # fmt: skip
+        return src, {"max_tokens": args.max_new_tokens, **sampling}
+    from coda_trainer import hf
+    from coda_trainer.sampling import SamplingConfig
+    from coda_trainer.serve.__main__ import resolve_tokenizer_path
+    from coda_trainer.tokenizer import load_tokenizer
+
+    model_config, model = hf.load_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(resolve_tokenizer_path(args.checkpoint, args.tokenizer))
+    tokenizer.check_model(model_config)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, cache=args.cache, stop_at_eos=True,
+        **{k: v for k, v in sampling.items() if v is not None},
+    )  # fmt: skip
+    src = InProcessSource(
+        model, tokenizer, config, batch_size=args.batch_size, seed=args.seed, name=args.checkpoint
+    )
+    return src, config.model_dump()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ks = sorted(set(args.k or [1]))
+    if max(ks) > args.n_samples:
+        print(f"error: pass@{max(ks)} needs --n-samples >= {max(ks)}", file=sys.stderr)
+        return 2
+    from coda_trainer.evaluate.runner import format_table, run_eval
+    from coda_trainer.evaluate.sandbox import SandboxLimits
+
+    source, settings = _source(args)
+    limits = SandboxLimits(
+        timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)), memory_mb=args.memory_mb
+    )
+    reports = []
+    for bench in args.benchmark:
+        out = args.out
+        if out and len(args.benchmark) > 1:
+            out = f"{out.removesuffix('.json')}.{bench}.json"
+        report = run_eval(
+            bench, source, n_samples=args.n_samples, ks=ks, limit=args.limit, limits=limits,
+            workers=args.workers, out=out, settings=settings,
+        )  # fmt: skip
+        reports.append(report)
+        if out:
+            print(f"wrote {out}", file=sys.stderr)
+    print(format_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The compiled denoising loop: one `jax.jit` per (plan, batch, canvas length).
+
+The canvas `x_BxT` is laid out as [left pads | prompt | max_new_tokens masks | suffix | right pads];
+the generated region starts at the static column `gen_start` for every row, so blocks are static-size
+windows at dynamic offsets. Pads carry segment id 0 and are never attended by real tokens.
+
+Loop structure: `fori_loop` over blocks; inside, a `while_loop` over the block's steps that stops as
+soon as the block has no masks left (a no-op for the schedule, which reveals everything at a block's
+last step, and the speed-up of threshold decoding). With a cache, a block starts with one full forward
+that also returns every layer's keys/values; the block's later steps run only the block (plus the one
+column to its left, whose logits predict the block's first token: the logit shift) against that cache.
+The cache always spans the whole canvas so its shape never changes; which columns a step may see is
+expressed by setting the others' segment id to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coda_trainer.model import KVCache
+from coda_trainer.sampling.scoring import choose_tokens, rank_descending
+
+__all__ = ["Knobs", "Plan", "decode"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything that changes the compiled program (hashable, a static jit argument)."""
+
+    alg: str
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+    sample_positions: bool
+    use_threshold: bool
+    cache: str
+    stop_at_eos: bool
+    gen_start: int
+    gen_len: int
+    block: int
+    num_blocks: int
+    steps_per_block: int
+    mask_token_id: int
+    pad_token_id: int
+    eos_token_id: int
+    record_history: bool = False  # keep the generated region after every step (tests, debugging)
+
+
+class Knobs(NamedTuple):
+    """Numeric settings passed as traced values, so changing them does not recompile."""
+
+    ratios_S: jax.Array  # float32 1 − s/t per step of a block (last = 1)
+    temperature: jax.Array
+    top_p: jax.Array
+    alg_temp: jax.Array
+    threshold: jax.Array
+
+
+class _Carry(NamedTuple):
+    x_BxT: jax.Array
+    rng: jax.Array
+    full_forwards: jax.Array
+    block_forwards: jax.Array
+    history_SxBxN: jax.Array | None  # -1 = step not run (its block finished early)
+
+
+def _record(plan: Plan, carry: _Carry, step: jax.Array) -> _Carry:
+    if not plan.record_history:
+        return carry
+    lo, n = plan.gen_start, plan.gen_len
+    gen_BxN = carry.x_BxT[:, lo : lo + n]
+    return carry._replace(history_SxBxN=carry.history_SxBxN.at[step].set(gen_BxN))
+
+
+def _reveal_counts_B(plan: Plan, knobs: Knobs, is_mask_BxW: jax.Array, i: jax.Array) -> jax.Array:
+    """k per row: int(masked · (1 − s/t)) in float32, everything at the block's last step."""
+    m_B = jnp.sum(is_mask_BxW, axis=-1, dtype=jnp.int32)
+    k_B = jnp.floor(m_B.astype(jnp.float32) * knobs.ratios_S[i]).astype(jnp.int32)
+    k_B = jnp.where(i == plan.steps_per_block - 1, m_B, k_B)
+    if plan.use_threshold:
+        k_B = jnp.maximum(k_B, 1)  # at least one per step
+    return jnp.minimum(k_B, m_B)
+
+
+def _finish_rows_at_eos(plan: Plan, x_BxT: jax.Array) -> jax.Array:
+    """A row whose first generated eos has no mask before it is done: pad everything after it."""
+    lo, n = plan.gen_start, plan.gen_len
+    gen_BxN = x_BxT[:, lo : lo + n]
+    col_N = jnp.arange(n)
+    is_eos_BxN = gen_BxN == plan.eos_token_id
+    first_B = jnp.where(jnp.any(is_eos_BxN, -1), jnp.argmax(is_eos_BxN, -1), n)
+    masks_before_B = jnp.any((gen_BxN == plan.mask_token_id) & (col_N < first_B[:, None]), -1)
+    done_B = (first_B < n) & ~masks_before_B
+    gen_BxN = jnp.where(done_B[:, None] & (col_N > first_B[:, None]), plan.pad_token_id, gen_BxN)
+    return x_BxT.at[:, lo : lo + n].set(gen_BxN)
+
+
+def _update(
+    plan: Plan,
+    knobs: Knobs,
+    x_BxT: jax.Array,
+    logits_BxWxV: jax.Array,
+    i: jax.Array,
+    c0: jax.Array,
+    rng: jax.Array,
+) -> jax.Array:
+    """One denoising step on the block starting at column c0, given its (shifted) logits."""
+    W = plan.block
+    rng_tokens, rng_positions = jax.random.split(rng)
+    blk_BxW = jax.lax.dynamic_slice_in_dim(x_BxT, c0, W, axis=1)
+    is_mask_BxW = blk_BxW == plan.mask_token_id
+    x0_BxW, p_x0_BxW, confidence_BxW = choose_tokens(
+        logits_BxWxV,
+        rng_tokens,
+        alg=plan.alg,
+        greedy=plan.greedy,
+        temperature=knobs.temperature,
+        top_p=knobs.top_p if plan.use_top_p else None,
+        top_k=plan.top_k,
+        mask_token_id=plan.mask_token_id,
+    )
+    if plan.alg == "origin":
+        # Each mask independently with probability 1 − s/t (1 at the last step).
+        u_BxW = jax.random.uniform(rng_positions, is_mask_BxW.shape)
+        transfer_BxW = is_mask_BxW & (u_BxW < knobs.ratios_S[i])
+    else:
+        k_B = _reveal_counts_B(plan, knobs, is_mask_BxW, i)
+        score_BxW = jnp.where(is_mask_BxW, confidence_BxW, -jnp.inf)
+        if plan.sample_positions:
+            # Gumbel-top-k = k draws without replacement from softmax(confidence / alg_temp).
+            gumbel_BxW = jax.random.gumbel(rng_positions, score_BxW.shape)
+            score_BxW = score_BxW / knobs.alg_temp + gumbel_BxW
+        transfer_BxW = is_mask_BxW & (rank_descending(score_BxW) < k_B[:, None])
+        if plan.use_threshold:
+            transfer_BxW |= is_mask_BxW & (p_x0_BxW >= knobs.threshold)
+    blk_BxW = jnp.where(transfer_BxW, x0_BxW, blk_BxW)
+    x_BxT = jax.lax.dynamic_update_slice_in_dim(x_BxT, blk_BxW, c0, axis=1)
+    if plan.stop_at_eos:
+        x_BxT = _finish_rows_at_eos(plan, x_BxT)
+    return x_BxT
+
+
+def _decode(
+    graphdef: nnx.GraphDef,
+    plan: Plan,
+    state: nnx.State,
+    x_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    knobs: Knobs,
+    rng: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    model = nnx.merge(graphdef, state)
+    W, T = plan.block, x_BxT.shape[1]
+    col_T = jnp.arange(T)
+
+    def block_masks(x_BxT, c0):
+        return jax.lax.dynamic_slice_in_dim(x_BxT, c0, W, axis=1) == plan.mask_token_id
+
+    def full_logits(x_BxT, c0, return_kv=False):
+        out = model(
+            x_BxT, positions_BxL=positions_BxT, segment_ids_BxL=segment_ids_BxT, return_kv=return_kv
+        )
+        logits_BxTxV, kv = out if return_kv else (out, None)
+        # Logit shift: column c predicts token c + 1, so the block [c0, c0+W) reads [c0-1, c0+W-1).
+        return jax.lax.dynamic_slice_in_dim(logits_BxTxV, c0 - 1, W, axis=1), kv
+
+    def cached_logits(x_BxT, kv, c0):
+        q0 = c0 - 1
+        tokens_BxQ = jax.lax.dynamic_slice_in_dim(x_BxT, q0, W + 1, axis=1)
+        positions_BxQ = jax.lax.dynamic_slice_in_dim(positions_BxT, q0, W + 1, axis=1)
+        segments_BxQ = jax.lax.dynamic_slice_in_dim(segment_ids_BxT, q0, W + 1, axis=1)
+        logits_BxQxV = model(
+            tokens_BxQ, positions_BxL=positions_BxQ, segment_ids_BxL=segments_BxQ, past_kv=kv
+        )
+        return logits_BxQxV[:, :W]
+
+    def step_loop(carry: _Carry, c0, first_step: int, forward) -> _Carry:
+        def cond(state):
+            i, carry = state
+            return (i < plan.steps_per_block) & jnp.any(block_masks(carry.x_BxT, c0))
+
+        def body(state):
+            i, carry = state
+            rng, step_rng = jax.random.split(carry.rng)
+
+            def run(carry):
+                logits_BxWxV = forward(carry.x_BxT)
+                x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, i, c0, step_rng)
+                return carry._replace(x_BxT=x_BxT, block_forwards=carry.block_forwards + 1)
+
+            carry = carry._replace(rng=rng)
+            if plan.alg == "origin" or plan.use_threshold:
+                carry = run(carry)
+            else:
+                # A step whose schedule reveals nothing in any row changes nothing: skip its forward
+                # (the release runs it anyway, e.g. when steps > max_new_tokens).
+                k_B = _reveal_counts_B(plan, knobs, block_masks(carry.x_BxT, c0), i)
+                carry = jax.lax.cond(jnp.any(k_B > 0), run, lambda c: c, carry)
+            carry = _record(plan, carry, (c0 - plan.gen_start) // W * plan.steps_per_block + i)
+            return i + 1, carry
+
+        _, carry = jax.lax.while_loop(cond, body, (jnp.int32(first_step), carry))
+        return carry
+
+    def run_block(b, carry: _Carry) -> _Carry:
+        c0 = plan.gen_start + b * W
+
+        def uncached(carry):
+            # step_loop counts into block_forwards; without a cache they are all full forwards
+            # (swapped back on return).
+            return step_loop(carry, c0, 0, lambda x_BxT: full_logits(x_BxT, c0)[0])
+
+        def cached(carry):
+            logits_BxWxV, kv = full_logits(carry.x_BxT, c0, return_kv=True)
+            if plan.cache == "prefix":
+                visible_T = col_T < c0 - 1
+            else:  # dual: everything but the queried window [c0-1, c0+W)
+                visible_T = (col_T < c0 - 1) | (col_T >= c0 + W)
+            kv = KVCache(kv.k_NxBxSxKxH, kv.v_NxBxSxKxH, jnp.where(visible_T, segment_ids_BxT, 0))
+            rng, step_rng = jax.random.split(carry.rng)
+            x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, jnp.int32(0), c0, step_rng)
+            carry = carry._replace(x_BxT=x_BxT, rng=rng, full_forwards=carry.full_forwards + 1)
+            carry = _record(plan, carry, (c0 - plan.gen_start) // W * plan.steps_per_block)
+            return step_loop(carry, c0, 1, functools.partial(cached_logits, kv=kv, c0=c0))
+
+        body = uncached if plan.cache == "none" else cached
+        return jax.lax.cond(jnp.any(block_masks(carry.x_BxT, c0)), body, lambda c: c, carry)
+
+    zero = jnp.int32(0)
+    history = None
+    if plan.record_history:
+        B, S = x_BxT.shape[0], plan.num_blocks * plan.steps_per_block
+        history = jnp.full((S, B, plan.gen_len), -1, jnp.int32)
+    carry = jax.lax.fori_loop(
+        0, plan.num_blocks, run_block, _Carry(x_BxT, rng, zero, zero, history)
+    )
+    if plan.cache == "none":
+        return carry.x_BxT, carry.block_forwards, zero, carry.history_SxBxN
+    return carry.x_BxT, carry.full_forwards, carry.block_forwards, carry.history_SxBxN
+
+
+decode = jax.jit(_decode, static_argnames=("graphdef", "plan"))

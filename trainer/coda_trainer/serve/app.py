@@ -1,0 +1,439 @@
+"""The HTTP API: OpenAI-compatible completions and chat, infilling, health, readiness, metrics.
+
+Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`:
+422 for malformed bodies (wrong types, out-of-range fields), 400 for requests this model cannot
+serve (prompt too long, max_tokens beyond the largest bucket), 401 without a valid bearer token,
+503 while the queue is full or the server is stopping, 500 if a model call fails — which fails
+only the requests in that batch.
+
+Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format and ends with
+`data: [DONE]`. A diffusion model fixes text in no particular order, and the sampler returns a
+batch at once, so the stream carries the finalized text (cut at eos/stop/max_tokens) in
+line-sized chunks as soon as the row's batch is done; it is not token-by-token progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coda_trainer.serve import schemas as S
+from coda_trainer.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from coda_trainer.serve.engine import Engine, EngineError, Row
+from coda_trainer.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("coda.serve")
+
+_OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+def _error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    body = S.ErrorResponse(error=S.ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None  # the top-level field, as OpenAI reports it
+    msg = "; ".join(
+        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+        for e in errors
+    )
+    return _error(422, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+
+
+class _Service:
+    """Per-app state: engine, batcher, metrics, settings."""
+
+    def __init__(self, engine: Engine, api_key: str | None):
+        self.engine = engine
+        self.api_key = api_key
+        self.metrics = ServeMetrics()
+        settings = engine.settings
+        self.batcher: DynamicBatcher = DynamicBatcher(
+            engine.run_batch,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_queue=settings.max_queue,
+            on_queue_depth=self.metrics.queue_depth.set,
+        )
+        engine.on_batch_tokens = lambda rows, seconds, tokens: self.metrics.observe_batch(
+            rows, seconds, tokens
+        )
+        self.started = time.time()
+        self.warmup_error: str | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ---- generation helpers ----
+
+    def encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.check_prompt(ids, param)
+        return ids
+
+    def finish(
+        self, ids: Sequence[int], max_tokens: int, stops: list[str] | None
+    ) -> tuple[str, str, int]:
+        """(text, finish_reason, completion tokens) of one generated row."""
+        ids = list(ids[:max_tokens])
+        kept = self.engine.cut_at_stop(ids)
+        reason = "stop" if len(kept) < len(ids) else "length"
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for s in stops or ():
+            if (i := text.find(s)) >= 0:
+                text, reason = text[:i], "stop"
+        return text, reason, len(kept)
+
+    async def run_rows(self, key: Any, rows: list[Row]) -> list[list[int]]:
+        return list(await asyncio.gather(*(self.batcher.submit(key, r) for r in rows)))
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _chunks(text: str) -> list[str]:
+    """Split text into line-sized pieces for streaming (at least one, possibly empty)."""
+    pieces = text.splitlines(keepends=True)
+    return pieces or [""]
+
+
+def create_app(
+    engine: Engine, *, api_key: str | None = None, warmup: bool | None = None
+) -> FastAPI:
+    """The FastAPI app. Warm-up (compiling the shape buckets) runs in the background after start-up;
+    `/readyz` turns 200 when it is done."""
+    svc = _Service(engine, api_key)
+    do_warmup = engine.settings.warmup if warmup is None else warmup
+    model_name = engine.settings.model_name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await svc.batcher.start()
+
+        async def warm() -> None:
+            try:
+                if do_warmup:
+                    seconds = await svc.batcher.run_exclusive(engine.warmup)
+                    svc.metrics.compile_seconds.set(seconds)
+                    log.info(
+                        "warm-up compiled %d shape buckets in %.1fs", _n_buckets(engine), seconds
+                    )
+                else:
+                    engine.ready = True
+                svc.metrics.ready.set(1)
+            except Exception as e:  # the server stays up (healthz) but never turns ready
+                svc.warmup_error = f"{type(e).__name__}: {e}"
+                log.exception("warm-up failed")
+
+        task = asyncio.create_task(warm())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await svc.batcher.stop()
+            log.info("coda sampler stopped: queue drained, batcher closed")
+
+    app = FastAPI(title="coda sampler", lifespan=lifespan)
+    app.state.service = svc
+
+    # ---- errors ----
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(EngineError)
+    async def _on_engine(request: Request, exc: EngineError) -> JSONResponse:
+        return _error(400, str(exc), "invalid_request_error", exc.param, exc.code)
+
+    @app.exception_handler(QueueFull)
+    async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return _error(503, str(exc), "server_overloaded", None, "queue_full")
+
+    @app.exception_handler(ShuttingDown)
+    async def _on_stop(request: Request, exc: ShuttingDown) -> JSONResponse:
+        return _error(503, str(exc), "server_unavailable", None, "shutting_down")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    # ---- auth + metrics middleware ----
+
+    @app.middleware("http")
+    async def _auth_and_metrics(request: Request, call_next: Any) -> Response:
+        start = time.monotonic()
+        path = request.url.path
+        authorized = True
+        if svc.api_key and path not in _OPEN_PATHS:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            authorized = hmac.compare_digest(token.encode(), svc.api_key.encode())
+        if not authorized:
+            response: Response = _error(
+                401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                "invalid_request_error", None, "invalid_api_key",
+            )  # fmt: skip
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # errors escaping the handlers still answer in OpenAI's shape
+                log.exception("unhandled error")
+                response = _error(500, f"internal error: {type(e).__name__}", "server_error")
+        route = request.scope.get("route")
+        label = getattr(route, "path", None) or "other"
+        if path != "/metrics":
+            svc.metrics.requests.labels(label, str(response.status_code)).inc()
+            svc.metrics.latency.labels(label).observe(time.monotonic() - start)
+        return response
+
+    # ---- probes ----
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body = {
+            "ready": engine.ready,
+            "warmup_seconds": engine.warmup_seconds,
+            "error": svc.warmup_error,
+        }
+        return JSONResponse(body, status_code=200 if engine.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> S.ModelList:
+        return S.ModelList(data=[S.ModelCard(id=model_name, created=int(svc.started))])
+
+    # ---- completions ----
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: S.CompletionRequest) -> Any:
+        if req.suffix is not None:
+            raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
+        max_tokens = req.max_tokens or engine.settings.default_max_tokens
+        key = engine.generate_key(req, max_tokens)
+        prompts = req.prompts()
+        ids = [svc.encode_prompt(p, "prompt") for p in prompts]
+        rows = [Row(p) for p in ids for _ in range(req.n)]
+        svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
+        cid, created = S.new_id("cmpl"), S.now()
+        echo = [
+            (p if isinstance(p, str) else svc.tokenizer.decode(p)) if req.echo else ""
+            for p in prompts
+        ]
+
+        async def results() -> list[tuple[str, str, int]]:
+            outs = await svc.run_rows(key, rows)
+            done = [svc.finish(o, max_tokens, req.stop) for o in outs]
+            svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
+            return done
+
+        prompt_tokens = sum(len(p) for p in ids)
+        if not req.stream:
+            done = await results()
+            choices = [
+                S.CompletionChoice(index=i, text=echo[i // req.n] + text, finish_reason=reason)
+                for i, (text, reason, _) in enumerate(done)
+            ]
+            completion_tokens = sum(d[2] for d in done)
+            return S.CompletionResponse(
+                id=cid, created=created, model=model_name, choices=choices,
+                usage=S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens),
+            )  # fmt: skip
+
+        async def stream() -> AsyncIterator[str]:
+            base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
+            try:
+                done = await results()
+            except Exception as e:  # headers are sent: report in-band, then end the stream
+                yield _sse(
+                    {
+                        "error": {
+                            "message": str(e),
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
+                yield "data: [DONE]\n\n"
+                return
+            for i, (text, reason, _) in enumerate(done):
+                for piece in _chunks(echo[i // req.n] + text):
+                    yield _sse(
+                        {
+                            **base,
+                            "choices": [
+                                {"index": i, "text": piece, "logprobs": None, "finish_reason": None}
+                            ],
+                        }
+                    )
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+                        ],
+                    }
+                )
+            if req.include_usage:
+                ct = sum(d[2] for d in done)
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": ct,
+                    "total_tokens": prompt_tokens + ct,
+                }
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # ---- chat ----
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: S.ChatCompletionRequest) -> Any:
+        max_tokens = req.max_new or engine.settings.default_max_tokens
+        key = engine.generate_key(req, max_tokens)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        try:
+            ids = svc.tokenizer.chat_ids(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise EngineError(str(e), "messages") from e
+        engine.check_prompt(ids, "messages")
+        rows = [Row(ids) for _ in range(req.n)]
+        svc.metrics.prompt_tokens.inc(len(ids) * req.n)
+        cid, created = S.new_id("chatcmpl"), S.now()
+
+        async def results() -> list[tuple[str, str, int]]:
+            outs = await svc.run_rows(key, rows)
+            done = [svc.finish(o, max_tokens, req.stop) for o in outs]
+            svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
+            return done
+
+        if not req.stream:
+            done = await results()
+            ct = sum(d[2] for d in done)
+            return S.ChatCompletionResponse(
+                id=cid, created=created, model=model_name,
+                choices=[S.ChatChoice(index=i, message=S.AssistantMessage(content=t), finish_reason=r)
+                         for i, (t, r, _) in enumerate(done)],
+                usage=S.Usage(prompt_tokens=len(ids), completion_tokens=ct, total_tokens=len(ids) + ct),
+            )  # fmt: skip
+
+        async def stream() -> AsyncIterator[str]:
+            base = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+            }
+            try:
+                done = await results()
+            except Exception as e:
+                yield _sse(
+                    {
+                        "error": {
+                            "message": str(e),
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
+                yield "data: [DONE]\n\n"
+                return
+            for i, (text, reason, _) in enumerate(done):
+                choice = {"index": i, "logprobs": None, "finish_reason": None}
+                yield _sse(
+                    {**base, "choices": [{**choice, "delta": {"role": "assistant", "content": ""}}]}
+                )
+                for piece in _chunks(text):
+                    if piece:
+                        yield _sse({**base, "choices": [{**choice, "delta": {"content": piece}}]})
+                yield _sse({**base, "choices": [{**choice, "delta": {}, "finish_reason": reason}]})
+            if req.include_usage:
+                ct = sum(d[2] for d in done)
+                usage = {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": ct,
+                    "total_tokens": len(ids) + ct,
+                }
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # ---- infill ----
+
+    @app.post("/v1/infill")
+    async def infill(req: S.InfillRequest) -> S.InfillResponse:
+        key = engine.infill_key(req, req.max_tokens)
+        prefix = svc.tokenizer.encode(req.prefix) if req.prefix else []
+        # The first hole token is predicted from the column before it (logit shift): an empty
+        # prefix gets a bos to stand on.
+        prefix = prefix or [svc.tokenizer.bos_id]
+        suffix = svc.tokenizer.encode(req.suffix) if req.suffix else []
+        engine.check_prompt(prefix, "prefix")
+        if suffix:
+            engine.check_prompt(suffix, "suffix")
+        rows = [Row(prefix, suffix) for _ in range(req.n)]
+        outs = await svc.run_rows(key, rows)
+        choices = []
+        generated = 0
+        for i, o in enumerate(outs):
+            middle_ids = [t for t in o if t not in engine.stop_ids and t != svc.tokenizer.mask_id]
+            middle = svc.tokenizer.decode(middle_ids, skip_special_tokens=True)
+            generated += len(middle_ids)
+            choices.append(
+                S.InfillChoice(index=i, text=req.prefix + middle + req.suffix, infill=middle)
+            )
+        svc.metrics.generated_tokens.inc(generated)
+        pt = len(prefix) + len(suffix)
+        return S.InfillResponse(
+            id=S.new_id("infill"), created=S.now(), model=model_name, choices=choices,
+            usage=S.Usage(prompt_tokens=pt, completion_tokens=generated, total_tokens=pt + generated),
+        )  # fmt: skip
+
+    return app
+
+
+def _n_buckets(engine: Engine) -> int:
+    s = engine.settings
+    return len(s.gen_buckets) * len(s.prompt_buckets) * len(s.batch_sizes)

@@ -1,0 +1,320 @@
+"""The serving engine: request settings → sampler configs and shape buckets → batched model calls.
+
+Shapes. A model call is compiled per (sampling plan, batch size, canvas length). To keep the set of
+programs small and compiled before traffic arrives, every call is padded into buckets:
+- batch: the next of `batch_buckets` (filler rows repeat the first row; their output is dropped);
+- prompt length: the next of `prompt_buckets` (left padding, invisible to the model);
+- new tokens: `max_tokens` is rounded up to the next of `gen_buckets` and the answer is cut back to
+  `max_tokens` (a diffusion model fixes its canvas up front; the first `max_tokens` tokens of a
+  longer canvas are what the caller gets). Infill is the exception: the hole has exactly
+  `max_tokens` masks, since the text must join the suffix.
+`warmup()` compiles every (batch, prompt, gen) bucket for the default settings; requests with other
+sampling settings compile on first use (numeric knobs like temperature never recompile).
+
+`Generator` is the seam between batching and the sampler: `SamplerGenerator` drives
+`coda_trainer.sampling` on an in-process model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from coda_trainer.sampling import SamplingConfig
+from coda_trainer.serve.schemas import SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "GenKey",
+    "Generator",
+    "SamplerGenerator",
+    "SamplingDefaults",
+    "ServeSettings",
+    "Shapes",
+    "bucket_for",
+]
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (HTTP 400); `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The padded shape of one model call."""
+
+    batch: int
+    prompt: int  # prompt (infill: prefix and suffix each) columns
+    gen: int  # masks
+
+
+class Generator(Protocol):
+    """Runs one padded batch. Returns the generated ids of each row (len = shapes.gen)."""
+
+    def generate(
+        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes, seed: int
+    ) -> list[list[int]]: ...
+
+    def infill(
+        self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
+        shapes: Shapes, seed: int,
+    ) -> list[list[int]]: ...  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """Server-wide defaults for settings a request leaves out (CLI flags)."""
+
+    steps: int | None = None  # None = one step per generated token (the release's eval setting)
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
+    alg_temp: float | None = None
+    block_length: int | None = None
+    threshold: float | None = None
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    cache: Literal["none", "prefix", "dual"] = "none"
+
+
+def _powers_of_two_upto(n: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return (*out, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = "coda"
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 1024
+    prompt_buckets: tuple[int, ...] = (128, 512, 1024)
+    gen_buckets: tuple[int, ...] = (64, 128, 256, 512)
+    batch_buckets: tuple[int, ...] | None = None  # None = powers of two up to max_batch
+    default_max_tokens: int = 128
+    max_steps: int = 1024
+    defaults: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_buckets", "gen_buckets"):
+            b = getattr(self, name)
+            if not b or list(b) != sorted(set(b)) or b[0] < 1:
+                raise ValueError(f"{name} must be increasing positive integers, got {b}")
+        if self.batch_buckets is not None and (max(self.batch_buckets) != self.max_batch):
+            raise ValueError("the largest batch bucket must equal max_batch")
+        if not 1 <= self.default_max_tokens <= self.gen_buckets[-1]:
+            raise ValueError("default_max_tokens must lie within the largest gen bucket")
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return (
+            tuple(sorted(self.batch_buckets))
+            if self.batch_buckets
+            else _powers_of_two_upto(self.max_batch)
+        )
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+# A batch key: the call kind, the exact SamplingConfig (hashable, frozen) and the seed.
+GenKey = tuple[Literal["generate", "infill"], SamplingConfig, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    prompt: list[int]  # generate: prompt ids; infill: prefix ids
+    suffix: list[int] | None = None
+
+
+class Engine:
+    """Tokenizer + generator + settings; `run_batch` is the batcher's runner (worker thread)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        tokenizer: Any,
+        settings: ServeSettings,
+        *,
+        eos_ids: Sequence[int] = (),
+    ):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.stop_ids = {tokenizer.eos_id, tokenizer.pad_id, *eos_ids}
+        self.ready = False
+        self.warmup_seconds: float | None = None
+        self.on_batch_tokens: Any = lambda rows, seconds, tokens: None
+
+    # ---- request → config ----
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.settings.prompt_buckets[-1]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.settings.gen_buckets[-1]
+
+    def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
+        if not ids:
+            raise EngineError("the prompt encodes to no tokens", param)
+        if len(ids) > self.max_prompt_tokens:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
+                param, "context_length_exceeded",
+            )  # fmt: skip
+        vocab = self.tokenizer.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise EngineError(f"token ids must be integers in [0, {vocab})", param)
+
+    def sampling_config(
+        self, p: SamplingParams, n_tokens: int, *, infill: bool = False
+    ) -> SamplingConfig:
+        """The SamplingConfig for a request; `n_tokens` = masks in the canvas."""
+        d = self.settings.defaults
+        block = p.block_length if p.block_length is not None else d.block_length
+        if infill:
+            block = None if block is None or n_tokens % block else block
+        elif block is not None:
+            block = min(block, n_tokens)
+            if n_tokens % block:
+                raise EngineError(
+                    f"block_length {block} must divide the generation length {n_tokens} "
+                    f"(max_tokens is rounded up to one of {list(self.settings.gen_buckets)})",
+                    "block_length",
+                )  # fmt: skip
+        steps = p.steps if p.steps is not None else (d.steps or n_tokens)
+        if steps > self.settings.max_steps:
+            raise EngineError(f"steps must be <= {self.settings.max_steps}", "steps")
+        # A step reveals at least one token per block at the schedule's end, so more steps than
+        # masks only repeat forwards; and steps must split evenly across blocks.
+        steps = max(1, min(steps, n_tokens))
+        num_blocks = n_tokens // (block or n_tokens)
+        steps = -(-steps // num_blocks) * num_blocks
+        cache = d.cache
+        if infill and cache == "prefix":
+            cache = "dual"
+        try:
+            return SamplingConfig(
+                steps=steps,
+                max_new_tokens=n_tokens,
+                temperature=p.temperature if p.temperature is not None else d.temperature,
+                top_p=p.top_p if p.top_p is not None else d.top_p,
+                top_k=p.top_k if p.top_k is not None else d.top_k,
+                alg=p.alg or d.alg,
+                alg_temp=p.alg_temp if p.alg_temp is not None else d.alg_temp,
+                block_length=block,
+                threshold=p.threshold if p.threshold is not None else d.threshold,
+                cache=cache,
+                stop_at_eos=not infill,
+            )
+        except ValueError as e:
+            raise EngineError(f"invalid sampling settings: {e}", None) from e
+
+    def gen_bucket(self, max_tokens: int) -> int:
+        b = bucket_for(max_tokens, self.settings.gen_buckets)
+        if b is None:
+            raise EngineError(f"max_tokens must be <= {self.max_new_tokens}", "max_tokens")
+        return b
+
+    def generate_key(self, p: SamplingParams, max_tokens: int) -> GenKey:
+        return ("generate", self.sampling_config(p, self.gen_bucket(max_tokens)), p.seed or 0)
+
+    def infill_key(self, p: SamplingParams, n_tokens: int) -> GenKey:
+        if n_tokens > self.max_new_tokens:
+            raise EngineError(f"max_tokens must be <= {self.max_new_tokens}", "max_tokens")
+        return ("infill", self.sampling_config(p, n_tokens, infill=True), p.seed or 0)
+
+    # ---- batches (worker thread) ----
+
+    def shapes_for(self, key: GenKey, rows: Sequence[Row]) -> Shapes:
+        _kind, config, _ = key
+        longest = max(max(len(r.prompt), len(r.suffix or [])) for r in rows)
+        prompt = bucket_for(longest, self.settings.prompt_buckets)
+        batch = bucket_for(len(rows), self.settings.batch_sizes)
+        if prompt is None or batch is None:
+            raise EngineError("batch does not fit the configured buckets")
+        return Shapes(batch=batch, prompt=prompt, gen=config.max_new_tokens)
+
+    def run_batch(self, key: Hashable, rows: Sequence[Row]) -> list[list[int]]:
+        kind, config, seed = key  # type: ignore[misc]
+        shapes = self.shapes_for(key, rows)  # type: ignore[arg-type]
+        padded = list(rows) + [rows[0]] * (shapes.batch - len(rows))
+        start = time.monotonic()
+        if kind == "generate":
+            out = self.generator.generate([r.prompt for r in padded], config, shapes, seed)
+        else:
+            out = self.generator.infill(
+                [r.prompt for r in padded], [r.suffix or [] for r in padded], config, shapes, seed
+            )
+        out = [list(map(int, o)) for o in out[: len(rows)]]
+        tokens = sum(len(self.cut_at_stop(o)) for o in out)
+        self.on_batch_tokens(len(rows), time.monotonic() - start, tokens)
+        return out
+
+    def cut_at_stop(self, ids: Sequence[int]) -> list[int]:
+        cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        return list(ids[:cut])
+
+    def warmup(self) -> float:
+        """Compile every (batch, prompt, gen) bucket for the default settings; returns seconds."""
+        start = time.monotonic()
+        token = self.tokenizer.encode("def")[:1] or [0]
+        for gen in self.settings.gen_buckets:
+            key = self.generate_key(SamplingParams(), gen)
+            for prompt in self.settings.prompt_buckets:
+                for batch in self.settings.batch_sizes:
+                    self.generator.generate(
+                        [token * prompt] * batch, key[1], Shapes(batch, prompt, gen), 0
+                    )
+        self.warmup_seconds = time.monotonic() - start
+        self.ready = True
+        return self.warmup_seconds
+
+
+class SamplerGenerator:
+    """`Generator` over `coda_trainer.sampling` and an in-process model."""
+
+    def __init__(self, model: Any, model_config: Any):
+        self.model = model
+        self.model_config = model_config
+
+    def generate(
+        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes, seed: int
+    ) -> list[list[int]]:
+        from coda_trainer import sampling
+
+        assert len(prompts) == shapes.batch and max(map(len, prompts)) <= shapes.prompt
+        # pad_to_multiple_of = the bucket makes the canvas exactly `shapes.prompt` columns of prompt.
+        out = sampling.generate(
+            self.model, [list(p) for p in prompts], config, seed,
+            pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
+        )  # fmt: skip
+        return np.asarray(out.generated_BxN).tolist()
+
+    def infill(
+        self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
+        shapes: Shapes, seed: int,
+    ) -> list[list[int]]:  # fmt: skip
+        from coda_trainer import sampling
+
+        out = sampling.infill(
+            self.model, [list(p) for p in prefixes], [list(s) for s in suffixes], config.max_new_tokens,
+            config, seed, pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
+        )  # fmt: skip
+        return np.asarray(out.generated_BxN).tolist()
