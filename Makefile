@@ -7,7 +7,7 @@ EXTRAS := train,gcs,serve,eval,operator,cli,dev
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TOOLS := tools/bin
 
-.PHONY: setup run test test-fast lint bench tools clean
+.PHONY: setup run test test-fast lint bench tools clean manifests
 
 setup: $(STAMP)
 
@@ -45,3 +45,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs .pytest_cache .hypothesis
+
+# Regenerate the CRD (from the pydantic models) and manifests/ (from the chart).
+manifests: setup tools
+	$(PY) scripts/generate_crd.py
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) manifests/generate.py

@@ -43,7 +43,9 @@ def _executable() -> list[str]:
         return [str(exe)]
     found = shutil.which("gcp-storage-emulator")
     if found is None:
-        raise RuntimeError("gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
+        raise RuntimeError(
+            "gcp-storage-emulator is not installed (pip install gcp-storage-emulator)"
+        )
     return [found]
 
 
@@ -87,7 +89,16 @@ def start_gcs_emulator(timeout: float = 30.0) -> GCSEmulator:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [*_executable(), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+        [
+            *_executable(),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--quiet",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -102,7 +113,9 @@ def start_gcs_emulator(timeout: float = 30.0) -> GCSEmulator:
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"gcp-storage-emulator did not answer on {url} within {timeout}s") from None
+                raise RuntimeError(
+                    f"gcp-storage-emulator did not answer on {url} within {timeout}s"
+                ) from None
             time.sleep(0.1)
     os.environ["STORAGE_EMULATOR_HOST"] = url
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = url

@@ -1,0 +1,56 @@
+"""`coda-ctl eval` and `local run --eval`: delegate to the eval harness (`coda_trainer.evaluate`)."""
+
+from __future__ import annotations
+
+
+def eval_argv(
+    benchmark: str,
+    *,
+    url: str | None,
+    checkpoint: str | None,
+    limit: int | None,
+    out: str | None,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    argv = ["--benchmark", benchmark]
+    argv += ["--url", url] if url else ["--checkpoint", str(checkpoint)]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    if out:
+        argv += ["--out", out]
+    if max_new_tokens is not None:
+        argv += ["--max-new-tokens", str(max_new_tokens)]
+    return argv
+
+
+def run_eval(
+    benchmark: str,
+    *,
+    url: str | None,
+    checkpoint: str | None,
+    limit: int | None,
+    out: str | None,
+    max_new_tokens: int | None = None,
+) -> int:
+    """Run the harness in this process; it prints the pass@k table. Returns its exit status."""
+    from coda_trainer.evaluate.__main__ import main
+
+    from coda_ctl.errors import CtlError
+
+    argv = eval_argv(
+        benchmark,
+        url=url,
+        checkpoint=checkpoint,
+        limit=limit,
+        out=out,
+        max_new_tokens=max_new_tokens,
+    )
+    try:
+        return main(argv)
+    except (
+        Exception
+    ) as e:  # the harness's own errors (unreachable server, bad checkpoint): one line
+        where = url or checkpoint
+        raise CtlError(
+            f"evaluation of {benchmark} against {where} failed: {type(e).__name__}: {e}"
+        ) from e

@@ -1,0 +1,366 @@
+"""The I/O half of `coda-ctl local run`: trainer subprocesses, progress display, the sampler server.
+
+Decisions (which stages to run, with which configs, where) come from `localplan`; this module only
+carries them out. Each stage is `python -m coda_trainer.train --config <job.yaml>` in the runner's
+own process group, so Ctrl-C (or a kill of the group) reaches both; the trainer checkpoints on
+SIGINT/SIGTERM and a rerun resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coda_ctl import localplan, runspec, samplerclient
+from coda_ctl.errors import CtlError, Exit
+from coda_ctl.localplan import LocalPlan, StagePlan, StageState
+
+# A docstring prompt: the SFT stage learns (docstring → function) pairs.
+SAMPLE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+READY_TIMEOUT_S = float(os.environ.get("CODA_SAMPLER_READY_TIMEOUT", "300"))
+# Compiled shape buckets of the local sampler: few, so it is ready in seconds on a laptop CPU.
+SAMPLE_MAX_TOKENS, EVAL_MAX_TOKENS = 64, 128
+POLL_S = 0.5
+EXIT_RETRYABLE, EXIT_PERMANENT = (
+    75,
+    78,
+)  # coda_trainer.exit_codes (imported lazily: keeps startup fast)
+
+
+def echo(msg: str = "", err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    stream.write(msg + "\n")
+    stream.flush()
+
+
+def load_run(file: str | None, workdir: Path) -> dict[str, Any]:
+    """The run to execute: the file's single CodaTrainingRun, or the embedded default; the
+    standard-library corpus is written under `<workdir>/corpus` when the run refers to it."""
+    if file is None:
+        run = localplan.default_run()
+    else:
+        runs = runspec.load_runs(file, cluster=False)
+        if len(runs) != 1:
+            raise CtlError(
+                f"{file}: holds {len(runs)} runs; `local run` takes exactly one", Exit.INVALID
+            )
+        run = runs[0]
+    if localplan.uses_corpus(run):
+        from coda_trainer.corpus import build_default_corpora
+
+        corpus_root = (workdir / "corpus").resolve()
+        echo(f"corpus: Python standard library → {corpus_root} (cached)")
+        build_default_corpora(workdir.resolve())
+        run = localplan.expand_corpus(run, corpus_root)
+    return run
+
+
+def steps_scale_from(flag: float | None) -> float:
+    if flag is not None:
+        value = flag
+    else:
+        raw = os.environ.get("CODA_STEPS_SCALE", "1")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise CtlError(f"CODA_STEPS_SCALE={raw!r} is not a number", Exit.USAGE) from None
+    if not value > 0:
+        raise CtlError(f"steps scale must be positive, got {value}", Exit.USAGE)
+    return value
+
+
+# ------------------------------------------------------------------------------------- progress
+
+
+class PlainProgress:
+    """Non-TTY progress: one line whenever the trainer reports a new step."""
+
+    def __init__(self, plan: LocalPlan) -> None:
+        self._last: dict[str, int] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, stage: StagePlan, p: localplan.Progress, note: str = "") -> None:
+        if note:
+            echo(f"[{stage.name}] {note}")
+            return
+        if p.step and p.step != self._last.get(stage.name):
+            self._last[stage.name] = p.step
+            loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
+            tps = f" {p.tokens_per_second:,.0f} tok/s" if p.tokens_per_second else ""
+            echo(f"[{stage.name}] step {p.step}/{p.total}{loss}{tps}")
+
+
+class RichProgress:
+    """TTY progress: one bar per stage."""
+
+    def __init__(self, plan: LocalPlan) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bars = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        )
+        self._tasks = {
+            s.name: self._bars.add_task(s.name, total=s.total_steps, info="", start=False)
+            for s in plan.stages
+        }
+
+    def __enter__(self) -> RichProgress:
+        self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.__exit__(None, None, None)
+
+    def update(self, stage: StagePlan, p: localplan.Progress, note: str = "") -> None:
+        task = self._tasks[stage.name]
+        self._bars.start_task(task)
+        info = note or (f"loss {p.loss:.4f}" if p.loss is not None else "")
+        completed = stage.total_steps if note.startswith(("done", "skipped")) else p.step
+        self._bars.update(task, completed=completed, total=p.total or stage.total_steps, info=info)
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def trainer_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "coda_trainer.train", "--config", str(config_path)]
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def run_stage(
+    stage: StagePlan,
+    progress: Any,
+    popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+) -> None:
+    """Run one stage's trainer to completion; raises CtlError with the log's tail on failure."""
+    stage.config_path.parent.mkdir(parents=True, exist_ok=True)
+    stage.config_path.write_text(localplan.job_yaml(stage))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with stage.log_path.open("ab") as log:
+        log.write(
+            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(trainer_command(stage.config_path))}\n".encode()
+        )
+        log.flush()
+        proc = popen(
+            trainer_command(stage.config_path), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            while proc.poll() is None:
+                progress.update(stage, localplan.read_progress(stage))
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            # The trainer got the same SIGINT (same process group): let it save its checkpoint.
+            progress.update(
+                stage, localplan.read_progress(stage), note="interrupted: saving a checkpoint"
+            )
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    code = proc.returncode
+    progress.update(stage, localplan.read_progress(stage))
+    if code == 0 and stage.final_dir.is_dir():
+        return
+    where = f"log: {stage.log_path}\n{_tail(stage.log_path)}"
+    if code == 0:
+        raise CtlError(
+            f"stage {stage.name}: trainer exited 0 but {stage.final_dir} is missing\n{where}"
+        )
+    if code == EXIT_RETRYABLE:
+        raise CtlError(
+            f"stage {stage.name}: interrupted after a checkpoint (exit 75); rerun to resume\n{where}"
+        )
+    if code == EXIT_PERMANENT:
+        raise CtlError(
+            f"stage {stage.name}: invalid configuration or data (exit 78)\n{where}", Exit.INVALID
+        )
+    raise CtlError(f"stage {stage.name}: trainer failed with exit code {code}\n{where}")
+
+
+def train_all(plan: LocalPlan, tty: bool) -> None:
+    progress_cls = RichProgress if tty else PlainProgress
+    with progress_cls(plan) as progress:
+        for stage in plan.stages:
+            state = localplan.stage_state(stage)
+            if state is StageState.DONE:
+                progress.update(
+                    stage,
+                    localplan.Progress(step=stage.total_steps, total=stage.total_steps),
+                    note=f"skipped: {stage.final_dir} exists",
+                )
+                continue
+            verb = (
+                "resuming from its newest checkpoint" if state is StageState.RESUME else "starting"
+            )
+            init = stage.job.stage.init_from or stage.job.model.init_from
+            progress.update(
+                stage,
+                localplan.read_progress(stage),
+                note=f"{verb} ({stage.total_steps} steps{', init from ' + init if init else ''})",
+            )
+            t0 = time.monotonic()
+            run_stage(stage, progress)
+            progress.update(
+                stage,
+                localplan.read_progress(stage),
+                note=f"done in {time.monotonic() - t0:.0f}s: {stage.final_dir}",
+            )
+
+
+# ------------------------------------------------------------------------------------- sampler
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(checkpoint: Path, port: int, *, for_eval: bool = False) -> list[str]:
+    """The sampler on loopback with a handful of compiled shapes (every bucket costs a compile at
+    start-up; the server's defaults suit a TPU, not a laptop)."""
+    prompt_buckets = "128,512,1024" if for_eval else "128"
+    gen = EVAL_MAX_TOKENS if for_eval else SAMPLE_MAX_TOKENS
+    return [
+        sys.executable,
+        "-m",
+        "coda_trainer.serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prompt-buckets",
+        prompt_buckets,
+        "--gen-buckets",
+        str(gen),
+        "--max-batch",
+        "1",
+        "--default-max-tokens",
+        str(gen),
+    ]
+
+
+def start_sampler(
+    plan: LocalPlan, port: int, *, for_eval: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = port or free_port()
+    log_path = plan.root / localplan.META_DIR / "sampler.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        serve_command(plan.final, port, for_eval=for_eval),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        samplerclient.wait_ready(url, READY_TIMEOUT_S, is_alive=lambda: proc.poll() is None)
+    except BaseException as e:
+        stop(proc)
+        if isinstance(e, CtlError):
+            raise CtlError(f"{e.message}\nlog: {log_path}\n{_tail(log_path)}") from None
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------- the command
+
+
+def run(
+    file: str | None,
+    *,
+    workdir: Path,
+    steps_scale: float | None,
+    do_eval: bool,
+    eval_limit: int,
+    serve: bool,
+    port: int,
+    sample: bool,
+    tty: bool,
+) -> int:
+    scale = steps_scale_from(steps_scale)
+    doc = load_run(file, workdir)
+    try:
+        plan = localplan.plan_local_run(doc, workdir, steps_scale=scale)
+    except ValueError as e:
+        raise CtlError(f"invalid run: {e}", Exit.INVALID) from e
+    echo(
+        f"run {plan.run}: {len(plan.stages)} stage(s) → {plan.root}"
+        + (f" (steps x{scale:g})" if scale != 1 else "")
+    )
+    train_all(plan, tty)
+    echo(f"final checkpoint: {plan.final}")
+    if not sample:
+        return 0
+    proc, url = start_sampler(plan, port, for_eval=do_eval)
+    try:
+        echo(f"sampler ready at {url}  (OpenAI-compatible: {url}/v1/completions, {url}/v1/infill)")
+        reply = samplerclient.post(
+            url,
+            "/v1/completions",
+            {"prompt": SAMPLE_PROMPT, "max_tokens": SAMPLE_MAX_TOKENS, "temperature": 0.0},
+        )
+        echo("sample:")
+        echo(SAMPLE_PROMPT + samplerclient.completion_text(reply))
+        if do_eval:
+            from coda_ctl import evalbridge
+
+            out = plan.root / localplan.META_DIR / "eval-humaneval.json"
+            echo(f"HumanEval pass@1 on the first {eval_limit} problems (report: {out}):")
+            evalbridge.run_eval(
+                "humaneval",
+                url=url,
+                checkpoint=None,
+                limit=eval_limit,
+                out=str(out),
+                max_new_tokens=EVAL_MAX_TOKENS,
+            )
+        if serve:
+            echo(f"serving at {url}; Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                proc.wait()
+    finally:
+        stop(proc)
+    return 0

@@ -1,0 +1,571 @@
+"""`coda-ctl`: submit, inspect and sample CodaTrainingRuns; run one on this machine.
+
+Commands are thin: cluster I/O lives in `kube`, formatting in `views`, spec checks in `runspec`, the
+local pipeline in `localplan`/`localrun`. Every failure leaves through `CtlError` with a documented
+exit code (`errors.Exit`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from coda_ctl import runspec, samplerclient, views
+from coda_ctl.errors import EXIT_CODES_HELP, CtlError, Exit
+from coda_ctl.kube import Cluster, Target
+
+app = typer.Typer(
+    name="coda-ctl",
+    help="Train and serve CoDA diffusion coders on Kubernetes (and on this machine).\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+local_app = typer.Typer(
+    help="Run a CodaTrainingRun on this machine, no cluster needed.", no_args_is_help=True
+)
+app.add_typer(local_app, name="local")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn CtlError (and a few well-known exceptions) into one stderr line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CtlError as e:
+            _fail(e.message, int(e.code))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # `coda-ctl logs ... | head`
+            raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _cluster(ctx: typer.Context) -> Cluster:
+    return Cluster(ctx.obj)
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if _tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for h in headers:
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*r)
+        Console().print(table)
+    else:
+        typer.echo(views.plain_table(headers, rows))
+
+
+# --------------------------------------------------------------------------------------- globals
+
+Namespace = Annotated[
+    str | None,
+    typer.Option("--namespace", "-n", help="Namespace (default: the context's, else 'default')."),
+]
+
+
+@app.callback()
+def _globals(
+    ctx: typer.Context,
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Path to the kubeconfig file."),
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="kubeconfig context to use.")
+    ] = None,
+    namespace: Namespace = None,
+) -> None:
+    # KUBECONFIG may hold a path list; the first file decides, as in kube.Cluster.
+    if kubeconfig and ":" in kubeconfig and not Path(kubeconfig).exists():
+        kubeconfig = kubeconfig.split(":")[0]
+    ctx.obj = Target(kubeconfig=kubeconfig, context=context, namespace=namespace)
+
+
+def _with_ns(ctx: typer.Context, namespace: str | None) -> None:
+    """Accept -n after the verb too (`coda-ctl get -n ml`), as kubectl does."""
+    if namespace:
+        t: Target = ctx.obj
+        ctx.obj = Target(kubeconfig=t.kubeconfig, context=t.context, namespace=namespace)
+
+
+# --------------------------------------------------------------------------------------- verbs
+
+
+@app.command()
+@handles_errors
+def submit(
+    ctx: typer.Context,
+    file: Annotated[
+        str, typer.Option("--filename", "-f", help="CodaTrainingRun YAML ('-' for stdin).")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate only; create nothing.")
+    ] = False,
+    namespace: Namespace = None,
+) -> None:
+    """Validate a CodaTrainingRun file locally (CRD schema + operator model), then create it."""
+    _with_ns(ctx, namespace)
+    runs = runspec.load_runs(file)
+    if dry_run:
+        for r in runs:
+            typer.echo(f"codatrainingrun.coda.dev/{r['metadata']['name']} valid (dry run)")
+        return
+    cluster = _cluster(ctx)
+    for r in runs:
+        in_file = r["metadata"].get("namespace")
+        if namespace and in_file and in_file != namespace:
+            raise CtlError(
+                f'the namespace from the file ("{in_file}") does not match --namespace "{namespace}"',
+                Exit.USAGE,
+            )
+        created = cluster.create_run(r)
+        typer.echo(f"codatrainingrun.coda.dev/{created['metadata']['name']} created")
+
+
+@app.command()
+@handles_errors
+def get(
+    ctx: typer.Context,
+    run: Annotated[
+        str | None, typer.Argument(help="Run name; all runs in the namespace if omitted.")
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="wide | json | yaml")] = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A")] = False,
+    namespace: Namespace = None,
+) -> None:
+    """List runs: phase, stage, step/total, loss, age."""
+    _with_ns(ctx, namespace)
+    if output not in (None, "wide", "json", "yaml"):
+        _fail(f"unknown output format {output!r}: use wide, json or yaml", Exit.USAGE)
+    cluster = _cluster(ctx)
+    runs = [cluster.get_run(run)] if run else cluster.list_runs(all_namespaces)
+    if output in ("json", "yaml"):
+        typer.echo(views.dump(runs[0] if run else views.as_list(runs), output))
+        return
+    if not runs:
+        where = "any namespace" if all_namespaces else f'namespace "{cluster.namespace}"'
+        typer.echo(f"No CodaTrainingRuns in {where}.", err=True)
+        return
+    headers, rows = views.get_table(runs, _now(), wide=output == "wide")
+    if all_namespaces:
+        headers = ["NAMESPACE", *headers]
+        rows = [
+            [r["metadata"].get("namespace", ""), *row] for r, row in zip(runs, rows, strict=True)
+        ]
+    _print_table(headers, rows)
+
+
+@app.command()
+@handles_errors
+def describe(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    namespace: Namespace = None,
+) -> None:
+    """Stages, checkpoints, conditions, events and the sampler endpoint of one run."""
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    obj = cluster.get_run(run)
+    typer.echo(views.describe_text(obj, cluster.events_for(obj), _now()))
+
+
+@app.command()
+@handles_errors
+def logs(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    stage: Annotated[
+        str | None, typer.Option("--stage", "-s", help="Stage (default: the current one).")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    namespace: Namespace = None,
+) -> None:
+    """Logs of a stage's leader pod (JobSet job 0, completion index 0)."""
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    obj = cluster.get_run(run)
+    stage_name, jobset = views.stage_jobset(obj, stage)
+    pods = cluster.pods(views.leader_labels(jobset))
+    if not pods:
+        raise CtlError(
+            f'stage "{stage_name}" of run "{run}" has no leader pod yet (JobSet {jobset})',
+            Exit.NOT_FOUND,
+        )
+    pod = pods[0]
+    containers = [c.get("name") for c in pod.get("spec", {}).get("containers", [])]
+    container = (
+        "trainer" if "trainer" in containers else (containers[0] if len(containers) > 1 else None)
+    )
+    out = sys.stdout.buffer
+    for chunk in cluster.stream_logs(
+        pod["metadata"]["name"], container=container, follow=follow, tail=tail
+    ):
+        out.write(chunk)
+        out.flush()
+
+
+@app.command()
+@handles_errors
+def watch(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 5.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds (exit 1).")
+    ] = None,
+    namespace: Namespace = None,
+) -> None:
+    """Live progress per stage until the run succeeds (exit 0) or fails (exit 1)."""
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    obj = cluster.get_run(run)
+    if _tty():
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        ) as bars:
+            tasks = {
+                n: bars.add_task(n, total=max(t, 1), info="")
+                for n, _, t, _ in views.stage_progress(obj)
+            }
+            while True:
+                loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
+                for name, done, total, phase in views.stage_progress(obj):
+                    info = phase + (
+                        f"  loss {loss:.4f}"
+                        if phase == "Running" and isinstance(loss, int | float)
+                        else ""
+                    )
+                    bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
+                if _watch_done(obj, deadline):
+                    break
+                time.sleep(interval)
+                obj = cluster.get_run(run)
+    else:
+        last = None
+        while True:
+            line = "  ".join(f"{n} {d}/{t} {p}" for n, d, t, p in views.stage_progress(obj))
+            line = f"{views.phase_of(obj)}  {line}"
+            if line != last:
+                typer.echo(line)
+                last = line
+            if _watch_done(obj, deadline):
+                break
+            time.sleep(interval)
+            obj = cluster.get_run(run)
+    phase = views.phase_of(obj)
+    if phase == "Failed":
+        conds = [
+            c for c in (obj.get("status") or {}).get("conditions", []) if c.get("type") == "Failed"
+        ]
+        raise CtlError(
+            f'run "{run}" failed' + (f": {conds[0].get('message')}" if conds else ""), Exit.ERROR
+        )
+    if phase != "Succeeded":
+        raise CtlError(f'timed out watching run "{run}" (phase {phase})', Exit.ERROR)
+    typer.echo(f'run "{run}" succeeded')
+
+
+def _watch_done(obj: dict[str, Any], deadline: float | None) -> bool:
+    return views.phase_of(obj) in views.TERMINAL_PHASES or (
+        deadline is not None and time.monotonic() > deadline
+    )
+
+
+@app.command()
+@handles_errors
+def suspend(
+    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+) -> None:
+    """Suspend a run: its JobSets are suspended (pods stop, checkpoints stay), not deleted."""
+    _with_ns(ctx, namespace)
+    _cluster(ctx).patch_run(run, {"spec": {"suspend": True}})
+    typer.echo(f"codatrainingrun.coda.dev/{run} suspended")
+
+
+@app.command()
+@handles_errors
+def resume(
+    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+) -> None:
+    """Resume a suspended run; the trainer continues from its newest checkpoint."""
+    _with_ns(ctx, namespace)
+    _cluster(ctx).patch_run(run, {"spec": {"suspend": False}})
+    typer.echo(f"codatrainingrun.coda.dev/{run} resumed")
+
+
+@app.command()
+@handles_errors
+def retry(
+    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+) -> None:
+    """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
+    from coda_ctl.kube import RETRY_ANNOTATION
+
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    obj = cluster.get_run(run)
+    if views.phase_of(obj) != "Failed":
+        raise CtlError(
+            f'run "{run}" is {views.phase_of(obj)}, not Failed: nothing to retry', Exit.CONFLICT
+        )
+    stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.patch_run(run, {"metadata": {"annotations": {RETRY_ANNOTATION: stamp}}})
+    typer.echo(f"codatrainingrun.coda.dev/{run} retry requested")
+
+
+@app.command()
+@handles_errors
+def delete(
+    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+) -> None:
+    """Delete a run (its JobSets, ConfigMaps and sampler go with it; checkpoints stay in storage)."""
+    _with_ns(ctx, namespace)
+    _cluster(ctx).delete_run(run)
+    typer.echo(f'codatrainingrun.coda.dev "{run}" deleted')
+
+
+def _sampler_call(
+    ctx: typer.Context, run: str | None, url: str | None, path: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    if url:
+        return samplerclient.post(url, path, body)
+    if not run:
+        raise CtlError("give a RUN (sampler reached through the API server) or --url", Exit.USAGE)
+    cluster = _cluster(ctx)
+    obj = cluster.get_run(run)
+    service, port = samplerclient.service_of(obj)
+    return cluster.service_post(service, port, path, body)
+
+
+@app.command()
+@handles_errors
+def sample(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(help="Run whose sampler Service to use.")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 128,
+    steps: Annotated[
+        int | None, typer.Option(help="Diffusion steps (default: the server's).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Sampler base URL instead of the service proxy.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="json: print the whole reply.")
+    ] = None,
+    namespace: Namespace = None,
+) -> None:
+    """Complete a prompt with a run's sampler (through the API server's service proxy, or --url)."""
+    _with_ns(ctx, namespace)
+    if not prompt:
+        raise CtlError("--prompt is required", Exit.USAGE)
+    body = samplerclient.completion_body(
+        prompt, max_tokens, steps, temperature, model=run or "coda"
+    )
+    reply = _sampler_call(ctx, run, url, "/v1/completions", body)
+    typer.echo(
+        json.dumps(reply, indent=2) if output == "json" else samplerclient.completion_text(reply)
+    )
+
+
+@app.command()
+@handles_errors
+def infill(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(help="Run whose sampler Service to use.")] = None,
+    prefix: Annotated[str, typer.Option(help="Code before the gap.")] = "",
+    suffix: Annotated[str, typer.Option(help="Code after the gap.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Tokens in the gap.")] = 32,
+    steps: Annotated[int | None, typer.Option()] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Sampler base URL instead of the service proxy.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="json: print the whole reply.")
+    ] = None,
+    namespace: Namespace = None,
+) -> None:
+    """Fill the gap between --prefix and --suffix (what a bidirectional model is good at)."""
+    _with_ns(ctx, namespace)
+    body: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens}
+    if steps is not None:
+        body["steps"] = steps
+    reply = _sampler_call(ctx, run, url, "/v1/infill", body)
+    if output == "json":
+        typer.echo(json.dumps(reply, indent=2))
+    else:
+        typer.echo(prefix + samplerclient.infill_text(reply) + suffix)
+
+
+@app.command(name="eval")
+@handles_errors
+def eval_(
+    benchmark: Annotated[str, typer.Argument(help="humaneval | mbpp")],
+    url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint to score.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint to load in-process.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Write the JSON report here.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per answer (default: the harness's 512).")
+    ] = None,
+) -> None:
+    """pass@1 on HumanEval or MBPP, against a running sampler (--url) or a checkpoint."""
+    from coda_ctl import evalbridge
+
+    if benchmark not in ("humaneval", "mbpp"):
+        raise CtlError(f"unknown benchmark {benchmark!r}: use humaneval or mbpp", Exit.USAGE)
+    if (url is None) == (checkpoint is None):
+        raise CtlError("give exactly one of --url or --checkpoint", Exit.USAGE)
+    raise typer.Exit(
+        evalbridge.run_eval(
+            benchmark,
+            url=url,
+            checkpoint=checkpoint,
+            limit=limit,
+            out=out,
+            max_new_tokens=max_new_tokens,
+        )
+    )
+
+
+@app.command()
+@handles_errors
+def render(
+    file: Annotated[str, typer.Option("--filename", "-f", help="CodaTrainingRun YAML.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="yaml | json")] = "yaml",
+) -> None:
+    """Print every manifest the operator would create for a run (offline, no cluster)."""
+    from coda_operator.render import render_all
+
+    docs = [obj for run in runspec.load_runs(file) for obj in render_all(run)]
+    if output == "json":
+        typer.echo(json.dumps(views.as_list(docs), indent=2))
+    else:
+        typer.echo("\n---\n".join(views.to_yaml(d) for d in docs))
+
+
+@app.command()
+@handles_errors
+def crd(
+    output: Annotated[str, typer.Option("--output", "-o", help="yaml | json")] = "yaml",
+) -> None:
+    """Print the CodaTrainingRun CustomResourceDefinition."""
+    typer.echo(views.dump(runspec.crd(), output))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[
+        str, typer.Option("--config", help="Stage job YAML (what the operator's ConfigMap holds).")
+    ],
+) -> None:
+    """Run one training stage: the container entry point (same as `python -m coda_trainer.train`)."""
+    from coda_trainer import train as trainer
+
+    raise typer.Exit(trainer.main(["--config", config, *ctx.args]) or 0)
+
+
+@local_app.command("run")
+@handles_errors
+def local_run(
+    file: Annotated[
+        str | None, typer.Argument(help="CodaTrainingRun YAML; the embedded default if omitted.")
+    ] = None,
+    workdir: Annotated[Path, typer.Option(help="Checkpoints go to WORKDIR/<run>/.")] = Path("runs"),
+    steps_scale: Annotated[
+        float | None,
+        typer.Option(help="Multiply every stage's steps (CI uses < 1). Env: CODA_STEPS_SCALE."),
+    ] = None,
+    do_eval: Annotated[
+        bool, typer.Option("--eval", help="Score a small HumanEval pass@1 at the end.")
+    ] = False,
+    eval_limit: Annotated[int, typer.Option(help="Problems in the --eval pass.")] = 10,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the sampler running at the end (Ctrl-C stops it).")
+    ] = False,
+    port: Annotated[int, typer.Option(help="Sampler port on 127.0.0.1 (0 = any free port).")] = 0,
+    no_sample: Annotated[
+        bool, typer.Option("--no-sample", help="Train only; do not start the sampler.")
+    ] = False,
+) -> None:
+    """Train every stage of a run here (in order, resumable), then serve and sample the result."""
+    from coda_ctl import localrun
+
+    raise typer.Exit(
+        localrun.run(
+            file,
+            workdir=workdir,
+            steps_scale=steps_scale,
+            do_eval=do_eval,
+            eval_limit=eval_limit,
+            serve=serve,
+            port=port,
+            sample=not no_sample,
+            tty=_tty(),
+        )
+    )
+
+
+@local_app.command("default")
+@handles_errors
+def local_default() -> None:
+    """Print the embedded default run (start your own run.yaml from it)."""
+    from coda_ctl.localplan import default_run
+
+    typer.echo(views.to_yaml(default_run()))
+
+
+def main() -> None:  # pragma: no cover - `python -m coda_ctl`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

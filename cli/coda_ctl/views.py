@@ -1,0 +1,328 @@
+"""Pure formatting of CodaTrainingRuns for people and scripts: rows, tables, describe text.
+
+Nothing here talks to a cluster or reads the clock implicitly (`now` is a parameter), so golden
+tests pin the exact output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+GET_COLUMNS = ("NAME", "PHASE", "STAGE", "STEP", "LOSS", "AGE")
+WIDE_COLUMNS = (*GET_COLUMNS, "TOKENS/S", "CHECKPOINT", "SAMPLER")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def human_age(start: dt.datetime | None, now: dt.datetime) -> str:
+    """kubectl-like coarse age: 45s, 12m, 5h, 3d."""
+    if start is None:
+        return "<unknown>"
+    seconds = max(int((now - start).total_seconds()), 0)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 3 * 3600:
+        return f"{seconds // 60}m"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
+def phase_of(run: dict[str, Any]) -> str:
+    return (run.get("status") or {}).get("phase") or "Pending"
+
+
+def stage_index(run: dict[str, Any], stage: str | None) -> int | None:
+    names = [s.get("name") for s in (run.get("spec") or {}).get("stages", [])]
+    return names.index(stage) + 1 if stage in names else None
+
+
+def current_progress(status: dict[str, Any]) -> dict[str, Any]:
+    """status.progress, unless it is a late write from an earlier stage (it carries its stage)."""
+    progress = status.get("progress") or {}
+    if progress.get("stage") and status.get("stage") and progress["stage"] != status["stage"]:
+        return {}
+    return progress
+
+
+def run_row(run: dict[str, Any], now: dt.datetime, *, wide: bool = False) -> list[str]:
+    status = run.get("status") or {}
+    progress = current_progress(status)
+    stage = status.get("stage") or "-"
+    step = progress.get("step")
+    total = progress.get("totalSteps")
+    step_text = (
+        f"{step}/{total}"
+        if step is not None and total
+        else (str(step) if step is not None else "-")
+    )
+    row = [
+        run["metadata"]["name"],
+        phase_of(run),
+        stage,
+        step_text,
+        _num(progress.get("loss"), ".4f"),
+        human_age(parse_time(run["metadata"].get("creationTimestamp")), now),
+    ]
+    if wide:
+        sampler = status.get("sampler") or {}
+        row += [
+            _num(progress.get("tokensPerSecond"), ".3g"),
+            progress.get("checkpoint") or "-",
+            (sampler.get("endpoint") or "-") + (" (ready)" if sampler.get("ready") else ""),
+        ]
+    return row
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Columns padded to the widest cell, three spaces apart, like kubectl."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row, strict=True)]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=True)]
+        lines.append((indent + "   ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def get_table(
+    runs: Sequence[dict[str, Any]], now: dt.datetime, *, wide: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    headers = list(WIDE_COLUMNS if wide else GET_COLUMNS)
+    return headers, [run_row(r, now, wide=wide) for r in runs]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (ConfigMap job.yaml, messages) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = (
+        "|" if "\n" in value and not value.endswith((" ", "\t")) and " \n" not in value else None
+    )
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=100).rstrip("\n")
+
+
+def dump(obj: Any, output: str) -> str:
+    if output == "json":
+        return json.dumps(obj, indent=2, sort_keys=False)
+    return to_yaml(obj)
+
+
+def as_list(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "List", "items": list(items)}
+
+
+# ---------------------------------------------------------------------------------------- describe
+
+
+def _accelerator_text(acc: dict[str, Any] | None) -> str:
+    if not acc:
+        return "-"
+    parts = []
+    if tpu := acc.get("tpu"):
+        parts.append(
+            f"TPU {tpu.get('type', '?')} {tpu.get('topology', '?')} x{tpu.get('slices', 1)} slice(s)"
+        )
+    if gpu := acc.get("gpu"):
+        parts.append(
+            f"GPU {gpu.get('type', '?')} {gpu.get('gpusPerNode', gpu.get('count', '?'))}/node"
+            f" x{gpu.get('nodes', 1)} node(s)"
+        )
+    if acc.get("spot"):
+        parts.append("spot")
+    return ", ".join(parts) or "-"
+
+
+def describe_text(run: dict[str, Any], events: Sequence[dict[str, Any]], now: dt.datetime) -> str:
+    meta, spec = run["metadata"], run.get("spec") or {}
+    status = run.get("status") or {}
+    progress = current_progress(status)
+    stages_spec = spec.get("stages", [])
+    stages_status = {s.get("name"): s for s in status.get("stages", []) or []}
+    current = status.get("stage")
+    idx = stage_index(run, current)
+
+    fields: list[tuple[str, str]] = [
+        ("Name", meta["name"]),
+        ("Namespace", meta.get("namespace", "default")),
+        ("Age", human_age(parse_time(meta.get("creationTimestamp")), now)),
+        ("Phase", phase_of(run)),
+        ("Stage", f"{current} ({idx}/{len(stages_spec)})" if current and idx else (current or "-")),
+    ]
+    if progress:
+        bits = [f"step {progress.get('step', '-')}/{progress.get('totalSteps', '-')}"]
+        if isinstance(progress.get("loss"), int | float):
+            bits.append(f"loss {progress['loss']:.4f}")
+        if isinstance(progress.get("tokensPerSecond"), int | float):
+            bits.append(f"{progress['tokensPerSecond']:.3g} tokens/s")
+        fields.append(("Progress", ", ".join(bits)))
+        if progress.get("checkpoint"):
+            fields.append(("Last checkpoint", progress["checkpoint"]))
+    model = spec.get("model") or {}
+    fields += [
+        ("Image", spec.get("image", "-")),
+        (
+            "Model",
+            model.get("preset", "-")
+            + (f" from {model['initFrom']}" if model.get("initFrom") else ""),
+        ),
+        ("Checkpoints", (spec.get("checkpoints") or {}).get("uri", "-")),
+        ("Accelerator", _accelerator_text(spec.get("accelerator"))),
+        ("Suspend", str(bool(spec.get("suspend", False))).lower()),
+    ]
+    width = max(len(k) for k, _ in fields) + 2
+    out = [f"{k + ':':<{width}}{v}" for k, v in fields]
+
+    out.append("Stages:")
+    rows = []
+    for s in stages_spec:
+        st = stages_status.get(s.get("name"), {})
+        rows.append(
+            [
+                s.get("name", "?"),
+                s.get("kind", "?"),
+                st.get("phase", "Pending"),
+                str(s.get("steps", "-")),
+                st.get("jobSet") or "-",
+                str(st.get("retries", 0)),
+                str(st.get("jobSetRestarts", 0)),
+                st.get("final") or "-",
+            ]
+        )
+    out.append(
+        plain_table(
+            ["NAME", "KIND", "PHASE", "STEPS", "JOBSET", "RETRIES", "RESTARTS", "FINAL CHECKPOINT"],
+            rows,
+            indent="  ",
+        )
+    )
+
+    out.append("Conditions:")
+    conds = status.get("conditions") or []
+    if conds:
+        rows = [
+            [
+                c.get("type", "?"),
+                c.get("status", "?"),
+                c.get("reason", "-"),
+                c.get("message", "") or "-",
+            ]
+            for c in conds
+        ]
+        out.append(plain_table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows, indent="  "))
+    else:
+        out.append("  <none>")
+
+    sampler = status.get("sampler") or {}
+    sampler_spec = spec.get("sampler") or {}
+    out.append("Sampler:")
+    if sampler or sampler_spec:
+        out.append(f"  Enabled:   {str(sampler_spec.get('enabled', True)).lower()}")
+        out.append(f"  Endpoint:  {sampler.get('endpoint') or '-'}")
+        out.append(f"  Ready:     {str(bool(sampler.get('ready'))).lower()}")
+    else:
+        out.append("  <none>")
+
+    out.append("Events:")
+    if events:
+        rows = [
+            [
+                e.get("type", "Normal"),
+                e.get("reason", "-"),
+                human_age(
+                    parse_time(
+                        e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")
+                    ),
+                    now,
+                ),
+                (e.get("message") or "").strip(),
+            ]
+            for e in events
+        ]
+        out.append(plain_table(["TYPE", "REASON", "AGE", "MESSAGE"], rows, indent="  "))
+    else:
+        out.append("  <none>")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------- logs
+
+
+def leader_labels(jobset: str) -> dict[str, str]:
+    """Labels selecting the leader pod of a stage: job 0, completion index 0 of its JobSet."""
+    from coda_ctl.kube import COMPLETION_INDEX_LABEL, JOB_INDEX_LABEL, JOBSET_NAME_LABEL
+
+    return {JOBSET_NAME_LABEL: jobset, JOB_INDEX_LABEL: "0", COMPLETION_INDEX_LABEL: "0"}
+
+
+def stage_jobset(run: dict[str, Any], stage: str | None) -> tuple[str, str]:
+    """(stage, jobset name) for `logs`: the named stage, else the current one, else the last started.
+
+    The JobSet name comes from status (it carries the operator's `-r<N>` retry suffix); before the
+    operator has written it, the deterministic `<run>-<stage>` is used.
+    """
+    name = run["metadata"]["name"]
+    spec_stages = [s.get("name") for s in (run.get("spec") or {}).get("stages", [])]
+    status = run.get("status") or {}
+    by_name = {s.get("name"): s for s in status.get("stages", []) or []}
+    if stage is None:
+        stage = status.get("stage")
+        if stage is None:
+            started = [s for s in spec_stages if by_name.get(s, {}).get("jobSet")]
+            stage = started[-1] if started else (spec_stages[0] if spec_stages else None)
+    if stage is None or stage not in spec_stages:
+        from coda_ctl.errors import CtlError, Exit
+
+        known = ", ".join(spec_stages) or "none"
+        raise CtlError(f'run "{name}" has no stage {stage!r} (stages: {known})', Exit.NOT_FOUND)
+    return stage, by_name.get(stage, {}).get("jobSet") or f"{name}-{stage}"
+
+
+# ---------------------------------------------------------------------------------------- watch
+
+
+def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    """Per stage: (name, completed steps, total steps, phase) from the run's spec and status."""
+    status = run.get("status") or {}
+    by_name = {s.get("name"): s for s in status.get("stages", []) or []}
+    progress = current_progress(status)
+    out = []
+    for s in (run.get("spec") or {}).get("stages", []):
+        name, total = s.get("name", "?"), int(s.get("steps", 0) or 0)
+        phase = by_name.get(name, {}).get("phase", "Pending")
+        if phase == "Succeeded":
+            done = total
+        elif name == status.get("stage"):
+            done = int(progress.get("step") or 0)
+            total = int(progress.get("totalSteps") or total)
+        else:
+            done = 0
+        out.append((name, done, total, phase))
+    return out

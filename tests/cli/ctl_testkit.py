@@ -1,0 +1,198 @@
+"""Helpers shared by the CLI tests (imported by conftest.py and the test modules): the kmock
+Kubernetes emulator in a background thread, kubeconfig files, the helm/kubectl binaries, paths."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+NAMESPACE = "ml"
+
+
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise RuntimeError(
+            f"shared data folder missing: {SHARED_DATA} (expected ../shared/data beside the repo)"
+        )
+    return SHARED_DATA
+
+
+def helm_binary() -> str:
+    """The real helm: PATH first, then tools/bin. Missing helm is a failure, never a skip."""
+    helm = shutil.which("helm") or str(REPO / "tools" / "bin" / "helm")
+    if not os.access(helm, os.X_OK):
+        pytest.fail(
+            "helm not found on PATH or in tools/bin: run `make tools` (CI's `make test` does)"
+        )
+    return helm
+
+
+def kubectl_binary() -> str:
+    kubectl = shutil.which("kubectl") or str(REPO / "tools" / "bin" / "kubectl")
+    if not os.access(kubectl, os.X_OK):
+        pytest.fail("kubectl not found on PATH or in tools/bin: run `make tools`")
+    return kubectl
+
+
+class Emulator:
+    """kmock's stateful Kubernetes emulator served from a background thread's event loop."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.logs: dict[str, bytes] = {}  # pod name → log text served by pods/<name>/log
+        self.proxy: Callable[[Any], Any] | None = None  # service proxy handler (set by tests)
+        self.requests: list[tuple[str, str]] = []
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        async with kmock.KubernetesEmulator() as k, kmock.Server(k) as server:
+            k.resources["coda.dev/v1alpha1/codatrainingruns"] = kmock.ResourceInfo(
+                kind="CodaTrainingRun",
+                namespaced=True,
+                shortnames={"ctr"},
+                subresources={"status"},
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            )
+            for plural, kind in [("pods", "Pod"), ("events", "Event"), ("services", "Service")]:
+                k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True)
+            k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+            # The emulator knows no subresources beyond status: serve pod logs and the service proxy.
+            k["get", kmock.resource("v1/pods"), kmock.subresource("log")] << self._serve_log
+            k["post", kmock.resource("v1/services")] << self._serve_proxy
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def _serve_log(self, request: Any) -> bytes:
+        self.requests.append(("log", request.name))
+        if request.name not in self.logs:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self.logs[request.name]
+
+    def _serve_proxy(self, request: Any) -> Any:
+        self.requests.append(
+            ("proxy", str(request.url.path) if hasattr(request, "url") else request.name)
+        )
+        if self.proxy is None or request.name is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self.proxy(request)
+
+    def start(self) -> Emulator:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("kmock emulator did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+                "users": [{"name": "tester", "user": {"token": "test-token"}}],
+                "contexts": [
+                    {
+                        "name": "emu",
+                        "context": {
+                            "cluster": "emulator",
+                            "user": "tester",
+                            "namespace": namespace,
+                        },
+                    },
+                    {
+                        "name": "other",
+                        "context": {"cluster": "emulator", "user": "tester", "namespace": "other"},
+                    },
+                ],
+                "current-context": "emu",
+            }
+        )
+    )
+    return path
+
+
+def ago(**delta: float) -> str:
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------- schemas
+
+K8S_VERSIONS = ("1.30.0", "1.35.0")  # oldest supported and a current release
+
+
+def jobset_crd() -> dict[str, Any]:
+    path = shared_data() / "jobset-crd" / "jobset.x-k8s.io_jobsets.yaml"
+    if not path.exists():
+        raise RuntimeError(f"JobSet CRD missing: {path}")
+    return yaml.safe_load(path.read_text())
+
+
+def _crd_validators(crds: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    import jsonschema
+    from coda_ctl.runspec import _strict
+
+    out = {}
+    for crd in crds:
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schema = _strict(v["schema"]["openAPIV3Schema"])
+            schema.get("properties", {}).pop("metadata", None)  # ObjectMeta is the API server's
+            schema.get("properties", {}).pop("apiVersion", None)
+            schema.get("properties", {}).pop("kind", None)
+            out[(f"{group}/{v['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return out
+
+
+def validate_objects(
+    docs: list[dict[str, Any]], crds: tuple[dict[str, Any], ...] = ()
+) -> list[str]:
+    """Validate every object: built-in kinds with kubernetes-validate (strict) for each version in
+    K8S_VERSIONS, custom kinds with jsonschema against their CRD (unknown fields rejected).
+    Returns the problems; an object of a kind with no schema at all is a problem too."""
+    import kubernetes_validate as kv
+
+    custom = _crd_validators(
+        [jobset_crd(), *crds, *(d for d in docs if d.get("kind") == "CustomResourceDefinition")]
+    )
+    problems = []
+    for d in docs:
+        key = (d.get("apiVersion", ""), d.get("kind", ""))
+        label = f"{key[1]}/{d.get('metadata', {}).get('name', '?')}"
+        if key in custom:
+            for err in custom[key].iter_errors(
+                {k: v for k, v in d.items() if k not in ("apiVersion", "kind", "metadata")}
+            ):
+                problems.append(f"{label}: {'.'.join(map(str, err.absolute_path))}: {err.message}")
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kv.validate(d, version, strict=True)
+            except kv.SchemaNotFoundError:
+                problems.append(f"{label}: no schema for {key} in Kubernetes {version}")
+            except kv.ValidationError as e:
+                problems.append(f"{label} (k8s {version}): {str(e).splitlines()[0]}")
+    return problems

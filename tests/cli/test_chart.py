@@ -1,0 +1,315 @@
+"""The Helm chart with the real helm binary: lint, template, schema-validate every object, and check
+the security properties (least-privilege RBAC, hardened Deployment) a reviewer would look for.
+Also: manifests/ is what the chart renders (no second hand-kept copy) and builds with kustomize."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ctl_testkit import REPO, helm_binary, kubectl_binary, validate_objects
+
+CHART = REPO / "charts" / "coda-operator"
+NAMESPACED_VALUES = Path(__file__).parent / "data" / "values-namespaced.yaml"
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+
+
+def template(*extra: str) -> list[dict[str, Any]]:
+    res = helm(
+        "template", "coda", str(CHART), "--namespace", "coda-system", "--include-crds", *extra
+    )
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def default_objects() -> list[dict[str, Any]]:
+    return template()
+
+
+@pytest.fixture(scope="module")
+def namespaced_objects() -> list[dict[str, Any]]:
+    return template("-f", str(NAMESPACED_VALUES))
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+OPERATOR_NAMESPACED = (
+    {("coda.dev", "codatrainingruns", v) for v in ("get", "list", "watch", "patch", "update")}
+    | {("coda.dev", "codatrainingruns/status", v) for v in ("get", "patch", "update")}
+    | {
+        (g, r, v)
+        for g, r in [
+            ("jobset.x-k8s.io", "jobsets"),
+            ("", "configmaps"),
+            ("", "services"),
+            ("apps", "deployments"),
+        ]
+        for v in ("get", "list", "watch", "create", "patch", "update", "delete")
+    }
+    | {("", "pods", v) for v in ("get", "list", "watch")}
+    | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+)
+KOPF_CLUSTER = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")
+} | {("", "namespaces", v) for v in ("list", "watch")}
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED_VALUES], ids=["default", "namespaced"])
+def test_helm_lint(values: Path | None) -> None:
+    res = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 chart(s) failed" in res.stdout
+
+
+def test_every_rendered_object_validates(
+    default_objects: list[dict[str, Any]], namespaced_objects: list[dict[str, Any]]
+) -> None:
+    for docs in (default_objects, namespaced_objects):
+        checked = [
+            d for d in docs if d["kind"] != "ServiceMonitor"
+        ]  # no schema offline: checked below
+        assert validate_objects(checked) == []
+
+
+def test_crds_ship_with_the_chart(default_objects: list[dict[str, Any]]) -> None:
+    crds = {d["metadata"]["name"] for d in by_kind(default_objects, "CustomResourceDefinition")}
+    assert "codatrainingruns.coda.dev" in crds, (
+        "charts/coda-operator/crds/ holds no CodaTrainingRun CRD"
+    )
+
+
+def test_cluster_mode_rbac_is_exactly_what_the_operator_needs(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    (role,) = by_kind(default_objects, "ClusterRole")
+    assert grants(role["rules"]) == OPERATOR_NAMESPACED | KOPF_CLUSTER
+    assert not by_kind(default_objects, "Role") or all(
+        r["metadata"]["name"].endswith("-trainer") for r in by_kind(default_objects, "Role")
+    )
+    (binding,) = by_kind(default_objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "coda-coda-operator", "namespace": "coda-system"}
+    ]
+
+
+def test_namespaced_mode_uses_roles(namespaced_objects: list[dict[str, Any]]) -> None:
+    (cluster_role,) = by_kind(namespaced_objects, "ClusterRole")
+    # Cluster-wide only the read-only discovery kopf needs; peering is per namespace here.
+    assert grants(cluster_role["rules"]) == KOPF_CLUSTER
+    roles = {
+        (r["metadata"]["namespace"], r["metadata"]["name"]): r
+        for r in by_kind(namespaced_objects, "Role")
+    }
+    for ns in ("ml", "research"):
+        operator_role = roles[(ns, "coda-coda-operator")]
+        assert grants(operator_role["rules"]) == OPERATOR_NAMESPACED | {
+            ("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")
+        }
+        trainer_role = roles[(ns, "coda-coda-operator-trainer")]
+        assert grants(trainer_role["rules"]) == {("coda.dev", "codatrainingruns/status", "patch")}
+    bindings = {
+        (b["metadata"]["namespace"], b["roleRef"]["name"]): b
+        for b in by_kind(namespaced_objects, "RoleBinding")
+    }
+    assert bindings[("ml", "coda-coda-operator")]["subjects"][0]["namespace"] == "coda-system"
+    assert bindings[("research", "coda-coda-operator-trainer")]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "coda-trainer", "namespace": "research"}
+    ]
+
+
+def test_no_wildcards_and_no_secrets(
+    default_objects: list[dict[str, Any]], namespaced_objects: list[dict[str, Any]]
+) -> None:
+    for docs in (default_objects, namespaced_objects):
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for g, r, v in grants(role["rules"]):
+                assert "*" not in (g, r, v), role["metadata"]["name"]
+                assert r != "secrets", role["metadata"]["name"]
+
+
+def test_trainer_service_account_and_workload_identity(
+    namespaced_objects: list[dict[str, Any]],
+) -> None:
+    sas = {
+        (s["metadata"]["namespace"], s["metadata"]["name"]): s
+        for s in by_kind(namespaced_objects, "ServiceAccount")
+    }
+    for ns in ("ml", "research"):
+        sa = sas[(ns, "coda-trainer")]
+        assert (
+            sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+            == "coda-trainer@acme.iam.gserviceaccount.com"
+        )
+    assert ("coda-system", "coda-coda-operator") in sas
+
+
+def _operator(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = by_kind(docs, "Deployment")
+    return dep
+
+
+def test_deployment_is_hardened(default_objects: list[dict[str, Any]]) -> None:
+    dep = _operator(default_objects)
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    )
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    health = next(p for p in c["ports"] if p["name"] == "health")["containerPort"]
+    assert f"--liveness=http://0.0.0.0:{health}/healthz" in c["args"]
+    assert (
+        dep["spec"]["replicas"] == 1
+        and "--standalone" in c["args"]
+        and "--all-namespaces" in c["args"]
+    )
+    # The operator's own CLI parses these flags: check them against it, not against a guess.
+    from coda_operator.__main__ import parse_args
+
+    parsed = parse_args(c["args"])
+    metrics_port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    assert parsed.all_namespaces and parsed.standalone and parsed.metrics_port == metrics_port
+    assert c["image"] == "ghcr.io/coda-dev/coda-operator:0.1.0"
+    assert pod["serviceAccountName"] == "coda-coda-operator"
+
+
+def test_namespaced_deployment_args(namespaced_objects: list[dict[str, Any]]) -> None:
+    dep = _operator(namespaced_objects)
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert dep["spec"]["replicas"] == 2
+    assert "--standalone" not in args  # two replicas: kopf peering picks the active one
+    assert (
+        "--namespace=ml" in args
+        and "--namespace=research" in args
+        and "--all-namespaces" not in args
+    )
+    assert "--verbose" in args and "--metrics-port=9090" in args
+    peerings = {
+        (d["kind"], d["metadata"].get("namespace"))
+        for d in namespaced_objects
+        if d["kind"].endswith("KopfPeering")
+    }
+    assert peerings == {("KopfPeering", "ml"), ("KopfPeering", "research")}
+    assert {d["metadata"]["name"] for d in namespaced_objects if d["kind"] == "KopfPeering"} == {
+        "default"
+    }
+
+
+def test_metrics_service_and_service_monitor(
+    namespaced_objects: list[dict[str, Any]], default_objects: list[dict[str, Any]]
+) -> None:
+    assert not by_kind(default_objects, "ServiceMonitor")
+    (svc,) = by_kind(namespaced_objects, "Service")
+    (mon,) = by_kind(namespaced_objects, "ServiceMonitor")
+    assert (
+        mon["apiVersion"] == "monitoring.coreos.com/v1"
+        and mon["metadata"]["labels"]["release"] == "prometheus"
+    )
+    # The monitor selects the metrics Service and scrapes its named port.
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert mon["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    dep = _operator(namespaced_objects)
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert "metrics" in {
+        p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+
+
+def test_bad_values_are_rejected() -> None:
+    for bad in (
+        ["--set", "logLevel=loud"],
+        ["--set", "replicaCount=0"],
+        ["--set", "watchNamespaces[0]=Not_A_Namespace"],
+    ):
+        res = helm("template", "coda", str(CHART), *bad)
+        assert res.returncode != 0, bad
+        assert (
+            "values don't meet the specifications of the schema" in res.stderr
+            or "must be" in res.stderr
+        ), res.stderr
+
+
+def test_notes_render() -> None:
+    res = helm(
+        "install",
+        "coda",
+        str(CHART),
+        "--dry-run=client",
+        "--namespace",
+        "coda-system",
+        "-f",
+        str(NAMESPACED_VALUES),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "reconciles CodaTrainingRuns in: ml, research" in res.stdout
+    assert "coda-ctl submit" in res.stdout
+
+
+# --------------------------------------------------------------------------------- manifests/
+
+
+def test_manifests_are_generated_from_the_chart() -> None:
+    res = subprocess.run(
+        [sys.executable, str(REPO / "manifests" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_path_env(),
+    )
+    assert res.returncode == 0, f"manifests/ is stale:\n{res.stdout}\n{res.stderr}"
+
+
+def test_manifests_build_with_kustomize_and_validate() -> None:
+    res = subprocess.run(
+        [kubectl_binary(), "kustomize", str(REPO / "manifests")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+    } <= kinds
+    assert all(d["metadata"].get("namespace") in (None, "coda-system") for d in docs)
+    assert validate_objects(docs) == []
+
+
+def _path_env() -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "PATH": f"{Path(helm_binary()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }

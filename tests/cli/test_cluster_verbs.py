@@ -1,0 +1,546 @@
+"""coda-ctl's cluster verbs against the kmock Kubernetes emulator, with runs in several states.
+
+Runs and their status are created through the real Kubernetes API (create + status patch), the way
+the operator would leave them; outputs of `get`/`describe` are pinned by golden files
+(set CODA_UPDATE_GOLDEN=1 to rewrite them after an intended change).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from coda_ctl.errors import Exit
+from coda_ctl.main import app
+from ctl_testkit import NAMESPACE, ago, write_kubeconfig
+from typer.testing import CliRunner
+
+GOLDEN = Path(__file__).parent / "golden"
+
+STAGES = [
+    {
+        "name": "pretrain",
+        "kind": "pretrain",
+        "steps": 50000,
+        "batch": {"sequences": 512, "seqLen": 8192},
+        "data": [{"uri": "gs://acme-data/dclm/*.parquet"}],
+    },
+    {
+        "name": "midtrain",
+        "kind": "midtrain",
+        "steps": 50000,
+        "batch": {"sequences": 256, "seqLen": 8192},
+        "data": [{"uri": "gs://acme-data/annealing/*.parquet"}],
+    },
+    {
+        "name": "sft",
+        "kind": "sft",
+        "steps": 20000,
+        "batch": {"sequences": 176, "seqLen": 1024},
+        "data": [{"uri": "gs://acme-data/sft/*.jsonl", "format": "chat"}],
+    },
+]
+
+
+def _run(
+    name: str, created: str, status: dict[str, Any] | None, suspend: bool = False
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    body = {
+        "apiVersion": "coda.dev/v1alpha1",
+        "kind": "CodaTrainingRun",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "creationTimestamp": created,
+            "uid": f"uid-{name}",
+        },
+        "spec": {
+            "image": "us-docker.pkg.dev/acme/coda/trainer:0.1.0",
+            "model": {"preset": "coda-1.7b", "initFrom": "gs://acme-models/qwen3-1.7b"},
+            "tokenizer": "gs://acme-models/qwen3-1.7b",
+            "checkpoints": {"uri": f"gs://acme-ckpt/{name}"},
+            "accelerator": {"tpu": {"type": "v5p", "topology": "8x8x8", "slices": 1}},
+            "stages": STAGES,
+            "suspend": suspend,
+        },
+    }
+    return body, status
+
+
+def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+
+
+RUNS = [
+    _run(
+        "coda-1p7b",
+        ago(hours=5, minutes=10),
+        {
+            "phase": "Running",
+            "stage": "midtrain",
+            "progress": {
+                "step": 12000,
+                "totalSteps": 50000,
+                "loss": 1.83,
+                "tokensPerSecond": 2.1e6,
+                "checkpoint": "gs://acme-ckpt/coda-1p7b/midtrain/12000",
+            },
+            "stages": [
+                {
+                    "name": "pretrain",
+                    "phase": "Succeeded",
+                    "jobSet": "coda-1p7b-pretrain",
+                    "final": "gs://acme-ckpt/coda-1p7b/pretrain/final",
+                },
+                {
+                    "name": "midtrain",
+                    "phase": "Running",
+                    "jobSet": "coda-1p7b-midtrain-r1",
+                    "retries": 1,
+                    "jobSetRestarts": 2,
+                },
+            ],
+            "conditions": [
+                _cond("Running", "True", "StageRunning", "stage midtrain (2/3) is running")
+            ],
+        },
+    ),
+    _run("queued-run", ago(minutes=20), None),
+    _run(
+        "sft-done",
+        ago(days=3, hours=1),
+        {
+            "phase": "Succeeded",
+            "stage": "sft",
+            "progress": {"step": 20000, "totalSteps": 20000, "loss": 0.4121},
+            "stages": [
+                {
+                    "name": s["name"],
+                    "phase": "Succeeded",
+                    "jobSet": f"sft-done-{s['name']}",
+                    "final": f"gs://acme-ckpt/sft-done/{s['name']}/final",
+                }
+                for s in STAGES
+            ],
+            "sampler": {"endpoint": "http://sft-done-sampler.ml.svc:8000", "ready": True},
+            "conditions": [
+                _cond("Complete", "True", "AllStagesSucceeded", "3/3 stages succeeded"),
+                _cond("SamplerReady", "True", "DeploymentAvailable", "1/1 replicas ready"),
+            ],
+        },
+    ),
+    _run(
+        "broken",
+        ago(hours=30),
+        {
+            "phase": "Failed",
+            "stage": "pretrain",
+            "progress": {"step": 310, "totalSteps": 50000, "loss": 9.5},
+            "stages": [
+                {
+                    "name": "pretrain",
+                    "phase": "Failed",
+                    "jobSet": "broken-pretrain-r1",
+                    "retries": 1,
+                }
+            ],
+            "conditions": [
+                _cond(
+                    "Failed",
+                    "True",
+                    "StageRetriesExhausted",
+                    "stage pretrain failed 2 times: trainer exited 78 (invalid data)",
+                )
+            ],
+        },
+    ),
+    _run(
+        "paused",
+        ago(minutes=90),
+        {
+            "phase": "Suspended",
+            "stage": "pretrain",
+            "progress": {"step": 800, "totalSteps": 50000, "loss": 4.2},
+            "stages": [{"name": "pretrain", "phase": "Suspended", "jobSet": "paused-pretrain"}],
+            "conditions": [_cond("Suspended", "True", "UserSuspended", "spec.suspend is true")],
+        },
+        suspend=True,
+    ),
+]
+
+
+def _pod(name: str, jobset: str, job_index: int, completion_index: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {
+                "jobset.sigs.k8s.io/jobset-name": jobset,
+                "jobset.sigs.k8s.io/job-index": str(job_index),
+                "batch.kubernetes.io/job-completion-index": str(completion_index),
+                "coda.dev/run": "coda-1p7b",
+            },
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster_state(emulator: Any, kube_api: Any) -> Any:
+    from kubernetes import client
+
+    custom, core = client.CustomObjectsApi(kube_api), client.CoreV1Api(kube_api)
+    for body, status in RUNS:
+        custom.create_namespaced_custom_object(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+        )
+        if status is not None:
+            custom.patch_namespaced_custom_object_status(
+                "coda.dev",
+                "v1alpha1",
+                NAMESPACE,
+                "codatrainingruns",
+                body["metadata"]["name"],
+                {"status": status},
+            )
+    # Two hosts of the retried midtrain JobSet, one of the old JobSet, and an unrelated one.
+    for name, jobset, j, c in [
+        ("coda-1p7b-midtrain-r1-slice-0-1-abcde", "coda-1p7b-midtrain-r1", 0, 1),
+        ("coda-1p7b-midtrain-r1-slice-0-0-fghij", "coda-1p7b-midtrain-r1", 0, 0),
+        ("coda-1p7b-midtrain-slice-0-0-old00", "coda-1p7b-midtrain", 0, 0),
+        ("coda-1p7b-pretrain-slice-0-0-zzzzz", "coda-1p7b-pretrain", 0, 0),
+    ]:
+        core.create_namespaced_pod(NAMESPACE, _pod(name, jobset, j, c))
+    emulator.logs["coda-1p7b-midtrain-r1-slice-0-0-fghij"] = (
+        b'{"step": 12000, "loss": 1.83}\nleader log line\n'
+    )
+    emulator.logs["coda-1p7b-midtrain-r1-slice-0-1-abcde"] = b"worker 1 log\n"
+    emulator.logs["coda-1p7b-pretrain-slice-0-0-zzzzz"] = b"pretrain leader log\n"
+    for i, (reason, message, minutes) in enumerate(
+        [
+            ("StageStarted", "created JobSet coda-1p7b-pretrain", 300),
+            (
+                "StageSucceeded",
+                "stage pretrain succeeded; final gs://acme-ckpt/coda-1p7b/pretrain/final",
+                200,
+            ),
+            (
+                "StageRetried",
+                "JobSet coda-1p7b-midtrain failed (host maintenance); retry 1 of 1",
+                30,
+            ),
+        ]
+    ):
+        core.create_namespaced_event(
+            NAMESPACE,
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"coda-1p7b.{i}", "namespace": NAMESPACE},
+                "involvedObject": {
+                    "kind": "CodaTrainingRun",
+                    "name": "coda-1p7b",
+                    "namespace": NAMESPACE,
+                    "apiVersion": "coda.dev/v1alpha1",
+                },
+                "reason": reason,
+                "message": message,
+                "type": "Warning" if "Retried" in reason else "Normal",
+                "lastTimestamp": ago(minutes=minutes),
+                "firstTimestamp": ago(minutes=minutes),
+                "source": {"component": "coda-operator"},
+            },
+        )
+    return custom
+
+
+@pytest.fixture()
+def ctl(kubeconfig: Path, cluster_state: Any) -> Any:
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None) -> Any:
+        return runner.invoke(
+            app, ["--kubeconfig", str(kubeconfig), *args], input=input, catch_exceptions=False
+        )
+
+    return invoke
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("CODA_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"golden file {path} missing: run with CODA_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"output differs from {path}"
+
+
+# ------------------------------------------------------------------------------------ get
+
+
+def test_get_lists_runs_in_the_context_namespace(ctl: Any) -> None:
+    res = ctl("get")
+    assert res.exit_code == 0, res.output
+    _golden("get.txt", res.stdout)
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "STAGE", "STEP", "LOSS", "AGE"]
+    row = next(line for line in lines if line.startswith("coda-1p7b"))
+    assert row.split() == ["coda-1p7b", "Running", "midtrain", "12000/50000", "1.8300", "5h"]
+    assert next(line for line in lines if line.startswith("queued-run")).split()[1] == "Pending"
+
+
+def test_get_wide_and_single(ctl: Any) -> None:
+    res = ctl("get", "-o", "wide")
+    assert res.exit_code == 0, res.output
+    _golden("get-wide.txt", res.stdout)
+    assert "http://sft-done-sampler.ml.svc:8000 (ready)" in res.stdout
+    one = ctl("get", "sft-done")
+    assert one.exit_code == 0 and len(one.stdout.splitlines()) == 2
+    assert one.stdout.splitlines()[1].split()[:4] == ["sft-done", "Succeeded", "sft", "20000/20000"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_get_machine_readable(ctl: Any, fmt: str) -> None:
+    one = ctl("get", "broken", "-o", fmt)
+    assert one.exit_code == 0, one.output
+    obj = json.loads(one.stdout) if fmt == "json" else yaml.safe_load(one.stdout)
+    assert obj["status"]["phase"] == "Failed" and obj["metadata"]["name"] == "broken"
+    many = ctl("get", "-o", fmt)
+    lst = json.loads(many.stdout) if fmt == "json" else yaml.safe_load(many.stdout)
+    assert lst["kind"] == "List"
+    assert sorted(i["metadata"]["name"] for i in lst["items"]) == sorted(
+        b["metadata"]["name"] for b, _ in RUNS
+    )
+
+
+def test_get_bad_output_format_is_usage_error(ctl: Any) -> None:
+    res = ctl("get", "-o", "xml")
+    assert res.exit_code == Exit.USAGE and "unknown output format" in res.stderr
+
+
+def test_namespace_flag_and_context(ctl: Any, kubeconfig: Path) -> None:
+    res = ctl("get", "-n", "elsewhere")
+    assert res.exit_code == 0 and "No CodaTrainingRuns" in res.stderr
+    res = CliRunner().invoke(app, ["--kubeconfig", str(kubeconfig), "--context", "other", "get"])
+    assert res.exit_code == 0 and 'namespace "other"' in res.stderr
+    res = CliRunner().invoke(app, ["--kubeconfig", str(kubeconfig), "--context", "nope", "get"])
+    assert res.exit_code == Exit.NO_CLUSTER and "context 'nope' not found" in res.stderr
+
+
+# ------------------------------------------------------------------------------------ describe
+
+
+def test_describe_running_run(ctl: Any) -> None:
+    res = ctl("describe", "coda-1p7b")
+    assert res.exit_code == 0, res.output
+    _golden("describe-coda-1p7b.txt", res.stdout)
+    assert "midtrain (2/3)" in res.stdout
+    assert "coda-1p7b-midtrain-r1" in res.stdout
+    assert "StageRetried" in res.stdout and "retry 1 of 1" in res.stdout
+
+
+def test_describe_succeeded_run_shows_sampler_and_finals(ctl: Any) -> None:
+    res = ctl("describe", "sft-done")
+    assert res.exit_code == 0, res.output
+    _golden("describe-sft-done.txt", res.stdout)
+    assert "gs://acme-ckpt/sft-done/sft/final" in res.stdout
+    assert "Endpoint:  http://sft-done-sampler.ml.svc:8000" in res.stdout
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_missing_run_is_not_found(ctl: Any) -> None:
+    for verb in (
+        ["get", "nope"],
+        ["describe", "nope"],
+        ["logs", "nope"],
+        ["delete", "nope"],
+        ["suspend", "nope"],
+    ):
+        res = ctl(*verb)
+        assert res.exit_code == Exit.NOT_FOUND, (verb, res.output)
+        assert 'codatrainingrun "nope" in namespace "ml" not found' in res.stderr
+
+
+def test_no_cluster_exit_code(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kc = write_kubeconfig(tmp_path / "config", f"http://127.0.0.1:{port}")
+    res = CliRunner().invoke(app, ["--kubeconfig", str(kc), "get"])
+    assert res.exit_code == Exit.NO_CLUSTER, res.output
+    assert f"cannot reach the API server at http://127.0.0.1:{port}" in res.stderr
+    res = CliRunner().invoke(app, ["--kubeconfig", str(tmp_path / "missing"), "get"])
+    assert res.exit_code == Exit.NO_CLUSTER and "does not exist" in res.stderr
+
+
+def test_no_kubeconfig_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    res = CliRunner().invoke(app, ["get"])
+    assert res.exit_code == Exit.NO_CLUSTER and "no cluster configured" in res.stderr
+
+
+# ------------------------------------------------------------------------------------ logs
+
+
+def test_logs_reads_the_leader_pod_of_the_current_stage(ctl: Any) -> None:
+    res = ctl("logs", "coda-1p7b")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == '{"step": 12000, "loss": 1.83}\nleader log line\n'
+    res = ctl("logs", "coda-1p7b", "--stage", "pretrain", "-f")
+    assert res.exit_code == 0 and res.stdout == "pretrain leader log\n"
+
+
+def test_logs_errors(ctl: Any) -> None:
+    res = ctl("logs", "coda-1p7b", "--stage", "bogus")
+    assert res.exit_code == Exit.NOT_FOUND and "has no stage 'bogus'" in res.stderr
+    res = ctl("logs", "coda-1p7b", "--stage", "sft")
+    assert (
+        res.exit_code == Exit.NOT_FOUND
+        and "has no leader pod yet (JobSet coda-1p7b-sft)" in res.stderr
+    )
+
+
+# ------------------------------------------------------------------------------------ state changes
+
+
+def test_suspend_resume_retry_delete(ctl: Any, cluster_state: Any) -> None:
+    def get(n):
+        return cluster_state.get_namespaced_custom_object(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", n
+        )
+
+    assert ctl("suspend", "coda-1p7b").exit_code == 0
+    assert get("coda-1p7b")["spec"]["suspend"] is True
+    res = ctl("resume", "paused")
+    assert res.exit_code == 0 and "resumed" in res.stdout
+    assert get("paused")["spec"]["suspend"] is False
+    ctl("resume", "coda-1p7b")
+
+    res = ctl("retry", "coda-1p7b")
+    assert res.exit_code == Exit.CONFLICT and "not Failed" in res.stderr
+    res = ctl("retry", "broken")
+    assert res.exit_code == 0, res.output
+    assert "coda.dev/retry" in get("broken")["metadata"]["annotations"]
+
+    body = dict(RUNS[1][0], metadata={**RUNS[1][0]["metadata"], "name": "to-delete"})
+    cluster_state.create_namespaced_custom_object(
+        "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+    )
+    res = ctl("delete", "to-delete")
+    assert res.exit_code == 0 and 'codatrainingrun.coda.dev "to-delete" deleted' in res.stdout
+    assert ctl("get", "to-delete").exit_code == Exit.NOT_FOUND
+
+
+def test_watch_ends_with_the_run(ctl: Any) -> None:
+    res = ctl("watch", "sft-done", "--interval", "0.1")
+    assert res.exit_code == 0, res.output
+    assert (
+        "pretrain 50000/50000 Succeeded" in res.stdout and 'run "sft-done" succeeded' in res.stdout
+    )
+    res = ctl("watch", "broken", "--interval", "0.1")
+    assert res.exit_code == Exit.ERROR and "exited 78" in res.stderr
+    res = ctl("watch", "paused", "--interval", "0.1", "--timeout", "0.3")
+    assert res.exit_code == Exit.ERROR and "timed out" in res.stderr
+
+
+def test_sample_through_the_service_proxy(ctl: Any, emulator: Any) -> None:
+    seen: list[Any] = []
+
+    def proxy(request: Any) -> dict[str, Any]:
+        seen.append((request.name, request.subresource, request.data))
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": "sft-done",
+            "choices": [{"index": 0, "text": "    return a + b\n", "finish_reason": "stop"}],
+        }
+
+    emulator.proxy = proxy
+    try:
+        res = ctl("sample", "sft-done", "--prompt", "def add(a, b):\n", "--max-tokens", "16")
+    finally:
+        emulator.proxy = None
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "    return a + b\n\n"
+    name, sub, data = seen[0]
+    assert name == "sft-done-sampler:8000" and sub == "proxy/v1/completions"
+    assert data["prompt"] == "def add(a, b):\n" and data["max_tokens"] == 16
+
+
+def test_entry_point_runs_as_a_process(kubeconfig: Path, cluster_state: Any) -> None:
+    """The installed console script behaves like the in-process app (exit codes included)."""
+    exe = Path(sys.executable).with_name("coda-ctl")
+    assert exe.exists(), "coda-ctl console script missing: pip install -e ."
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    ok = subprocess.run(
+        [str(exe), "get", "sft-done"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("NAME"), ok.stderr
+    missing = subprocess.run(
+        [str(exe), "describe", "nope"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert missing.returncode == Exit.NOT_FOUND and missing.stderr.startswith("error: ")
+    usage = subprocess.run(
+        [str(exe), "describe"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert usage.returncode == Exit.USAGE
+
+
+def test_rich_output_on_a_terminal(ctl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coda_ctl.main as main_mod
+
+    monkeypatch.setattr(main_mod, "_tty", lambda: True)
+    res = ctl("get")
+    assert res.exit_code == 0, res.output
+    assert "NAME" in res.stdout and "coda-1p7b" in res.stdout and "12000/50000" in res.stdout
+    res = ctl("watch", "sft-done", "--interval", "0.1")
+    assert res.exit_code == 0 and 'run "sft-done" succeeded' in res.stdout
+
+
+def test_shell_completion_script() -> None:
+    res = CliRunner().invoke(app, ["--show-completion", "bash"])
+    assert res.exit_code == 0 and "complete" in res.stdout and "coda" in res.stdout.lower()
+
+
+def test_help_documents_exit_codes() -> None:
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0
+    assert "4 invalid spec" in res.stdout and "5 no cluster" in res.stdout
+    for verb in (
+        "submit",
+        "get",
+        "describe",
+        "logs",
+        "watch",
+        "suspend",
+        "resume",
+        "retry",
+        "delete",
+        "sample",
+        "infill",
+        "eval",
+        "render",
+        "crd",
+        "train",
+        "local",
+    ):
+        assert verb in res.stdout

@@ -1,0 +1,83 @@
+"""Pure formatting helpers of coda-ctl (the golden files cover whole outputs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from coda_ctl import views
+from coda_ctl.errors import CtlError
+
+NOW = dt.datetime(2026, 1, 2, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (5, "5s"),
+        (119, "119s"),
+        (120, "2m"),
+        (3 * 3600 - 1, "179m"),
+        (3 * 3600, "3h"),
+        (47 * 3600, "47h"),
+        (3 * 86400, "3d"),
+    ],
+)
+def test_human_age(seconds: int, text: str) -> None:
+    assert views.human_age(NOW - dt.timedelta(seconds=seconds), NOW) == text
+    assert views.human_age(None, NOW) == "<unknown>"
+
+
+def _run(status: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "r", "creationTimestamp": "2026-01-02T11:00:00Z"},
+        "spec": {"stages": [{"name": "a", "steps": 10}, {"name": "b", "steps": 20}]},
+        **({"status": status} if status is not None else {}),
+    }
+
+
+def test_stale_progress_of_an_earlier_stage_is_not_shown() -> None:
+    fresh = _run(
+        {
+            "phase": "Running",
+            "stage": "b",
+            "progress": {"stage": "b", "step": 5, "totalSteps": 20, "loss": 2.0},
+        }
+    )
+    stale = _run(
+        {
+            "phase": "Running",
+            "stage": "b",
+            "progress": {"stage": "a", "step": 10, "totalSteps": 10, "loss": 3.0},
+        }
+    )
+    assert views.run_row(fresh, NOW)[2:5] == ["b", "5/20", "2.0000"]
+    assert views.run_row(stale, NOW)[2:5] == ["b", "-", "-"]
+    assert views.stage_progress(stale) == [("a", 0, 10, "Pending"), ("b", 0, 20, "Pending")]
+
+
+def test_stage_jobset_resolution() -> None:
+    run = _run(
+        {
+            "stage": "b",
+            "stages": [
+                {"name": "a", "phase": "Succeeded", "jobSet": "r-a"},
+                {"name": "b", "phase": "Running", "jobSet": "r-b-r2"},
+            ],
+        }
+    )
+    assert views.stage_jobset(run, None) == ("b", "r-b-r2")  # current stage, retried JobSet
+    assert views.stage_jobset(run, "a") == ("a", "r-a")
+    assert views.stage_jobset(_run(), None) == ("a", "r-a")  # nothing started yet: first stage
+    with pytest.raises(CtlError):
+        views.stage_jobset(run, "zzz")
+    assert views.leader_labels("r-b-r2") == {
+        "jobset.sigs.k8s.io/jobset-name": "r-b-r2",
+        "jobset.sigs.k8s.io/job-index": "0",
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
+
+
+def test_plain_table_alignment() -> None:
+    out = views.plain_table(["A", "BB"], [["xxx", "y"], ["z", ""]])
+    assert out.splitlines() == ["A     BB", "xxx   y", "z"]

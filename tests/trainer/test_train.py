@@ -1,0 +1,381 @@
+"""The training entry point: exact resume after kill -9, SIGTERM, multi-device, gs://, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from coda_trainer import storage, train
+from coda_trainer.checkpoint import Checkpointer
+from coda_trainer.config import TrainJobConfig
+from coda_trainer.corpus import build_default_corpora
+from coda_trainer.exit_codes import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
+from coda_trainer.presets import embedded_default, stage_preset
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16
+)
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return build_default_corpora(tmp_path_factory.mktemp("corpus"), limit=25, shards=2)
+
+
+def job(
+    root: Path | str, corpus: dict[str, Path], *, kind: str = "pretrain", **stage: object
+) -> dict:
+    name = {"pretrain": "pretrain", "midtrain": "midtrain", "sft": "sft"}[kind]
+    data_uri = str(corpus[name] / "train-*.jsonl")
+    base = {
+        "name": name,
+        "kind": kind,
+        "steps": STEPS,
+        "batch": {"sequences": 4, "seq_len": 32},
+        "optimizer": {"name": "adamw", "peak_lr": 3e-3, "schedule": "cosine", "warmup_steps": 2},
+        "data": [{"uri": data_uri}],
+        "masking": {
+            "prefix_prob": 0.2,
+            "truncate_prob": 0.2,
+            "block_prob": 0.3,
+            "block_sizes": [2, 4],
+        },
+        "log_every": 1,
+        "seed": 7,
+    }
+    base.update(stage)
+    return {
+        "run": "test",
+        "model": {"preset": "coda-tiny", "overrides": TINY},
+        "tokenizer": "project",
+        "checkpoints": {"uri": f"{root}/ckpt", "every_steps": 4, "keep": 3},
+        "stage": base,
+    }
+
+
+def write_job(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def train_lines(stage_dir: str) -> dict[int, dict]:
+    """step → the last `train` metrics line for it (a resumed run overwrites the killed run's)."""
+    out = {}
+    for line in storage.read_text(f"{stage_dir}/metrics/metrics.jsonl").splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "train":
+            out[rec["step"]] = rec
+    return out
+
+
+def final_tensors(stage_dir: str) -> dict[str, np.ndarray]:
+    return load_file(f"{stage_dir}/final/model.safetensors")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer"), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def _spawn(config: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "coda_trainer.train", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env), cwd=REPO,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> tuple[dict, str]:
+    """An uninterrupted STEPS-step run on one device (in this process)."""
+    root = tmp_path_factory.mktemp("reference")
+    spec = job(root, corpus)
+    held_out = {"uri": str(corpus["midtrain"] / "train-00000.jsonl")}  # any other text will do
+    spec["stage"]["eval"] = {"data": [held_out], "every_steps": 20, "batches": 1}
+    assert train.run(TrainJobConfig.model_validate(spec)) == EXIT_OK
+    return spec, f"{root}/ckpt/pretrain"
+
+
+def test_reference_run_learns_and_reports(reference):
+    spec, stage_dir = reference
+    lines = train_lines(stage_dir)
+    assert sorted(lines) == list(range(1, STEPS + 1))
+    ce = [lines[s]["masked_ce"] for s in range(1, STEPS + 1)]
+    assert np.mean(ce[-8:]) < np.mean(ce[:4]) - 0.5, ce  # the loss falls visibly
+    last = lines[STEPS]
+    for key in ("loss", "masked_accuracy", "grad_norm", "lr", "tokens_per_second", "tokens"):
+        assert key in last and last[key] is not None, key
+    assert last["mfu"] is None  # CPU: peak unknown
+    evals = [
+        json.loads(x) for x in storage.read_text(f"{stage_dir}/metrics/metrics.jsonl").splitlines()
+    ]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [20, 40] and all(np.isfinite(e["loss"]) for e in evals)
+    status = json.loads(storage.read_text(f"{stage_dir}/status.json"))
+    assert (
+        status["state"] == "done"
+        and status["step"] == STEPS
+        and status["checkpoint"].endswith("final")
+    )
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{stage_dir}/metrics"))
+    assert storage.is_committed(f"{stage_dir}/final")
+    # Rerunning a finished stage is a no-op.
+    assert train.run(TrainJobConfig.model_validate(spec)) == EXIT_OK
+
+
+@pytest.mark.slow
+def test_exact_resume_after_kill_9(tmp_path, corpus, reference):
+    _, ref_dir = reference
+    spec = job(tmp_path, corpus)
+    config = write_job(tmp_path / "job.yaml", spec)
+    stage_dir = tmp_path / "ckpt" / "pretrain"
+    proc = _spawn(config)
+    try:
+        deadline = time.monotonic() + 240
+        while not (stage_dir / "8").is_dir():  # orbax renames a step dir into place when complete
+            assert proc.poll() is None, (
+                f"trainer exited early ({proc.returncode}): {proc.stderr.read()}"
+            )
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(train_lines(str(stage_dir)))
+    assert killed_at < STEPS, "the run finished before it was killed"
+
+    assert train.run(TrainJobConfig.model_validate(spec)) == EXIT_OK
+    ours, ref = train_lines(str(stage_dir)), train_lines(ref_dir)
+    assert sorted(ours) == sorted(ref)
+    for step in ref:
+        assert ours[step]["loss"] == ref[step]["loss"], step  # bit-identical on CPU
+        assert ours[step]["grad_norm"] == ref[step]["grad_norm"], step
+    a, b = final_tensors(str(stage_dir)), final_tensors(ref_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_complete_checkpoint_and_exits_retryable(tmp_path, corpus):
+    # Also exercises in-step gradient accumulation (2 micro-batches of 2 rows).
+    spec = job(
+        tmp_path, corpus, steps=100_000, batch={"sequences": 4, "seq_len": 32, "grad_accum": 2}
+    )
+    spec["checkpoints"]["every_steps"] = 10_000
+    proc = _spawn(write_job(tmp_path / "job.yaml", spec))
+    try:
+        line = proc.stdout.readline()  # the first JSON line comes after step 1
+        assert '"event": "train"' in line, line + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_RETRYABLE, err[-3000:]
+    assert "received SIGTERM" in err
+    stage_dir = str(tmp_path / "ckpt" / "pretrain")
+    ckpt = Checkpointer(stage_dir)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    assert len(steps) == 1 and 1 <= steps[0] < 100_000
+    status = json.loads(storage.read_text(f"{stage_dir}/status.json"))
+    assert status["state"] == "checkpointed" and status["checkpoint"].endswith(f"/{steps[0]}")
+    assert '"event": "checkpoint"' in out
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(tmp_path, corpus, reference):
+    _, ref_dir = reference
+    spec = job(tmp_path, corpus, steps=STEPS, mesh={"data": 1, "fsdp": 4, "tensor": 2})
+    proc = _spawn(
+        write_job(tmp_path / "job.yaml", spec),
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == EXIT_OK, err[-3000:]
+    assert "on 8 cpu device(s)" in err
+    ours, ref = train_lines(str(tmp_path / "ckpt" / "pretrain")), train_lines(ref_dir)
+    assert sorted(ours) == sorted(ref)
+    np.testing.assert_allclose(
+        [ours[s]["loss"] for s in sorted(ref)], [ref[s]["loss"] for s in sorted(ref)], rtol=2e-3
+    )
+
+
+@pytest.mark.slow
+def test_gcs_data_checkpoints_and_final(gcs_bucket, corpus, caplog):
+    for path in sorted(corpus["pretrain"].glob("train-*.jsonl")):
+        storage.write_bytes(f"{gcs_bucket}/data/{path.name}", path.read_bytes())
+    spec = job(gcs_bucket, corpus, steps=4)
+    spec["stage"]["data"] = [{"uri": f"{gcs_bucket}/data/*.jsonl"}]
+    spec["checkpoints"]["every_steps"] = 2
+    cfg = TrainJobConfig.model_validate(spec)
+    assert train.run(cfg, stop_after_steps=2) == EXIT_RETRYABLE
+    stage_dir = f"{gcs_bucket}/ckpt/pretrain"
+    assert "2" in storage.listdir(stage_dir)
+    with caplog.at_level(logging.INFO, logger="coda_trainer.train"):
+        assert train.run(cfg) == EXIT_OK
+    assert "resumed gs://" in caplog.text and "from step 2" in caplog.text
+    assert storage.is_committed(f"{stage_dir}/final")
+    assert sorted(train_lines(stage_dir)) == [1, 2, 3, 4]
+    assert json.loads(storage.read_text(f"{stage_dir}/status.json"))["state"] == "done"
+    from coda_trainer import hf
+
+    config, _ = hf.load_pretrained(f"{stage_dir}/final")
+    assert config.hidden_size == TINY["hidden_size"]
+
+
+# ---- bad input: a clear error and EXIT_PERMANENT before any device work ----
+
+
+@pytest.fixture
+def no_device_work(monkeypatch):
+    """Validation must reject the job before `train` (where all device work starts) is entered."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("train() was entered: device work started before validation failed")
+
+    monkeypatch.setattr(train, "train", forbidden)
+
+
+def _main_with(tmp_path: Path, spec: dict) -> int:
+    return train.main(["--config", str(write_job(tmp_path / "bad.yaml", spec))])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["stage"].update(learning_rate=1), "learning_rate"),
+        (lambda s: s["stage"].update(steps=-5), "steps"),
+        (lambda s: s["stage"]["batch"].update(seq_len=100_000), "max_position_embeddings"),
+        (
+            lambda s: s["stage"]["batch"].update(sequences=6, grad_accum=4),
+            "divisible by batch.grad_accum",
+        ),
+        (lambda s: s.update(model={"preset": "test-micro"}), "does not match the model config"),
+        (lambda s: s.update(tokenizer="/nonexistent/tokenizer"), "no tokenizer folder"),
+        (lambda s: s["stage"].update(init_from="/nonexistent/final"), "does not exist"),
+        (lambda s: s["stage"]["masking"].update(block_sizes=[64]), "exceed seq_len"),
+    ],
+    ids=[
+        "unknown-field",
+        "negative-steps",
+        "seq-len",
+        "grad-accum",
+        "vocab-mismatch",
+        "tokenizer",
+        "init-from",
+        "block-size",
+    ],
+)
+def test_bad_config_is_permanent(tmp_path, corpus, caplog, no_device_work, mutate, message):
+    spec = job(tmp_path, corpus)
+    mutate(spec)
+    with caplog.at_level(logging.ERROR):
+        assert _main_with(tmp_path, spec) == EXIT_PERMANENT
+    assert message in caplog.text
+
+
+def test_bad_data_is_permanent(tmp_path, corpus, caplog, no_device_work):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.jsonl").write_text("")
+    unreadable = tmp_path / "secret.jsonl"
+    unreadable.write_bytes(b"\xff\xfe\x00binary")
+    for uri, message in [
+        (str(bad), "bad.jsonl:2: not a JSON line"),
+        (str(empty / "*.jsonl"), "is empty"),
+        (str(tmp_path / "nothing" / "*.jsonl"), "matches no files"),
+        (str(unreadable), "is not UTF-8 text"),
+    ]:
+        caplog.clear()
+        spec = job(tmp_path, corpus)
+        spec["stage"]["data"] = [{"uri": uri}]
+        with caplog.at_level(logging.ERROR):
+            assert _main_with(tmp_path, spec) == EXIT_PERMANENT, uri
+        assert message in caplog.text, caplog.text
+
+
+def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work):
+    jobs = embedded_default(tmp_path, corpus_dirs=corpus)
+    assert [j.stage.name for j in jobs] == ["pretrain", "midtrain", "sft"]
+    assert jobs[0].stage.init_from is None
+    assert (
+        jobs[1].stage.init_from == jobs[0].final_dir
+        and jobs[2].stage.init_from == jobs[1].final_dir
+    )
+    assert jobs[1].stage.masking.curriculum == "paper-table-3"
+    for j in jobs:
+        assert j.model.preset == "coda-tiny" and j.tokenizer == "project"
+    plan = train.prepare(jobs[0])  # later stages need the earlier finals
+    assert plan.tokenizer.vocab_size == 4096
+
+    pre = stage_preset("pretrain", data=[{"uri": "gs://bucket/dclm/*.parquet"}])
+    assert (pre.optimizer.name, pre.optimizer.peak_lr, pre.batch.sequences, pre.batch.seq_len) == (
+        "adafactor",
+        3e-4,
+        512,
+        8192,
+    )
+    assert (pre.masking.prefix_prob, pre.masking.truncate_prob, pre.masking.block_prob) == (
+        0.01,
+        0.01,
+        0.01,
+    )
+    mid = stage_preset("midtrain", data=[{"uri": "gs://bucket/x"}])
+    assert mid.masking.probs_at(0, mid.steps).block_prob == 0.05
+    assert mid.masking.probs_at(mid.steps - 1, mid.steps).prefix_prob == 0.20
+    sft = stage_preset("sft", data=[{"uri": "gs://bucket/x.jsonl", "format": "chat"}])
+    assert (
+        sft.optimizer.name,
+        sft.optimizer.peak_lr,
+        sft.optimizer.schedule,
+        sft.optimizer.warmup_ratio,
+    ) == ("adamw", 2e-5, "cosine", 0.1)
+    assert (sft.batch.seq_len, sft.sft.prompt_ramp_fraction, sft.sft.over_length) == (
+        1024,
+        0.05,
+        "drop",
+    )
+
+
+def test_multihost_detection():
+    assert not train._multihost_env({})
+    assert not train._multihost_env({"TPU_WORKER_HOSTNAMES": "host-0"})
+    assert train._multihost_env({"TPU_WORKER_HOSTNAMES": "host-0,host-1"})
+    assert train._multihost_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+
+
+def test_transient_errors_are_retryable():
+    class HttpError(Exception):
+        def __init__(self, code):
+            self.code = code
+
+    assert train._is_transient(ConnectionResetError())
+    assert train._is_transient(HttpError(503)) and train._is_transient(HttpError(429))
+    assert not train._is_transient(HttpError(404))
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = TimeoutError()
+    assert train._is_transient(wrapped)
+    assert not train._is_transient(ValueError("bad"))

@@ -1,0 +1,648 @@
+"""Train one stage: `python -m coda_trainer.train --config job.yaml` (a `TrainJobConfig`).
+
+What a run does, in order:
+
+1. **Validate, before any device work**: the config (pydantic), the tokenizer against the model
+   (`check_model`: vocab size and special ids), masking block sizes against `seq_len`, every data
+   source (lists files, reads the first in its format, finds a usable document), `init_from`
+   (resolves to an HF folder or orbax step). Any failure → exit `EXIT_PERMANENT` (78) with the
+   reason on stderr. A stage whose `final/` is already published exits 0 at once.
+2. `jax.distributed.initialize()` when the environment says multi-host (`JAX_COORDINATOR_ADDRESS`,
+   or a multi-host TPU slice: `TPU_WORKER_HOSTNAMES` with several hosts, `MEGASCALE_*`).
+3. Mesh (`stage.mesh`), model created in its shards, optimiser, data loader for this process's
+   share of the global batch.
+4. Resume from the newest complete checkpoint in `<checkpoints.uri>/<stage>/` if any (params,
+   optimiser state, data iterator, step); otherwise load `init_from` weights if set.
+5. Loop: one jitted `train_step(state, batch, rng) -> (state, metrics)`; metrics every `log_every`
+   steps (see `coda_trainer.metrics` for stdout JSON lines, `metrics.jsonl`, TensorBoard and
+   `<stage>/status.json`); optional eval loss every `eval.every_steps`; checkpoint every
+   `checkpoints.every_steps`.
+6. SIGTERM/SIGINT (GKE preemption, `kubectl delete`): the current step finishes, a checkpoint is
+   saved and waited for, exit `EXIT_RETRYABLE` (75). A rerun resumes exactly there.
+7. Done: final checkpoint of the last step, then `<stage>/final/` (HF export) published atomically;
+   exit `EXIT_OK` (0).
+
+Exit codes (`coda_trainer.exit_codes`): 0 done; 75 retryable (preempted after saving, transient
+I/O error); 78 permanent (bad config or data); 1 unexpected crash (traceback on stderr).
+
+Determinism: the rng of step s is `fold_in(PRNGKey(seed), s)` and the data order depends only on
+the seed and the iterator state, so a resumed run computes exactly the steps an uninterrupted one
+would (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flax import struct
+
+from coda_trainer import storage
+from coda_trainer.config import TrainJobConfig, load_job_config
+from coda_trainer.exit_codes import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
+
+__all__ = [
+    "ConfigError",
+    "Plan",
+    "TrainState",
+    "main",
+    "make_train_step",
+    "prepare",
+    "run",
+    "train",
+]
+
+log = logging.getLogger("coda_trainer.train")
+
+
+class ConfigError(ValueError):
+    """The job cannot run as configured (permanent)."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `prepare` validated, handed to `train`."""
+
+    cfg: TrainJobConfig
+    model_config: Any
+    tokenizer: Any
+    init_from: tuple[str, str] | None  # (kind, uri) from checkpoint.resolve_init_from
+    already_done: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Validation (no JAX device work)
+# --------------------------------------------------------------------------------------------------
+
+
+def _final_done(cfg: TrainJobConfig) -> bool:
+    from coda_trainer.checkpoint import FINAL_META
+
+    meta_uri = storage.join(cfg.final_dir, FINAL_META)
+    if not storage.is_committed(cfg.final_dir) or not storage.exists(meta_uri):
+        return False
+    return json.loads(storage.read_text(meta_uri)).get("step") == cfg.stage.steps
+
+
+def prepare(cfg: TrainJobConfig) -> Plan:
+    """Validate everything that can be checked without devices. Raises ConfigError/DataError."""
+    from coda_trainer.checkpoint import resolve_init_from
+    from coda_trainer.data import validate_sources
+    from coda_trainer.tokenizer import load_tokenizer
+
+    stage = cfg.stage
+    model_config = cfg.model.resolve()
+    if _final_done(cfg):
+        return Plan(cfg, model_config, None, None, already_done=True)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r}: {e}") from e
+    try:
+        tokenizer.check_model(model_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    seq_len = stage.batch.seq_len
+    if stage.kind != "sft" and max(stage.masking.block_sizes) > seq_len:
+        raise ConfigError(
+            f"masking.block_sizes {stage.masking.block_sizes} exceed seq_len={seq_len}"
+        )
+    if stage.batch.sequences < stage.batch.grad_accum:
+        raise ConfigError("batch.sequences must be ≥ batch.grad_accum")
+    over_length = stage.sft_config.over_length
+    validate_sources(
+        stage.data, tokenizer, kind=stage.kind, seq_len=seq_len, over_length=over_length
+    )
+    if stage.eval is not None:
+        validate_sources(
+            stage.eval.data, tokenizer, kind=stage.kind, seq_len=seq_len, over_length=over_length
+        )
+    init = stage.init_from or cfg.model.init_from
+    init_from = resolve_init_from(init) if init else None
+    return Plan(cfg, model_config, tokenizer, init_from, already_done=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Multi-host
+# --------------------------------------------------------------------------------------------------
+
+
+def _multihost_env(env: dict[str, str]) -> bool:
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
+    """Call `jax.distributed.initialize()` on multi-host jobs; returns whether it did."""
+    import jax
+
+    env = dict(os.environ if env is None else env)
+    if not _multihost_env(env):
+        return False
+    kwargs: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        pid = env.get("JAX_PROCESS_ID") or env.get("JOB_COMPLETION_INDEX")
+        if pid is not None:
+            kwargs["process_id"] = int(pid)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The jitted step
+# --------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class TrainState:
+    """What one optimiser step reads and writes (a pytree; donated to the jitted step)."""
+
+    step: Any  # int32 scalar: optimiser steps completed
+    params: Any  # nnx.State of the model's nnx.Param variables
+    opt_state: Any
+
+
+def make_train_step(
+    graphdef: Any,
+    rest: Any,
+    tx: Any,
+    schedule: Callable[[Any], Any],
+    *,
+    spec: Any,
+    kind: str,
+    loss_norm: str,
+    grad_accum: int,
+) -> Callable[..., Any]:
+    """`train_step(state, batch, rng) -> (state, metrics)`, jitted, state donated.
+
+    `batch` holds the data arrays (global B×L: tokens, segment_ids, positions[, prompt_mask]) plus
+    the host-computed per-step knobs `probs_3` (f32[3]) and `prompt_keep_frac` (f32[]). `rng` is
+    the stage's base key; the step's key is `fold_in(rng, state.step)`. With `grad_accum` A the
+    B rows are split into A interleaved micro-batches (row i → micro-batch i mod A, which keeps
+    every device's rows local) whose gradients are averaged before one optimiser update.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from coda_trainer.loss import model_loss
+
+    def loss_fn(params, micro, rng, probs_3, keep):
+        model = nnx.merge(graphdef, params, rest)
+        return model_loss(
+            model, micro, rng, probs_3, keep, spec=spec, kind=kind, loss_norm=loss_norm
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, rng):
+        data = {k: v for k, v in batch.items() if k not in ("probs_3", "prompt_keep_frac")}
+        probs_3, keep = batch["probs_3"], batch["prompt_keep_frac"]
+        rng = jax.random.fold_in(rng, state.step)
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, data, rng, probs_3, keep)
+        else:
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(
+                    x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1
+                ),
+                data,
+            )
+
+            def body(carry, xs):
+                g_acc, m_acc = carry
+                mb, i = xs
+                (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), probs_3, keep)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            m_shape = jax.eval_shape(
+                lambda: grad_fn(
+                    state.params, jax.tree.map(lambda x: x[0], micro), rng, probs_3, keep
+                )[0][1]
+            )
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, metrics), _ = jax.lax.scan(
+                body, (zeros_g, zeros_m), (micro, jnp.arange(grad_accum))
+            )
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(
+    graphdef: Any, rest: Any, *, spec: Any, kind: str, loss_norm: str
+) -> Callable[..., Any]:
+    import jax
+    from flax import nnx
+
+    from coda_trainer.loss import model_loss
+
+    def eval_step(params, batch, rng):
+        data = {k: v for k, v in batch.items() if k not in ("probs_3", "prompt_keep_frac")}
+        model = nnx.merge(graphdef, params, rest)
+        _, metrics = model_loss(
+            model,
+            data,
+            rng,
+            batch["probs_3"],
+            batch["prompt_keep_frac"],
+            spec=spec,
+            kind=kind,
+            loss_norm=loss_norm,
+        )
+        return metrics
+
+    return jax.jit(eval_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The loop
+# --------------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops without saving
+        self.signal = signum
+        log.warning(
+            "received %s: finishing this step, saving a checkpoint, then exiting",
+            signal.Signals(signum).name,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _global_batch(local: dict[str, Any], sharding: Any) -> dict[str, Any]:
+    """This process's rows → global arrays sharded over the mesh's batch axes."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
+    """Run the stage described by a validated plan; returns an exit code.
+
+    `stop_after_steps` (tests, benchmarks) behaves like a SIGTERM after that many steps of this
+    invocation: checkpoint, exit 75.
+    """
+    import jax
+
+    from coda_trainer import checkpoint as ckpt_lib
+    from coda_trainer.data import Prefetch, make_loader
+    from coda_trainer.metrics import MetricsWriter
+    from coda_trainer.optimizer import make_optimizer, make_schedule
+    from coda_trainer.sharding import create_sharded_model, make_mesh
+
+    cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
+    maybe_initialize_distributed()
+    pi, pc = jax.process_index(), jax.process_count()
+    primary = pi == 0
+    B, L, A = stage.batch.sequences, stage.batch.seq_len, stage.batch.grad_accum
+    if B % pc:
+        raise ConfigError(f"batch.sequences={B} must be divisible by the {pc} processes")
+    try:
+        mesh = make_mesh(stage.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from e
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (B // A) % batch_shards:
+        raise ConfigError(
+            f"micro-batch batch.sequences/grad_accum = {B // A} must be divisible by mesh data×fsdp = {batch_shards}"
+        )
+
+    # ---- model, optimiser, data ----
+    log.info("mesh %s on %d %s device(s), %d process(es)", dict(mesh.shape), jax.device_count(),
+             jax.devices()[0].device_kind, pc)  # fmt: skip
+    model = create_sharded_model(model_config, mesh, seed=stage.seed)
+    tx = make_optimizer(stage.optimizer, stage.steps, grad_accum=1)  # accumulation is in the step
+    schedule = make_schedule(stage.optimizer, stage.steps)
+    over_length = stage.sft_config.over_length
+    loader = make_loader(
+        stage.data, plan.tokenizer, kind=stage.kind, batch_size=B // pc, seq_len=L, seed=stage.seed,
+        process_index=pi, process_count=pc, over_length=over_length,
+    )  # fmt: skip
+    data = Prefetch(loader)
+    ckpt = ckpt_lib.Checkpointer(
+        cfg.stage_dir, keep=cfg.checkpoints.keep, async_save=cfg.checkpoints.async_save
+    )
+    metrics_dir = cfg.metrics_dir or storage.join(cfg.stage_dir, "metrics")
+    writer = MetricsWriter(
+        metrics_dir, storage.join(cfg.stage_dir, "status.json"), run=cfg.run, stage=stage.name,
+        total_steps=stage.steps, enabled=primary,
+    )  # fmt: skip
+    try:
+        return _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps)
+    except BaseException:
+        writer.status(state="failed")
+        raise
+    finally:
+        data.close()
+        writer.close()
+        try:
+            ckpt.close()
+        except Exception as e:  # the original error (if any) matters more
+            log.warning("closing the checkpoint manager failed: %s", e)
+
+
+def _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from coda_trainer import checkpoint as ckpt_lib
+    from coda_trainer.data import make_loader
+    from coda_trainer.masking import NoiseSpec, prompt_keep_frac_at
+    from coda_trainer.metrics import mfu
+    from coda_trainer.sharding import batch_sharding
+
+    cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
+    pi, pc = jax.process_index(), jax.process_count()
+    primary = pi == 0
+    B, L, A = stage.batch.sequences, stage.batch.seq_len, stage.batch.grad_accum
+    over_length = stage.sft_config.over_length
+    with jax.set_mesh(mesh):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        opt_state = jax.jit(tx.init)(params)
+        restored = ckpt.restore_latest(params, opt_state, data)
+        if restored is not None:
+            params, opt_state, start = restored.params, restored.opt_state, restored.step
+            log.info("resumed %s from step %d", cfg.stage_dir, start)
+        else:
+            start = 0
+            if plan.init_from is not None:
+                uri = ckpt_lib.load_init_params(plan.init_from[1], model)
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+                log.info("initialised weights from %s", uri)
+        del model
+        log.info("model and optimiser ready at step %d; compiling the train step", start)
+        state = TrainState(step=jnp.asarray(start, jnp.int32), params=params, opt_state=opt_state)
+        del params, opt_state
+
+        spec = NoiseSpec.from_configs(model_config, stage.masking)
+        loss_norm = stage.sft_config.loss_norm if stage.kind == "sft" else "tokens"
+        train_step = make_train_step(
+            graphdef,
+            rest,
+            tx,
+            schedule,
+            spec=spec,
+            kind=stage.kind,
+            loss_norm=loss_norm,
+            grad_accum=A,
+        )
+        eval_step = make_eval_step(graphdef, rest, spec=spec, kind=stage.kind, loss_norm=loss_norm)
+        sharding = batch_sharding(mesh)
+        base_rng = jax.random.PRNGKey(stage.seed)
+        # Eval batches see the same noise at every eval (a separate stream from training).
+        eval_rng = jax.random.fold_in(jax.random.PRNGKey(stage.seed), 0x7FFFFFFF)
+        flops_per_token = model_config.train_flops_per_token(L)
+        device_kind, n_devices = jax.devices()[0].device_kind, jax.device_count()
+        ramp = stage.sft_config.prompt_ramp_fraction
+
+        def knobs(step: int) -> dict[str, Any]:
+            p = stage.masking.probs_at(step, stage.steps)
+            return {
+                "probs_3": np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
+                "prompt_keep_frac": np.float32(
+                    prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
+                ),
+            }
+
+        def run_eval(step: int) -> None:
+            assert stage.eval is not None
+            ev_loader = make_loader(
+                stage.eval.data, plan.tokenizer, kind=stage.kind, batch_size=B // A // pc, seq_len=L,
+                seed=stage.seed + 1, process_index=pi, process_count=pc, over_length=over_length,
+            )  # fmt: skip
+            sums: dict[str, float] = {}
+            for i in range(stage.eval.batches):
+                batch = {**_global_batch(next(ev_loader), sharding), **knobs(step)}
+                m = jax.device_get(eval_step(state.params, batch, jax.random.fold_in(eval_rng, i)))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / stage.eval.batches
+            writer.emit("eval", step, sums)
+
+        last_ckpt = ckpt.step_uri(start) if restored is not None else None
+
+        def save(step: int, wait: bool) -> None:
+            nonlocal last_ckpt
+            ckpt.save(step, state.params, state.opt_state, data.get_state(),
+                      {"run": cfg.run, "stage": stage.name, "seed": stage.seed})  # fmt: skip
+            if wait:
+                ckpt.wait()
+            last_ckpt = ckpt.step_uri(step)
+            writer.emit("checkpoint", step, {"uri": last_ckpt})
+            writer.status(step=step, checkpoint=last_ckpt)
+
+        bar = None
+        if primary and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=stage.steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True
+            )
+
+        pending: list[Any] = []
+        window_start: float | None = None
+        window_steps = 0
+        step = start
+        exit_code = EXIT_OK
+        writer.status(state="running", step=start, checkpoint=last_ckpt)
+        with _StopFlag() as stop:
+            while step < stage.steps:
+                batch = {**_global_batch(next(data), sharding), **knobs(step)}
+                state, metrics = train_step(state, batch, base_rng)
+                step += 1
+                pending.append(metrics)
+                if window_start is None:  # the first step compiles: start timing after it
+                    jax.block_until_ready(metrics)
+                    log.info("first step done (compiled)")
+                    window_start, window_steps = time.perf_counter(), 0
+                else:
+                    window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % stage.log_every == 0 or step == stage.steps:
+                    host = jax.device_get(pending)
+                    now = time.perf_counter()
+                    values = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    values["lr"] = float(host[-1]["lr"])
+                    if window_start is not None and window_steps:
+                        tps = window_steps * B * L / (now - window_start)
+                        values.update(tokens_per_second=tps, step_seconds=(now - window_start) / window_steps,
+                                      mfu=mfu(flops_per_token, tps, device_kind, n_devices))  # fmt: skip
+                    values["tokens"] = step * B * L
+                    writer.emit("train", step, values)
+                    writer.status(step=step, loss=values["loss"], tokens_per_second=values.get("tokens_per_second"),
+                                  mfu=values.get("mfu"))  # fmt: skip
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}")
+                    pending, window_start, window_steps = [], time.perf_counter(), 0
+                if stage.eval is not None and (
+                    step % stage.eval.every_steps == 0 or step == stage.steps
+                ):
+                    run_eval(step)
+                    window_start, window_steps = time.perf_counter(), 0
+                stopping = stop_after_steps is not None and step - start >= stop_after_steps
+                if pc == 1:
+                    stopping = stopping or stop.signal is not None
+                else:
+                    # Hosts get SIGTERM at different steps, and a checkpoint is collective: JAX's
+                    # preemption service names one step at which every host stops together.
+                    from jax.experimental import multihost_utils
+
+                    stopping = stopping or multihost_utils.reached_preemption_sync_point(step)
+                if step == stage.steps:
+                    break
+                if stopping:
+                    save(step, wait=True)
+                    writer.status(state="checkpointed")
+                    exit_code = EXIT_RETRYABLE
+                    break
+                if step % cfg.checkpoints.every_steps == 0:
+                    save(step, wait=False)
+        if bar is not None:
+            bar.close()
+        if exit_code == EXIT_OK:
+            if last_ckpt != ckpt.step_uri(step):
+                save(step, wait=True)
+            ckpt.wait()
+            final_model = nnx.merge(graphdef, state.params, rest)
+            ckpt_lib.write_final(
+                final_model, model_config, cfg.final_dir, tokenizer_path=cfg.tokenizer,
+                meta={"run": cfg.run, "stage": stage.name, "kind": stage.kind, "step": step,
+                      "checkpoint": last_ckpt},
+            )  # fmt: skip
+            writer.emit("done", step, {"final": cfg.final_dir})
+            writer.status(state="done", step=step, checkpoint=cfg.final_dir)
+    return exit_code
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_transient(error: BaseException) -> bool:
+    """I/O failures a retry may cure: OS/network errors, HTTP 429 and 5xx (gcsfs, google-cloud)."""
+    for e in (error, error.__cause__, error.__context__):
+        if e is None:
+            continue
+        if isinstance(e, OSError | TimeoutError | ConnectionError):
+            return True
+        code = getattr(e, "code", None)
+        if isinstance(code, int) and (code == 429 or 500 <= code < 600):
+            return True
+    return False
+
+
+def run(cfg: TrainJobConfig, *, stop_after_steps: int | None = None) -> int:
+    """Validate and train one stage; failures map to exit codes (unexpected errors propagate)."""
+    from coda_trainer.checkpoint import InitFromError
+    from coda_trainer.data import DataError
+
+    try:
+        plan = prepare(cfg)
+    except (ConfigError, DataError, InitFromError) as e:
+        log.error("invalid job (%s): %s", type(e).__name__, e)
+        return EXIT_PERMANENT
+    except Exception as e:
+        if _is_transient(e):
+            log.error("cannot read the job's inputs (retryable): %s", e)
+            return EXIT_RETRYABLE
+        if isinstance(e, ValueError):
+            log.error("invalid job (%s): %s", type(e).__name__, e)
+            return EXIT_PERMANENT
+        raise
+    if plan.already_done:
+        log.info("stage %s is already complete: %s", cfg.stage.name, cfg.final_dir)
+        return EXIT_OK
+    try:
+        return train(plan, stop_after_steps=stop_after_steps)
+    except (ConfigError, DataError, InitFromError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return EXIT_PERMANENT
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        log.exception("I/O error (retryable; a restart resumes from the last checkpoint): %s", e)
+        return EXIT_RETRYABLE
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Our messages at `level` on stderr; orbax/absl/jax chatter only from WARNING (unless DEBUG)."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if level.upper() != "DEBUG":
+        for name in ("absl", "jax", "orbax", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # gcsfs probes each bucket for hierarchical namespaces with a client that needs credentials;
+        # without them (emulator, anonymous) it warns on every open and then works normally.
+        logging.getLogger("gcsfs").addFilter(
+            lambda r: "Could not determine bucket type" not in r.getMessage()
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m coda_trainer.train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--config", required=True, help="job YAML (TrainJobConfig), local path")
+    parser.add_argument("--log-level", default=os.environ.get("CODA_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        cfg = load_job_config(args.config)
+    except (OSError, ValueError) as e:
+        log.error("%s", e)
+        return EXIT_PERMANENT
+    try:
+        return run(cfg)
+    except Exception:  # report and exit 1 (a crash the operator counts)
+        log.exception("training crashed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
