@@ -354,7 +354,8 @@ def retry(
         raise CtlError(
             f'run "{run}" is {views.phase_of(obj)}, not Failed: nothing to retry', Exit.CONFLICT
         )
-    stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Microseconds: two retries in the same second must still be two distinct requests.
+    stamp = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     cluster.patch_run(run, {"metadata": {"annotations": {RETRY_ANNOTATION: stamp}}})
     typer.echo(f"codatrainingrun.coda.dev/{run} retry requested")
 

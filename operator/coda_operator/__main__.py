@@ -2,6 +2,7 @@
 
 python -m coda_operator --namespace ml --namespace research --liveness http://0.0.0.0:8080/healthz
 python -m coda_operator --all-namespaces --standalone --metrics-port 9090
+python -m coda_operator --namespace ml --peering coda-operator   # several replicas, one active
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scope.add_argument(
         "-A", "--all-namespaces", action="store_true", help="watch the whole cluster"
     )
-    p.add_argument(
+    peers = p.add_mutually_exclusive_group()
+    peers.add_argument(
         "--standalone", action="store_true", help="no peering: this is the only operator instance"
+    )
+    peers.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="kopf peering object to elect the active replica with (KopfPeering in each watched "
+        "namespace, ClusterKopfPeering with --all-namespaces; default: kopf's 'default')",
     )
     p.add_argument(
         "--liveness", metavar="URL", help="kopf health endpoint, e.g. http://0.0.0.0:8080/healthz"
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=args.namespace,
             clusterwide=args.all_namespaces,
             standalone=args.standalone,
+            peering=args.peering,
             liveness=args.liveness,
             config=config,
         )

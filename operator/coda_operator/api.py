@@ -470,6 +470,10 @@ class CodaTrainingRunStatus(_StatusWire):
     observed_generation: int | None = None
     start_time: str | None = None
     completion_time: str | None = None
+    retry_handled: str | None = Field(
+        default=None,
+        description="The last `coda.dev/retry` annotation value the operator acted on (or ignored).",
+    )
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)

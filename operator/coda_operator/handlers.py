@@ -1,7 +1,7 @@
 """Thin kopf layer: observe, call the pure planner, apply its actions, patch status, post Events.
 
 Triggers (all end in the same level-triggered `reconcile(namespace, name)`):
-- create / update / resume of a CodaTrainingRun,
+- create / update / resume of a CodaTrainingRun, and a new `coda.dev/retry` annotation value,
 - any event on a JobSet or sampler Deployment labelled `coda.dev/run` (react at once to
   Completed/Failed and to Kueue admission),
 - a slow timer per run (safety net, `CODA_OPERATOR_RESYNC_SECONDS`, default 60 s),
@@ -225,10 +225,13 @@ async def run_changed(namespace: str, name: str, memo: Any, reason: Any, **kwarg
 
 @kopf.on.event(*RUNS, registry=registry)
 async def run_event(
-    event: dict[str, Any], namespace: str, name: str, memo: Any, **kwargs: Any
+    event: dict[str, Any], namespace: str, name: str, memo: Any, body: Any, **kwargs: Any
 ) -> None:
     if event.get("type") == "DELETED":
         _state(memo, kwargs).forget((namespace, name))
+    elif planner.retry_requested(body):
+        # `coda-ctl retry` changes an annotation, which the spec-only update handler ignores.
+        await reconcile(_state(memo, kwargs), namespace, name, trigger="retry")
 
 
 @kopf.timer(*RUNS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=registry)
@@ -406,6 +409,7 @@ async def run_operator(
     namespaces: list[str] | tuple[str, ...] = (),
     clusterwide: bool = False,
     standalone: bool = True,
+    peering: str | None = None,
     liveness: str | None = None,
     config: OperatorConfig | None = None,
     stop_flag: Any = None,
@@ -417,6 +421,7 @@ async def run_operator(
         namespaces=list(namespaces),
         clusterwide=clusterwide,
         standalone=standalone,
+        peering_name=peering,
         liveness_endpoint=liveness,
         stop_flag=stop_flag,
         ready_flag=ready_flag,

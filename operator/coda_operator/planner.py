@@ -30,6 +30,7 @@ from coda_operator.api import (
 
 __all__ = [
     "CONDITION_TYPES",
+    "RETRY_ANNOTATION",
     "Create",
     "DeleteChild",
     "DeleteRun",
@@ -43,6 +44,7 @@ __all__ = [
     "parse_time",
     "phase_from_conditions",
     "plan",
+    "retry_requested",
 ]
 
 # Printed phase precedence: the first of these conditions that is True names the phase.
@@ -65,6 +67,9 @@ CONDITION_TYPES = (
     "Invalid",
 )
 _WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
+# `coda-ctl retry RUN` sets this annotation to a new value (a timestamp); a value the status has not
+# recorded as handled asks for one more attempt of a Failed run's failed stage.
+RETRY_ANNOTATION = "coda.dev/retry"
 
 
 def isoformat(t: datetime) -> str:
@@ -249,6 +254,12 @@ class _Ctx:
         return self.st.is_true("Complete") or self.st.is_true("Failed")
 
 
+def retry_requested(run: Mapping[str, Any]) -> bool:
+    """Whether the run carries a `coda.dev/retry` value the operator has not handled yet."""
+    value = ((run.get("metadata") or {}).get("annotations") or {}).get(RETRY_ANNOTATION)
+    return bool(value) and value != (run.get("status") or {}).get("retryHandled")
+
+
 def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
     """Decide what to do for one CodaTrainingRun body (metadata + spec + status)."""
     meta = run.get("metadata") or {}
@@ -265,11 +276,14 @@ def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
     except InvalidSpec as e:
         spec, invalid = None, e
 
+    retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
     if invalid is not None:
         _on_invalid(ctx, invalid)
+        _retry_request(ctx, name, retry, None)
     else:
         assert spec is not None
         ctx.clear("Invalid", "SpecValid")
+        _retry_request(ctx, name, retry, spec)
         if not ctx.terminal():
             _advance(ctx, name, namespace, spec, observed)
         if st.is_true("Complete"):
@@ -294,6 +308,50 @@ def _on_invalid(ctx: _Ctx, err: InvalidSpec) -> None:
         ctx.st.message = message
         ctx.st.completion_time = ctx.st.completion_time or ctx.now_s
     # A run already past its first stage keeps its children; it waits until the spec is valid again.
+
+
+def _retry_request(
+    ctx: _Ctx, name: str, value: str | None, spec: CodaTrainingRunSpec | None
+) -> None:
+    """A new `coda.dev/retry` value: reopen a Failed run's failed stage for one more attempt.
+
+    Every new value is consumed (recorded in `status.retryHandled`) whether or not it applies, so a
+    stale request can never resurrect a later failure. Only a stage failure (retries exhausted) is
+    retried: an invalid spec or an exceeded deadline would fail again at once.
+    """
+    st = ctx.st
+    if not value or value == st.retry_handled:
+        return
+    st.retry_handled = value
+    what = f"{RETRY_ANNOTATION}={value}"
+    failed = st.condition("Failed")
+    if failed is None or failed.status != "True":
+        phase = phase_from_conditions(st.conditions)
+        ctx.event(
+            "Normal", "RetryIgnored", f"{what}: the run is {phase}, not Failed; nothing to retry"
+        )
+        return
+    if spec is None or failed.reason != "StageFailed":
+        why = "its spec is invalid" if spec is None else f"it failed with {failed.reason}"
+        ctx.event("Warning", "RetryIgnored", f"{what}: {why}; only a failed stage can be retried")
+        return
+    i = next((k for k, ss in enumerate(st.stages) if ss.phase == "Failed"), None)
+    if i is None or st.stages[i].name not in spec.stage_names():
+        ctx.event("Warning", "RetryIgnored", f"{what}: no failed stage of the spec to retry")
+        return
+    ss = st.stages[i]
+    before = ss.message or "JobSet failed"
+    ss.retries += 1
+    ss.phase, ss.completion_time = "Pending", None
+    ss.message = f"manual retry (attempt {ss.retries + 1}) after: {before}"
+    js = render.jobset_name(name, ss.name, ss.retries)
+    msg = (
+        f"retry of stage {ss.name} requested ({what}): creating JobSet {js}, resuming from the "
+        f"stage's newest checkpoint"
+    )
+    ctx.cond("Failed", False, "RetryRequested", msg)
+    st.message, st.completion_time = msg, None
+    ctx.event("Normal", "RetryRequested", msg)
 
 
 def _sync_stage_list(ctx: _Ctx, spec: CodaTrainingRunSpec) -> str | None:

@@ -215,9 +215,33 @@ def test_namespaced_deployment_args(namespaced_objects: list[dict[str, Any]]) ->
         if d["kind"].endswith("KopfPeering")
     }
     assert peerings == {("KopfPeering", "ml"), ("KopfPeering", "research")}
+    # The release's own peering name (never kopf's shared "default"), the same one the operator
+    # is started with.
     assert {d["metadata"]["name"] for d in namespaced_objects if d["kind"] == "KopfPeering"} == {
-        "default"
+        "coda-coda-operator"
     }
+    from coda_operator.__main__ import parse_args
+
+    parsed = parse_args(args)
+    assert parsed.peering == "coda-coda-operator" and not parsed.standalone
+    assert parsed.namespace == ["ml", "research"]
+
+
+def test_cluster_wide_replicas_use_the_release_peering() -> None:
+    from coda_operator.__main__ import parse_args
+
+    docs = template("--set", "replicaCount=3")
+    args = _operator(docs)["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = parse_args(args)
+    assert parsed.all_namespaces and not parsed.standalone
+    peering = [d for d in docs if d["kind"].endswith("KopfPeering")]
+    assert [(d["kind"], d["metadata"]["name"]) for d in peering] == [
+        ("ClusterKopfPeering", parsed.peering)
+    ]
+    assert parsed.peering == "coda-coda-operator"
+    (role,) = by_kind(docs, "ClusterRole")
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in grants(role["rules"])
+    assert validate_objects(docs) == []
 
 
 def test_metrics_service_and_service_monitor(

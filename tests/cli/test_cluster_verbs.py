@@ -518,7 +518,10 @@ def test_rich_output_on_a_terminal(ctl: Any, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_shell_completion_script() -> None:
     res = CliRunner().invoke(app, ["--show-completion", "bash"])
-    assert res.exit_code == 0 and "complete" in res.stdout and "coda" in res.stdout.lower()
+    assert res.exit_code == 0 and "complete" in res.stdout and "coda" in res.stdout.lower(), (
+        res.output,
+        res.exception,
+    )
 
 
 def test_help_documents_exit_codes() -> None:

@@ -61,7 +61,7 @@ async def test_three_stages_to_succeeded_with_sampler(
         )
         run = await cluster.wait_run(
             "demo",
-            lambda r, s=stage: r["status"].get("stage") == s and phase(r) == "Running",
+            lambda r, s=stage: r.get("status", {}).get("stage") == s and phase(r) == "Running",
             f"{stage} running",
         )
         cols = printer(run)
@@ -380,3 +380,41 @@ async def test_deleting_a_run_never_resurrects_children(
 
 async def _value(x: Any) -> Any:
     return x
+
+
+async def test_coda_ctl_retry_annotation_restarts_the_failed_stage(
+    cluster: Cluster, operator: OperatorTask
+) -> None:
+    from coda_operator.planner import RETRY_ANNOTATION
+
+    await cluster.create_run("again", run_spec(failurePolicy={"maxRestarts": 1, "stageRetries": 0}))
+    await cluster.wait_jobset("again-pretrain")
+    await cluster.finish_jobset("again-pretrain", failed=True, message="slice crashed")
+    run = await cluster.wait_run("again", lambda r: phase(r) == "Failed", "Failed")
+    assert cond(run, "Failed")["reason"] == "StageFailed"
+    # what `coda-ctl retry again` does: a new annotation value on the run (not a spec change)
+    await cluster.patch(
+        "codatrainingruns",
+        "again",
+        {"metadata": {"annotations": {RETRY_ANNOTATION: "2026-01-01T00:00:00Z"}}},
+    )
+    js = await cluster.wait_jobset("again-pretrain-r1")
+    assert js["metadata"]["labels"][render.LABEL_STAGE] == "pretrain"
+    run = await cluster.wait_run(
+        "again",
+        lambda r: (
+            r["status"].get("retryHandled") == "2026-01-01T00:00:00Z" and phase(r) == "Running"
+        ),
+        "retry handled and running",
+    )
+    c = cond(run, "Failed")
+    assert c["status"] == "False" and c["reason"] == "RetryRequested"
+    assert run["status"]["stages"][0]["retries"] == 1
+    assert "RetryRequested" in [e["reason"] for e in cluster.events("again")]
+    await cluster.finish_jobset("again-pretrain-r1")
+    await cluster.wait_jobset("again-midtrain")
+    assert sorted(cluster.objects("jobsets")) == [
+        "again-midtrain",
+        "again-pretrain",
+        "again-pretrain-r1",
+    ]

@@ -310,3 +310,118 @@ def test_conditions_follow_metav1() -> None:
             "observedGeneration",
         }
         assert c["status"] in ("True", "False")
+
+
+def _annotate_retry(sim: Sim, value: str) -> None:
+    sim.run["metadata"].setdefault("annotations", {})[planner.RETRY_ANNOTATION] = value
+
+
+def _failed_sim(**spec: Any) -> Sim:
+    """pretrain succeeded, midtrain failed with its retries exhausted (stageRetries=1)."""
+    sim = Sim(run_spec(failurePolicy={"maxRestarts": 1, "stageRetries": 1}, **spec))
+    sim.step(), sim.step()
+    sim.finish("demo-pretrain")
+    sim.step(), sim.step()
+    sim.finish("demo-midtrain", "Failed", "slice crashed")
+    sim.step(), sim.step()
+    sim.finish("demo-midtrain-r1", "Failed", "exit code 1")
+    sim.step()
+    assert sim.status["phase"] == "Failed" and sim.cond("Failed")["reason"] == "StageFailed"
+    return sim
+
+
+def test_manual_retry_of_a_failed_run_row_22() -> None:
+    sim = _failed_sim(ttlSecondsAfterFinished=3600)
+    assert not planner.retry_requested(sim.run)
+    _annotate_retry(sim, "2026-01-01T00:10:00Z")
+    assert planner.retry_requested(sim.run)
+    p = sim.step()
+    # one more attempt of the failed stage only: the next -r<N> JobSet; pretrain is not rerun
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == [
+        "demo-midtrain-r2-config",
+        "demo-midtrain-r2",
+    ]
+    cm = p.actions[0].obj
+    # same stage dir (the trainer resumes from its newest checkpoint), same handoff from pretrain
+    assert "init_from: gs://coda-test/runs/demo/pretrain/final" in cm["data"]["job.yaml"]
+    assert sim.status["retryHandled"] == "2026-01-01T00:10:00Z"
+    assert not planner.retry_requested(sim.run)
+    failed = sim.cond("Failed")
+    assert failed["status"] == "False" and failed["reason"] == "RetryRequested"
+    assert "demo-midtrain-r2" in failed["message"]
+    assert sim.status["phase"] == "Pending" and sim.status.get("completionTime") is None
+    assert [(e.type, e.reason) for e in p.events] == [("Normal", "RetryRequested")]
+    mid = sim.status["stages"][1]
+    assert (mid["phase"], mid["retries"], mid["jobSet"]) == ("Pending", 2, "demo-midtrain-r2")
+    assert sim.status["stages"][0]["phase"] == "Succeeded"
+    # the new attempt runs, and the run goes on to the next stage
+    p = sim.step()
+    assert (
+        p.actions == [] and sim.status["phase"] == "Running" and sim.status["stage"] == "midtrain"
+    )
+    sim.finish("demo-midtrain-r2")
+    p = sim.step()
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == [
+        "demo-sft-config",
+        "demo-sft",
+    ]
+    # the same annotation value again is not a new request
+    assert sim.step().actions == [] and "RetryRequested" not in sim.reasons()
+
+
+def test_manual_retry_that_fails_again_is_failed_again() -> None:
+    sim = _failed_sim()
+    _annotate_retry(sim, "a")
+    sim.step(), sim.step()
+    sim.finish("demo-midtrain-r2", "Failed", "still broken")
+    p = sim.step()
+    assert p.actions == [] and sim.status["phase"] == "Failed"
+    assert sim.cond("Failed")["message"] == "stage midtrain failed after 3 attempts: still broken"
+    assert sim.step().actions == []  # terminal again: nothing until the next new value
+    _annotate_retry(sim, "b")
+    p = sim.step()
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)][-1] == (
+        "demo-midtrain-r3"
+    )
+
+
+def test_retry_of_a_run_that_is_not_failed_does_nothing() -> None:
+    sim = Sim()
+    sim.step(), sim.step()
+    _annotate_retry(sim, "early")
+    before = copy.deepcopy(sim.status)
+    p = sim.step()
+    assert p.actions == [] and sim.status["phase"] == "Running"
+    assert [(e.type, e.reason) for e in p.events] == [("Normal", "RetryIgnored")]
+    assert sim.status["retryHandled"] == "early"  # consumed: it cannot resurrect a later failure
+    assert {k: v for k, v in sim.status.items() if k != "retryHandled"} == before
+    sim.finish("demo-pretrain", "Failed", "boom")
+    sim.step(), sim.step()
+    sim.finish("demo-pretrain-r1", "Failed", "boom")
+    p = sim.step()
+    assert p.actions == [] and sim.status["phase"] == "Failed"
+    assert sim.step().actions == []
+
+
+@pytest.mark.parametrize("cause", ["deadline", "invalid"])
+def test_retry_only_reopens_a_stage_failure(cause: str) -> None:
+    if cause == "deadline":
+        sim = Sim(run_spec(activeDeadlineSeconds=10))
+        sim.step(), sim.step(20)
+        reason = "DeadlineExceeded"
+    else:
+        sim = Sim(run_spec(accelerator={"tpu": {"type": "v5p", "topology": "3x3x3"}}))
+        sim.step()
+        reason = "InvalidSpec"
+    assert sim.status["phase"] == "Failed" and sim.cond("Failed")["reason"] == reason
+    _annotate_retry(sim, "x")
+    p = sim.step()
+    assert p.actions == [] and sim.status["phase"] == "Failed"
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "RetryIgnored")]
+    assert sim.status["retryHandled"] == "x"
+
+
+def test_retry_annotation_is_the_one_coda_ctl_sets() -> None:
+    from coda_ctl.kube import RETRY_ANNOTATION
+
+    assert RETRY_ANNOTATION == planner.RETRY_ANNOTATION == "coda.dev/retry"

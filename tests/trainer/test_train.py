@@ -379,3 +379,86 @@ def test_transient_errors_are_retryable():
     wrapped.__cause__ = TimeoutError()
     assert train._is_transient(wrapped)
     assert not train._is_transient(ValueError("bad"))
+
+
+class _PatchRecorder:
+    """A loopback stand-in for the API server's status subresource: records merge-PATCHes."""
+
+    def __init__(self, refuse_first: int = 0):
+        import http.server
+        import threading
+
+        recorder = self
+        self.requests: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PATCH(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                recorder.requests.append(
+                    {
+                        "path": self.path,
+                        "content_type": self.headers.get("Content-Type"),
+                        "body": json.loads(body),
+                    }
+                )
+                refused = len(recorder.requests) <= refuse_first
+                self.send_response(403 if refused else 200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_trainer_reports_progress_into_the_run_status(tmp_path, corpus):
+    """The operator's pod env makes process 0 merge-patch status.progress: metrics, checkpoints,
+    final. The API server refuses the first patch (RBAC not there yet): one warning, training goes
+    on, later patches land."""
+    spec = job(tmp_path, corpus, steps=6)
+    spec["run"] = "demo"
+    recorder = _PatchRecorder(refuse_first=1)
+    try:
+        proc = _spawn(
+            write_job(tmp_path / "job.yaml", spec),
+            CODA_PROGRESS="status",
+            CODA_RUN_NAME="demo",
+            CODA_RUN_NAMESPACE="ml",
+            CODA_STAGE="pretrain",
+            CODA_PROGRESS_SERVER=recorder.url,
+            CODA_PROGRESS_INTERVAL="0",  # every logged step (the default rate limit is 30 s)
+        )
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        recorder.close()
+    assert proc.returncode == EXIT_OK, err[-3000:]
+    assert recorder.requests, err[-3000:]
+    for r in recorder.requests:
+        assert r["path"] == "/apis/coda.dev/v1alpha1/namespaces/ml/codatrainingruns/demo/status"
+        assert r["content_type"] == "application/merge-patch+json"
+        assert set(r["body"]) == {"status"} and set(r["body"]["status"]) == {"progress"}
+    assert err.count("could not report progress") == 1, err[-3000:]
+    assert "403" in err
+    sent = [r["body"]["status"]["progress"] for r in recorder.requests[1:]]  # the ones accepted
+    assert all(p["stage"] == "pretrain" and p["totalSteps"] == 6 for p in sent)
+    steps = [p["step"] for p in sent]
+    assert steps == sorted(steps) and steps[-1] == 6, steps
+    losses = [p["loss"] for p in sent if "loss" in p]
+    assert losses and all(isinstance(v, float) and np.isfinite(v) for v in losses)
+    assert any("tokensPerSecond" in p for p in sent)
+    stage_dir = f"{tmp_path}/ckpt/pretrain"
+    checkpoints = [p["checkpoint"] for p in sent if "checkpoint" in p]
+    assert f"{stage_dir}/4" in checkpoints, checkpoints  # checkpoints.every_steps = 4
+    assert checkpoints[-1] == f"{stage_dir}/final" and sent[-1]["checkpoint"] == checkpoints[-1]

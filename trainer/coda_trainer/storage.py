@@ -43,6 +43,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if is_remote(uri):
         # Imported lazily: the local-only install (and the operator image) need no GCS client.
         fs, path = fsspec.core.url_to_fs(uri)
+        # gcsfs caches listings for the life of the (shared) instance; other processes (a previous
+        # attempt, another host, the operator) write the same bucket, so every question about what
+        # exists must go to the store itself.
+        fs.invalidate_cache()
         return fs, path
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
 

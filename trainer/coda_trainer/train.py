@@ -367,12 +367,15 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
         metrics_dir, storage.join(cfg.stage_dir, "status.json"), run=cfg.run, stage=stage.name,
         total_steps=stage.steps, enabled=primary,
     )  # fmt: skip
+    progress = _progress_reporter() if primary else None
     try:
-        return _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps)
+        return _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps, progress)
     except BaseException:
         writer.status(state="failed")
         raise
     finally:
+        if progress is not None:
+            progress.close()
         data.close()
         writer.close()
         try:
@@ -381,7 +384,24 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
             log.warning("closing the checkpoint manager failed: %s", e)
 
 
-def _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps) -> int:
+def _progress_reporter() -> Any:
+    """Progress into the CodaTrainingRun's status when the operator's pod env asks for it."""
+    from coda_trainer.k8s_progress import BackgroundProgress, ProgressReporter
+
+    try:
+        reporter = ProgressReporter.from_env()
+    except Exception as e:  # a malformed env must not stop training
+        log.warning("progress reporting disabled: %s", e)
+        return None
+    if reporter is None:
+        return None
+    log.info("reporting progress to %s", reporter.url)
+    return BackgroundProgress(reporter)
+
+
+def _fit(
+    plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps, progress=None
+) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -471,6 +491,10 @@ def _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps) 
             last_ckpt = ckpt.step_uri(step)
             writer.emit("checkpoint", step, {"uri": last_ckpt})
             writer.status(step=step, checkpoint=last_ckpt)
+            if progress is not None:
+                progress.submit(
+                    step=step, total_steps=stage.steps, checkpoint=last_ckpt, force=True
+                )
 
         bar = None
         if primary and sys.stderr.isatty():
@@ -513,6 +537,9 @@ def _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps) 
                     writer.emit("train", step, values)
                     writer.status(step=step, loss=values["loss"], tokens_per_second=values.get("tokens_per_second"),
                                   mfu=values.get("mfu"))  # fmt: skip
+                    if progress is not None:
+                        progress.submit(step=step, total_steps=stage.steps, loss=values["loss"],
+                                        tokens_per_second=values.get("tokens_per_second"))  # fmt: skip
                     if bar is not None:
                         bar.set_postfix(loss=f"{values['loss']:.3f}")
                     pending, window_start, window_steps = [], time.perf_counter(), 0
@@ -553,6 +580,10 @@ def _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps) 
             )  # fmt: skip
             writer.emit("done", step, {"final": cfg.final_dir})
             writer.status(state="done", step=step, checkpoint=cfg.final_dir)
+            if progress is not None:
+                progress.submit(
+                    step=step, total_steps=stage.steps, checkpoint=cfg.final_dir, force=True
+                )
     return exit_code
 
 

@@ -33,6 +33,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* kopf's peering name for replicaCount > 1: the release's own, never kopf's shared "default". */}}
+{{- define "coda-operator.peeringName" -}}
+{{- include "coda-operator.fullname" . -}}
+{{- end -}}
+
 {{- define "coda-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
