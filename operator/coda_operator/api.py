@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from coda_trainer.config import PRESETS, CheckpointConfig, ModelSpec, StageConfig
+from coda_trainer.config import PRESETS, CheckpointConfig, ModelSpec, StageConfig, StrictModel
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -72,16 +72,8 @@ _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])
 _TOPOLOGY_PATTERN = r"^[1-9][0-9]*(x[1-9][0-9]*){1,2}$"
 
 
-class _Wire(BaseModel):
-    """Spec models: strict (unknown fields are errors), camelCase on the wire, immutable."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        frozen=True,
-        protected_namespaces=(),
-    )
+class _Wire(StrictModel):
+    """Spec models: the trainer's config base (strict, camelCase on the wire, immutable)."""
 
 
 class _StatusWire(BaseModel):

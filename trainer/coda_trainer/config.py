@@ -33,12 +33,13 @@ __all__ = [
     "OptimizerConfig",
     "SFTConfig",
     "StageConfig",
+    "StrictModel",
     "TrainJobConfig",
     "load_job_config",
 ]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """Base for every config model: unknown fields are errors, camelCase and snake_case both accepted."""
 
     model_config = ConfigDict(
@@ -82,7 +83,7 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
 DType = Literal["float32", "bfloat16"]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Architecture of a Qwen3-style transformer, bidirectional by default (CoDA)."""
 
     vocab_size: int = Field(gt=0)
@@ -170,7 +171,9 @@ class ModelConfig(_Strict):
         # transformers >= 5 writes `rope_parameters: {rope_type, rope_theta}` instead of `rope_theta`.
         rope_parameters = hf.get("rope_parameters") or {}
         if rope_parameters.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_parameters={rope_parameters!r} is not supported (only rope_type=default)")
+            raise ValueError(
+                f"rope_parameters={rope_parameters!r} is not supported (only rope_type=default)"
+            )
         if "rope_theta" not in hf and "rope_theta" in rope_parameters:
             hf = {**hf, "rope_theta": rope_parameters["rope_theta"]}
         if hf.get("attention_bias"):
@@ -297,7 +300,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """What to build: a preset, field overrides, and optionally weights to start from."""
 
     preset: str = "coda-1.7b"
@@ -334,7 +337,7 @@ def check_uri(uri: str) -> str:
     return uri
 
 
-class BatchConfig(_Strict):
+class BatchConfig(StrictModel):
     sequences: int = Field(gt=0, description="Global batch size in sequences per optimizer step.")
     seq_len: int = Field(gt=1, le=1 << 20, description="Tokens per sequence.")
     grad_accum: int = Field(
@@ -350,7 +353,7 @@ class BatchConfig(_Strict):
         return self
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["adamw", "adafactor"] = "adamw"
     peak_lr: float = Field(default=3e-4, gt=0)
     end_lr_ratio: float = Field(
@@ -381,7 +384,7 @@ class OptimizerConfig(_Strict):
         return 0
 
 
-class DataSource(_Strict):
+class DataSource(StrictModel):
     uri: str = Field(description="File, directory or glob; local or gs://.")
     weight: float = Field(default=1.0, gt=0)
     format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = "auto"
@@ -393,7 +396,7 @@ class DataSource(_Strict):
         return check_uri(v)
 
 
-class MaskingProbs(_Strict):
+class MaskingProbs(StrictModel):
     """Per-sequence probabilities of the three masking strategies (paper §3, S1–S3)."""
 
     prefix_prob: float = Field(default=0.0, ge=0, le=1)
@@ -459,7 +462,7 @@ class MaskingConfig(MaskingProbs):
         )
 
 
-class SFTConfig(_Strict):
+class SFTConfig(StrictModel):
     prompt_ramp_fraction: float = Field(
         default=0.05,
         ge=0,
@@ -473,7 +476,7 @@ class SFTConfig(_Strict):
     )
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(StrictModel):
     uri: str = Field(
         default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final."
     )
@@ -487,13 +490,13 @@ class CheckpointConfig(_Strict):
         return check_uri(v)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     data: list[DataSource] = Field(min_length=1)
     every_steps: int = Field(default=500, gt=0)
     batches: int = Field(default=4, gt=0)
 
 
-class MeshConfig(_Strict):
+class MeshConfig(StrictModel):
     """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
     data: int = 1
@@ -521,7 +524,7 @@ class MeshConfig(_Strict):
         return tuple(sizes)  # type: ignore[return-value]
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One training stage. The CodaTrainingRun CRD's `spec.stages[]` schema is generated from this."""
 
     name: str = Field(
@@ -568,7 +571,7 @@ class StageConfig(_Strict):
         return self.sft or SFTConfig()
 
 
-class TrainJobConfig(_Strict):
+class TrainJobConfig(StrictModel):
     """Everything `python -m coda_trainer.train --config job.yaml` needs to run one stage."""
 
     run: str = Field(default="local", description="Run name (metrics and logs).")
