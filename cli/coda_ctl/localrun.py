@@ -28,11 +28,19 @@ SAMPLE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\
 READY_TIMEOUT_S = float(os.environ.get("CODA_SAMPLER_READY_TIMEOUT", "300"))
 # Compiled shape buckets of the local sampler: few, so it is ready in seconds on a laptop CPU.
 SAMPLE_MAX_TOKENS, EVAL_MAX_TOKENS = 64, 128
+# How the printed sample is decoded (request fields of /v1/completions; bench/default_quality.py
+# decodes its prompts with the same settings).
+SAMPLE_SETTINGS: dict[str, Any] = {"max_tokens": SAMPLE_MAX_TOKENS, "temperature": 0.0}
 POLL_S = 0.5
 EXIT_RETRYABLE, EXIT_PERMANENT = (
     75,
     78,
 )  # coda_trainer.exit_codes (imported lazily: keeps startup fast)
+
+
+def sample_settings() -> dict[str, Any]:
+    """The sampling fields of the request that produces the printed sample."""
+    return dict(SAMPLE_SETTINGS)
 
 
 def echo(msg: str = "", err: bool = False) -> None:
@@ -340,7 +348,7 @@ def run(
         reply = samplerclient.post(
             url,
             "/v1/completions",
-            {"prompt": SAMPLE_PROMPT, "max_tokens": SAMPLE_MAX_TOKENS, "temperature": 0.0},
+            {"prompt": SAMPLE_PROMPT, **sample_settings()},
         )
         echo("sample:")
         echo(SAMPLE_PROMPT + samplerclient.completion_text(reply))

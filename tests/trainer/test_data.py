@@ -30,6 +30,8 @@ def _docs(prefix: str, n: int, words: int = 7) -> list[dict]:
 
 
 def _loader(sources, tok, **kw):
+    # The packing tests read the packer's raw stream; test_row_shuffle_* cover the shuffle buffer.
+    kw.setdefault("shuffle_rows", 0)
     kw.setdefault("kind", "pretrain")
     kw.setdefault("batch_size", 2)
     kw.setdefault("seq_len", 32)
@@ -100,6 +102,38 @@ def test_text_files_are_one_document_each(tmp_path, tok):
     b = next(_loader([DataSource(uri=str(tmp_path / "src"))], tok, batch_size=1, seq_len=30))
     text = tok.decode(b["tokens"][0])
     assert all(f"x{i} = {i}" in text for i in range(3))
+
+
+def test_row_shuffle_mixes_documents_and_keeps_every_row(tmp_path, tok):
+    """A long document must not fill consecutive batches; shuffling only reorders packed rows."""
+    long_doc = {"text": " ".join(f"long{j}" for j in range(400))}
+    src = [DataSource(uri=_write_jsonl(tmp_path / "a.jsonl", [long_doc, *_docs("s", 40)]))]
+    n = 40
+    raw = [r for b in _take(_loader(src, tok, batch_size=1, seq_len=16), n) for r in b["tokens"]]
+    mixed = _loader(src, tok, batch_size=1, seq_len=16, shuffle_rows=8)
+    shuffled = [r for b in _take(mixed, n) for r in b["tokens"]]
+    assert [r.tolist() for r in shuffled] != [r.tolist() for r in raw]
+    # Every emitted row is a row of the raw stream, none twice, drawn from a window of 8 rows ahead.
+    raw_rows = [tuple(r.tolist()) for r in raw] + [
+        tuple(r.tolist())
+        for b in _take(_loader(src, tok, batch_size=1, seq_len=16, seed=0), n + 8)[n:]
+        for r in b["tokens"]
+    ]
+    positions = [raw_rows.index(tuple(r.tolist())) for r in shuffled]
+    assert len(set(positions)) == n and all(p < i + 8 for i, p in enumerate(positions))
+
+
+def test_row_shuffle_state_resumes_exactly(tmp_path, tok):
+    src = [DataSource(uri=_write_jsonl(tmp_path / "a.jsonl", _docs("a", 30)))]
+    a = _loader(src, tok, shuffle_rows=16)
+    _take(a, 3)
+    state = a.get_state()
+    expected = _take(a, 4)
+    b = _loader(src, tok, shuffle_rows=16)
+    b.set_state(state)
+    for x, y in zip(expected, _take(b, 4), strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
 
 
 # ---- determinism and state ----

@@ -309,6 +309,7 @@ class _Loader:
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} must be ≥ 1 and ≥ 2")
         self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
+        self.seed = seed
         self.streams = [
             _SourceStream(s, i, seed, process_index, process_count) for i, s in enumerate(sources)
         ]
@@ -357,19 +358,40 @@ class _Loader:
 
 
 class PackedLoader(_Loader):
-    """Pre/mid-training rows: documents + eos concatenated and cut every seq_len tokens."""
+    """Pre/mid-training rows: documents + eos concatenated and cut every seq_len tokens.
+
+    Packed rows are then drawn at random from a buffer of `shuffle_rows` rows (seeded by the row
+    number, so the order is reproducible and resumable): without it a long module fills many
+    consecutive rows, and a small batch sees pieces of one file step after step.
+    """
 
     kind = "packed"
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, shuffle_rows: int = 64, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if shuffle_rows < 0:
+            raise ValueError(f"shuffle_rows={shuffle_rows} must be ≥ 0")
         self.carry: list[int] = []
+        self.shuffle_rows = shuffle_rows
+        self.buffer: list[Batch] = []
 
     def _tokens(self, doc: Any) -> list[int]:
         ids = doc if isinstance(doc, list) else self.tokenizer.encode(doc)
         return [*ids, self.tokenizer.eos_id] if ids else []
 
     def _row(self) -> Batch:
+        if self.shuffle_rows <= 1:
+            row = self._packed_row()
+        else:
+            while len(self.buffer) < self.shuffle_rows:
+                self.buffer.append(self._packed_row())
+            i = int(_rng(self.seed, 0x5EED, self.rows).integers(len(self.buffer)))
+            row, self.buffer[i] = self.buffer[i], self.buffer[-1]
+            self.buffer.pop()
+        self.rows += 1
+        return row
+
+    def _packed_row(self) -> Batch:
         L = self.seq_len
         tokens = np.empty(L, np.int32)
         segment_ids = np.empty(L, np.int32)
@@ -387,14 +409,17 @@ class PackedLoader(_Loader):
             positions[filled : filled + n] = np.arange(n)
             self.carry = self.carry[n:]
             filled += n
-        self.rows += 1
         return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"carry": self.carry}
+        buffer = [{k: v.tolist() for k, v in row.items()} for row in self.buffer]
+        return {"carry": self.carry, "buffer": buffer}
 
     def _restore_extra(self, state: dict[str, Any]) -> None:
         self.carry = list(state["carry"])
+        self.buffer = [
+            {k: np.asarray(v, np.int32) for k, v in row.items()} for row in state.get("buffer", [])
+        ]
 
 
 def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -506,6 +531,7 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     over_length: Literal["drop", "truncate"] = "drop",
+    shuffle_rows: int = 64,
 ) -> PackedLoader | SFTLoader:
     """The loader for a stage kind; `batch_size` is this process's share of the global batch."""
     sft = kind == "sft"
@@ -514,7 +540,7 @@ def make_loader(
                   process_index=process_index, process_count=process_count)  # fmt: skip
     if sft:
         return SFTLoader(sources, tokenizer, over_length=over_length, **common)
-    return PackedLoader(sources, tokenizer, **common)
+    return PackedLoader(sources, tokenizer, shuffle_rows=shuffle_rows, **common)
 
 
 def validate_sources(

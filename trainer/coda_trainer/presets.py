@@ -56,29 +56,36 @@ def stage_preset(name: str, **overrides: Any) -> StageConfig:
 # The embedded default
 # --------------------------------------------------------------------------------------------------
 
-# Sized for 2 CPU cores: a 1024-token step of coda-tiny takes ≈0.32 s on an idle machine and ≈0.6 s
-# when the cores are shared (load ≈3.5); each stage adds ≈10 s start-up and ≈10 s compilation.
-# Measured: 150/50/150 steps took 212 s in all under load ≈3.5; these counts ≈4.5 min there.
-_OPT = {"name": "adamw", "peak_lr": 1e-3, "schedule": "cosine", "end_lr_ratio": 0.1, "b2": 0.99}
+# Sized for 2 CPU cores: a 1024-token step of coda-tiny takes ≈0.3–0.4 s (load ≈2) to ≈0.6–1 s
+# (load ≈3.5); each stage adds ≈10 s start-up and ≈10 s compilation. Measured with
+# bench/default_quality.py: these 60/80/450 steps took 242 s of training at load ≈2.
+# Most compute goes to SFT: its (docstring → function) rows are closest to the printed sample, and
+# packed pre-training rows are consecutive pieces of one module, so a few hundred pre-training
+# steps see only a handful of modules (masked CE stays near 7). AdamW at 3e-3 everywhere (tiny
+# model, short stages); σ ≥ 0.1 (sampling_eps) bounds the 1/σ loss weight at 10, which keeps the
+# small-batch gradient from being dominated by a few nearly-unmasked rows.
+_OPT = {"name": "adamw", "peak_lr": 3e-3, "schedule": "cosine", "end_lr_ratio": 0.1, "b2": 0.99}
+_MASK = {"block_sizes": [2, 4, 8], "sampling_eps": 0.1}
 _DEFAULT_STAGES: dict[str, dict[str, Any]] = {
     "pretrain": {
-        "steps": 200,
+        "steps": 60,
         "batch": {"sequences": 8, "seq_len": 128},
-        "optimizer": {**_OPT, "warmup_steps": 15, "weight_decay": 0.01},
-        "masking": {"block_sizes": [2, 4, 8]},
+        "optimizer": {**_OPT, "warmup_steps": 10, "weight_decay": 0.01},
+        "masking": _MASK,
         "log_every": 10,
     },
     "midtrain": {
-        "steps": 50,
+        "steps": 80,
         "batch": {"sequences": 8, "seq_len": 128},
         "optimizer": {**_OPT, "warmup_steps": 5, "weight_decay": 0.01},
-        "masking": {"block_sizes": [2, 4, 8]},
+        "masking": _MASK,
         "log_every": 10,
     },
     "sft": {
-        "steps": 200,
-        "batch": {"sequences": 4, "seq_len": 256},
+        "steps": 450,
+        "batch": {"sequences": 8, "seq_len": 128},
         "optimizer": {**_OPT, "warmup_ratio": 0.05},
+        "masking": {"sampling_eps": 0.1},
         "sft": {"prompt_ramp_fraction": 0.05, "over_length": "drop"},
         "log_every": 10,
     },
