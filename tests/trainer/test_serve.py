@@ -9,6 +9,7 @@ OpenAI's shape, batching under concurrency, auth, readiness, graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -468,3 +469,36 @@ def test_batcher_queue_limit_and_cancelled_requests() -> None:
 
     asyncio.run(main())
     assert 0 not in seen and 99 not in seen
+
+
+class _FailingGenerator:
+    """A model call that breaks after the stream's headers are out (e.g. a device error)."""
+
+    def generate(self, prompts, config, shapes, seed):
+        raise RuntimeError("device fell over")
+
+    def infill(self, prefixes, suffixes, config, shapes, seed):
+        raise RuntimeError("device fell over")
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_reports_a_failed_batch_in_band_and_the_server_stays_up(route):
+    from coda_trainer.serve.app import create_app
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.tokenizer import load_tokenizer
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(prompt_buckets=(64,), gen_buckets=(16,), default_max_tokens=16)
+    engine = Engine(_FailingGenerator(), load_tokenizer("project"), settings)
+    body = (
+        {"prompt": "def f():", "stream": True, "max_tokens": 8}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8}
+    )
+    with TestClient(create_app(engine, warmup=False)) as client:
+        res = client.post(route, json={"model": "coda", **body})
+        events = [line for line in res.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "device fell over" in error["message"]
+        assert client.get("/healthz").status_code == 200

@@ -112,6 +112,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def _sse_error_and_done(e: Exception) -> str:
+    """A failure after the headers went out can only be reported in-band, then the stream ends."""
+    error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+    return _sse({"error": error}) + "data: [DONE]\n\n"
+
+
 def _chunks(text: str) -> list[str]:
     """Split text into line-sized pieces for streaming (at least one, possibly empty)."""
     pieces = text.splitlines(keepends=True)
@@ -279,18 +285,8 @@ def create_app(
             base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
             try:
                 done = await results()
-            except Exception as e:  # headers are sent: report in-band, then end the stream
-                yield _sse(
-                    {
-                        "error": {
-                            "message": str(e),
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
-                yield "data: [DONE]\n\n"
+            except Exception as e:
+                yield _sse_error_and_done(e)
                 return
             for i, (text, reason, _) in enumerate(done):
                 for piece in _chunks(echo[i // req.n] + text):
@@ -367,17 +363,7 @@ def create_app(
             try:
                 done = await results()
             except Exception as e:
-                yield _sse(
-                    {
-                        "error": {
-                            "message": str(e),
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
-                yield "data: [DONE]\n\n"
+                yield _sse_error_and_done(e)
                 return
             for i, (text, reason, _) in enumerate(done):
                 choice = {"index": i, "logprobs": None, "finish_reason": None}
