@@ -18,6 +18,7 @@ MFU = train_flops_per_token(seq_len) · tokens/s / (peak FLOP/s per device · de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -122,8 +123,10 @@ class MetricsWriter:
         if not enabled:
             return
         storage.makedirs(metrics_dir)
-        if self._remote and storage.exists(self._jsonl_uri):  # keep earlier attempts' lines
-            self._lines = storage.read_text(self._jsonl_uri).splitlines(keepends=True)
+        if self._remote:  # object stores cannot append: keep earlier attempts' lines ourselves
+            # Read, not `exists` + read: only a missing file may mean "first attempt".
+            with contextlib.suppress(FileNotFoundError):
+                self._lines = storage.read_text(self._jsonl_uri).splitlines(keepends=True)
         if tensorboard:
             try:
                 # tensorboardX's own gs:// writer re-uploads from __del__ at interpreter exit (and
