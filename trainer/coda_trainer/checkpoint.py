@@ -91,7 +91,12 @@ class Checkpointer:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
-            cleanup_tmp_directories=True,
+            # On gs:// orbax treats every directory of its root without `commit_success.txt` as an
+            # unfinished checkpoint and deletes it in the background, and its root is the stage
+            # directory, which also holds `metrics/` and `final/`. Locally unfinished saves carry
+            # an `.orbax-checkpoint-tmp-` suffix, so the cleanup only ever touches those; on gs://
+            # an unfinished step is skipped by `restore_latest` instead.
+            cleanup_tmp_directories=not storage.is_remote(stage_dir),
         )
         # Arrays go to OCDBT locally (few files); on gs:// to plain zarr, one object per chunk:
         # OCDBT's manifest writes need GCS generation preconditions that gcp-storage-emulator does
