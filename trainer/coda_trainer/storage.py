@@ -21,6 +21,7 @@ __all__ = [
     "exists",
     "filesystem",
     "glob",
+    "is_committed",
     "is_remote",
     "join",
     "listdir",
@@ -28,7 +29,6 @@ __all__ = [
     "open_file",
     "read_bytes",
     "read_text",
-    "remove",
     "write_bytes",
     "write_text",
 ]
@@ -64,11 +64,6 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
-
-
-def isdir(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.isdir(path)
 
 
 def listdir(uri: str) -> list[str]:
@@ -124,12 +119,6 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
-
-
-def remove(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def atomic_publish(staging_uri: str, final_uri: str, marker: str = "COMMITTED") -> None:
