@@ -4,13 +4,13 @@
     .venv/bin/python bench/default_quality.py --workdir /tmp/q/run --no-train  # sample its finals
     .venv/bin/python bench/default_quality.py --final path/to/sft/final      # sample one checkpoint
 
-Training runs the embedded default's three stages exactly as `coda-ctl local run` does (one
+Training runs the embedded default's stages (a causal base, then the three diffusion stages) exactly as `coda-ctl local run` does (one
 `python -m coda_trainer.train` subprocess per stage, same job dicts from
 `coda_trainer.presets.embedded_default_spec`), timing each. Then, for every stage final found, the
 report gives the first/last logged train loss and masked CE, the eval metrics, and (for the SFT
-final, or `--final`) greedy samples for a fixed set of docstring prompts decoded with the local
-runner's own sampling settings (`coda_ctl.localrun.sample_settings`), plus the fraction of
-`prompt + completion` texts that `ast.parse` accepts. Output: a readable report on stdout and the
+final, or `--final`) greedy samples for a fixed set of docstring prompts asked as the local runner
+asks after SFT (the SFT question format, its sampling settings `coda_ctl.localrun.sample_settings`),
+plus the fraction of answers that `ast.parse` accepts (`--raw`: raw `def` prompts continued). Output: a readable report on stdout and the
 same as JSON with `--out`.
 """
 
@@ -30,15 +30,18 @@ REPO = Path(__file__).resolve().parents[1]
 for part in ("trainer", "cli"):
     sys.path.insert(0, str(REPO / part))
 
-# Five fixed docstring prompts in the local runner's format (a signature and a docstring, the body
-# left to the model). The first is the runner's own SAMPLE_PROMPT.
+# Five fixed (signature, docstring) prompts; the first is the local runner's own sample.
 PROMPTS = (
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    'def is_palindrome(s):\n    """Return True if the string s reads the same backwards."""\n',
-    'def count_words(text):\n    """Return a dict mapping each word in text to its count."""\n',
-    'def read_lines(path):\n    """Read the file at path and return its lines without newlines."""\n',
-    'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n',
+    ("def fibonacci(n)", "Return the n-th Fibonacci number."),
+    ("def is_palindrome(s)", "Return True if the string s reads the same backwards."),
+    ("def count_words(text)", "Return a dict mapping each word in text to its count."),
+    ("def read_lines(path)", "Read the file at path and return its lines without newlines."),
+    ("def clamp(value, low, high)", "Return value limited to the range [low, high]."),
 )
+
+
+def raw_prompt(signature: str, docstring: str) -> str:
+    return f'{signature}:\n    """{docstring}"""\n'
 
 
 def parses(text: str) -> bool:
@@ -110,27 +113,22 @@ def train_all(workdir: Path, scale: float) -> dict[str, float]:
     return times
 
 
-def instruction(prompt: str) -> str:
-    """The SFT corpus's user turn for a `def f(...):\n    \"\"\"doc\"\"\"` prompt (corpus.sft_pairs)."""
-    signature = prompt.split("def ", 1)[1].split(":\n", 1)[0]
-    doc = prompt.split('"""')[1].strip()
-    return f"Write a Python function `{signature}`.\nDocstring:\n{doc}"
-
-
 def sample(
     final: Path,
-    prompts: tuple[str, ...] = PROMPTS,
+    prompts: tuple[tuple[str, str], ...] = PROMPTS,
     overrides: dict[str, Any] | None = None,
     *,
-    chat: bool = False,
+    chat: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy samples with the local runner's settings, decoded and cut as the server does.
 
-    chat=False continues the raw `def ...` prompt; chat=True asks in the SFT data's own format (the
-    chat template around the corpus's instruction) and scores the answer alone.
+    chat=True (what the local runner does after SFT) asks in the SFT data's question format (the
+    chat template around `corpus.sft_instruction`) and scores the answer alone; chat=False
+    continues the raw `def ...:` + docstring prompt and scores prompt + completion.
     """
     from coda_ctl.localrun import sample_settings
     from coda_trainer import hf
+    from coda_trainer.corpus import sft_instruction
     from coda_trainer.sampling import SamplingConfig, generate
     from coda_trainer.tokenizer import load_tokenizer
 
@@ -147,11 +145,13 @@ def sample(
     )
     stops = [tokenizer.eos_id, tokenizer.pad_id, tokenizer.im_end_id]
     out = []
-    for prompt in prompts:
+    for signature, docstring in prompts:
         if chat:
-            messages = [{"role": "user", "content": instruction(prompt)}]
+            prompt = sft_instruction(signature, docstring)
+            messages = [{"role": "user", "content": prompt}]
             prompt_ids = tokenizer.chat_ids(messages, add_generation_prompt=True)
         else:
+            prompt = raw_prompt(signature, docstring)
             prompt_ids = tokenizer.encode(prompt)
         result = generate(model, [prompt_ids], config, rng=0, model_config=model_config)
         ids = result.completions(stop_ids=stops)[0]
@@ -172,13 +172,14 @@ def report(
     times: dict[str, float],
     overrides: dict[str, Any] | None = None,
     *,
-    chat: bool = False,
+    chat: bool = True,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"stages": {}, "times_s": times, "loadavg": os.getloadavg()}
     if workdir is not None:
         ckpts = workdir / "checkpoints"
-        for name in ("pretrain", "midtrain", "sft"):
-            result["stages"][name] = stage_metrics(ckpts / name)
+        for stage_dir in sorted(ckpts.iterdir(), key=lambda d: d.stat().st_mtime):
+            if (stage_dir / "metrics").is_dir():  # in the order the stages ran
+                result["stages"][stage_dir.name] = stage_metrics(stage_dir)
         final = final or ckpts / "sft" / "final"
     if final is not None and (final / "config.json").exists():
         t0 = time.monotonic()
@@ -211,7 +212,7 @@ def show(result: dict[str, Any]) -> None:
     print(f"load average {tuple(round(x, 2) for x in result['loadavg'])}")
     for i, s in enumerate(result.get("samples", [])):
         print(f"--- sample {i} ({'parses' if s['parses'] else 'does not parse'})")
-        print(s["prompt"] + s["completion"])
+        print(s["prompt"] + ("\n>>> " if "Docstring:" in s["prompt"] else "") + s["completion"])
     if "parse_fraction" in result:
         print(
             f"--- ast.parse: {result['parse_fraction']:.0%} of {len(result['samples'])} samples; "
@@ -230,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sampling", type=json.loads, default=None,
         help='override sampling fields for exploration, e.g. \'{"block_length": 8}\'',
     )  # fmt: skip
-    p.add_argument("--chat", action="store_true", help="prompt in the SFT data's chat format")
+    p.add_argument(
+        "--raw", action="store_true",
+        help="continue a raw `def f(...):` + docstring prompt instead of asking in the SFT chat format",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.workdir is None and args.final is None:
         p.error("give --workdir or --final")
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir is not None and not args.no_train:
         args.workdir.mkdir(parents=True, exist_ok=True)
         times = train_all(args.workdir.resolve(), args.steps_scale)
-    result = report(args.workdir, args.final, times, args.sampling, chat=args.chat)
+    result = report(args.workdir, args.final, times, args.sampling, chat=not args.raw)
     show(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

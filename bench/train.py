@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--kind", default="pretrain", choices=["pretrain", "midtrain", "sft"])
+    p.add_argument("--kind", default="pretrain", choices=["causal", "pretrain", "midtrain", "sft"])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])

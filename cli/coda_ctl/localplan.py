@@ -229,7 +229,7 @@ def expand_corpus(run: dict[str, Any], corpus_root: Path) -> dict[str, Any]:
 def default_run() -> dict[str, Any]:
     """The embedded default (coda_trainer.presets) as a CodaTrainingRun for this machine.
 
-    The presets give three stage jobs; as a resource they share one model, tokenizer and checkpoint
+    The presets give one job per stage; as a resource they share one model, tokenizer and checkpoint
     policy, and the init_from chain is the implicit stage handoff. Data URIs use the corpus
     placeholder, so `manifests/examples/local-tiny.yaml` can be this very object.
     """

@@ -23,14 +23,24 @@ from coda_ctl import localplan, runspec, samplerclient
 from coda_ctl.errors import CtlError, Exit
 from coda_ctl.localplan import LocalPlan, StagePlan, StageState
 
-# A docstring prompt: the SFT stage learns (docstring → function) pairs.
-SAMPLE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+# A docstring prompt. A run that ends in SFT is asked in its (docstring → function) question format
+# (coda_trainer.corpus.sft_instruction) through /v1/chat/completions; any other run continues the
+# raw prompt through /v1/completions.
+SAMPLE_SIGNATURE, SAMPLE_DOCSTRING = "def fibonacci(n)", "Return the n-th Fibonacci number."
+SAMPLE_PROMPT = f'{SAMPLE_SIGNATURE}:\n    """{SAMPLE_DOCSTRING}"""\n'
 READY_TIMEOUT_S = float(os.environ.get("CODA_SAMPLER_READY_TIMEOUT", "300"))
 # Compiled shape buckets of the local sampler: few, so it is ready in seconds on a laptop CPU.
 SAMPLE_MAX_TOKENS, EVAL_MAX_TOKENS = 64, 128
-# How the printed sample is decoded (request fields of /v1/completions; bench/default_quality.py
-# decodes its prompts with the same settings).
-SAMPLE_SETTINGS: dict[str, Any] = {"max_tokens": SAMPLE_MAX_TOKENS, "temperature": 0.0}
+# How the printed sample is decoded (request fields of /v1/completions and /v1/chat/completions;
+# bench/default_quality.py decodes its prompts with the same settings).
+# Greedy, decoded in blocks of 8 left to right (Dream/CoDA block decoding): the tiny default model
+# fills a whole 64-token canvas at once with repetitive text, while blocks give it the short
+# def-and-return answers its SFT pairs have (bench/default_quality.py compares settings).
+SAMPLE_SETTINGS: dict[str, Any] = {
+    "max_tokens": SAMPLE_MAX_TOKENS,
+    "temperature": 0.0,
+    "block_length": 8,
+}
 POLL_S = 0.5
 EXIT_RETRYABLE, EXIT_PERMANENT = (
     75,
@@ -41,6 +51,24 @@ EXIT_RETRYABLE, EXIT_PERMANENT = (
 def sample_settings() -> dict[str, Any]:
     """The sampling fields of the request that produces the printed sample."""
     return dict(SAMPLE_SETTINGS)
+
+
+def print_sample(url: str, *, chat: bool) -> None:
+    if chat:
+        from coda_trainer.corpus import sft_instruction
+
+        question = sft_instruction(SAMPLE_SIGNATURE, SAMPLE_DOCSTRING)
+        body = {"messages": [{"role": "user", "content": question}], **sample_settings()}
+        answer = samplerclient.chat_text(samplerclient.post(url, "/v1/chat/completions", body))
+        echo("sample:")
+        echo("\n".join(f"  user> {line}" for line in question.splitlines()))
+        echo(answer)
+        return
+    reply = samplerclient.post(
+        url, "/v1/completions", {"prompt": SAMPLE_PROMPT, **sample_settings()}
+    )
+    echo("sample:")
+    echo(SAMPLE_PROMPT + samplerclient.completion_text(reply))
 
 
 def echo(msg: str = "", err: bool = False) -> None:
@@ -345,13 +373,7 @@ def run(
     proc, url = start_sampler(plan, port, for_eval=do_eval)
     try:
         echo(f"sampler ready at {url}  (OpenAI-compatible: {url}/v1/completions, {url}/v1/infill)")
-        reply = samplerclient.post(
-            url,
-            "/v1/completions",
-            {"prompt": SAMPLE_PROMPT, **sample_settings()},
-        )
-        echo("sample:")
-        echo(SAMPLE_PROMPT + samplerclient.completion_text(reply))
+        print_sample(url, chat=plan.stages[-1].job.stage.kind == "sft")
         if do_eval:
             from coda_ctl import evalbridge
 

@@ -66,6 +66,14 @@ def completion_text(reply: dict[str, Any]) -> str:
         raise CtlError(f"unexpected reply from the sampler: {str(reply)[:300]}") from None
 
 
+def chat_text(reply: dict[str, Any]) -> str:
+    """The assistant's answer in a /v1/chat/completions reply."""
+    try:
+        return reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise CtlError(f"unexpected reply from the sampler: {str(reply)[:300]}") from None
+
+
 def infill_text(reply: dict[str, Any]) -> str:
     """The generated middle of a /v1/infill reply (`choices[0].infill`; `text` is the whole file)."""
     choices = reply.get("choices")

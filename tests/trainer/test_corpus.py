@@ -38,7 +38,10 @@ def test_sft_pairs_are_docstring_to_function_chats():
         fn = ast.parse(assistant["content"]).body[0]
         assert isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
         assert f"def {fn.name}(" in user["content"]
-        assert ast.get_docstring(fn).strip() in user["content"]
+        assert ast.get_docstring(fn) is None  # the docstring is the question, not the answer
+        doc = user["content"].split("Docstring:\n", 1)[1]
+        assert doc and "\n\n" not in doc and fn.body  # its first paragraph only
+        assert len(assistant["content"]) <= 200
 
 
 def test_build_writes_jsonl_shards_and_is_cached(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""The diffusion objective: hand-computed values, shift, 1/σ weighting, both normalisations."""
+"""The diffusion objective: hand-computed values, shift, 1/σ weighting, both normalisations; and
+the next-token objective of a `causal` stage."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from coda_trainer.config import MaskingConfig, ModelConfig, OptimizerConfig
-from coda_trainer.loss import diffusion_loss, model_loss
+from coda_trainer.loss import causal_loss, diffusion_loss, model_loss
 from coda_trainer.masking import Noised, NoiseSpec, noise_pretrain, noise_sft
 from coda_trainer.optimizer import make_optimizer
 from flax import nnx
@@ -53,6 +54,24 @@ def test_loss_matches_hand_computation():
     assert float(metrics["masked_ce"]) == pytest.approx(math.log(10) / 3, rel=1e-6)
     assert float(metrics["loss"]) == float(loss)
     assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
+
+
+def test_causal_loss_matches_hand_computation():
+    """B=1, L=5, V=3, two packed documents [0 1 2 | 1 0]: positions 0, 1 and 3 are scored."""
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    logits = jnp.asarray(
+        [[[0, 0, 0], [0, 0, ln2], [X, 0, 0], [ln3, 0, 0], [0, X, 0]]], jnp.float32
+    )  # position 2 would predict across the document boundary, position 4 has no next token
+    tokens = jnp.asarray([[0, 1, 2, 1, 0]], jnp.int32)
+    segments = jnp.asarray([[1, 1, 1, 2, 2]], jnp.int32)
+    loss, metrics = jax.jit(causal_loss)(logits, tokens, segments)
+    # pos 0 → token 1: ln 3; pos 1 → token 2: ln 4 − ln 2 = ln 2; pos 3 → token 0: ln 5 − ln 3.
+    assert float(loss) == pytest.approx(math.log(10) / 3, rel=1e-6)
+    assert float(metrics["masked_tokens"]) == 3.0
+    assert float(metrics["masked_accuracy"]) == pytest.approx(2 / 3)  # pos 1 and pos 3 right
+    assert float(metrics["masked_ce"]) == float(loss) and float(metrics["mask_rate"]) == 0.0
+    padded = jnp.asarray([[1, 1, 1, 0, 0]], jnp.int32)  # packing padding is never scored
+    assert float(causal_loss(logits, tokens, padded)[1]["masked_tokens"]) == 2.0
 
 
 def test_answer_length_normalisation():
@@ -153,6 +172,14 @@ def test_model_loss_wires_noise_model_and_loss():
     assert float(metrics["masked_tokens"]) > 0
     with pytest.raises(ValueError, match="kind"):
         model_loss(model, _batch(), rng, probs, frac, spec=SPEC, kind="rl")
+
+    batch = _batch()  # causal: the clean tokens go in, no noise, next-token loss
+    got, _ = model_loss(model, batch, rng, probs, frac, spec=SPEC, kind="causal")
+    logits = model(
+        batch["tokens"], positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"]
+    )
+    want, _ = causal_loss(logits, batch["tokens"], batch["segment_ids"])
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

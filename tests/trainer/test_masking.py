@@ -449,3 +449,51 @@ def test_constant_and_linear_schedules():
     assert _tuple(lin.probs_at(50, 101)) == pytest.approx((0.1, 0.05, 0.2))
     assert _tuple(lin.probs_at(100, 101)) == pytest.approx((0.2, 0.1, 0.3))
     assert _tuple(lin.probs_at(10_000, 101)) == pytest.approx((0.2, 0.1, 0.3))
+
+
+# ------------------------------------------------------------------------------ block-size phases
+
+
+def test_block_size_phases_split_the_stage_equally():
+    m = MaskingConfig(block_size_phases=[[2], [2, 4], [2, 4, 8]])
+    assert m.all_block_sizes() == (2, 4, 8)
+    total = 300
+    for step, want in [(0, [2]), (99, [2]), (100, [2, 4]), (199, [2, 4]), (200, [2, 4, 8]),
+                       (299, [2, 4, 8]), (10_000, [2, 4, 8])]:  # fmt: skip
+        assert m.block_sizes_at(step, total) == want, step
+    flat = MaskingConfig(block_sizes=[4, 8])
+    assert flat.block_sizes_at(0, 10) == flat.block_sizes_at(9, 10) == [4, 8]
+    assert flat.all_block_sizes() == (4, 8)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"block_size_phases": []},
+        {"block_size_phases": [[2], []]},
+        {"block_size_phases": [[0, 2]]},
+        {"block_size_phases": [[2]], "block_sizes": [2, 4]},
+    ],
+)
+def test_block_size_phases_reject_bad_input(fields):
+    with pytest.raises(ValueError):
+        MaskingConfig(**fields)
+
+
+def test_phase_weights_restrict_the_drawn_block_size_without_recompiling():
+    traces = []
+
+    @jax.jit
+    def plan(rng, weights_K):
+        traces.append(weights_K)
+        return sample_plan(rng, 20_000, L, jnp.asarray([0.0, 0.0, 1.0]), SPEC, weights_K)
+
+    for allowed in ([2], [2, 4], [2, 4, 8]):
+        sizes = np.asarray(plan(jax.random.key(3), SPEC.block_weights(allowed)).block_B)
+        counts = {k: (sizes == k).mean() for k in SPEC.block_sizes}
+        for k in SPEC.block_sizes:
+            want = 1 / len(allowed) if k in allowed else 0.0
+            assert abs(counts[k] - want) < 0.02, (allowed, counts)
+    assert len(traces) == 1
+    with pytest.raises(ValueError, match="subset"):
+        SPEC.block_weights([16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,8 +38,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 def job(
     root: Path | str, corpus: dict[str, Path], *, kind: str = "pretrain", **stage: object
 ) -> dict:
-    name = {"pretrain": "pretrain", "midtrain": "midtrain", "sft": "sft"}[kind]
-    data_uri = str(corpus[name] / "train-*.jsonl")
+    name = {"causal": "base", "pretrain": "pretrain", "midtrain": "midtrain", "sft": "sft"}[kind]
+    data_uri = str(corpus["pretrain" if kind == "causal" else name] / "train-*.jsonl")
     base = {
         "name": name,
         "kind": kind,
@@ -50,7 +51,7 @@ def job(
             "prefix_prob": 0.2,
             "truncate_prob": 0.2,
             "block_prob": 0.3,
-            "block_sizes": [2, 4],
+            "block_size_phases": [[2], [2, 4]],  # the phase switch falls inside every run
         },
         "log_every": 1,
         "seed": 7,
@@ -274,7 +275,7 @@ def _main_with(tmp_path: Path, spec: dict) -> int:
         (lambda s: s.update(model={"preset": "test-micro"}), "does not match the model config"),
         (lambda s: s.update(tokenizer="/nonexistent/tokenizer"), "no tokenizer folder"),
         (lambda s: s["stage"].update(init_from="/nonexistent/final"), "does not exist"),
-        (lambda s: s["stage"]["masking"].update(block_sizes=[64]), "exceed seq_len"),
+        (lambda s: s["stage"]["masking"].update(block_size_phases=[[2], [64]]), "exceed seq_len"),
     ],
     ids=[
         "unknown-field",
@@ -319,13 +320,13 @@ def test_bad_data_is_permanent(tmp_path, corpus, caplog, no_device_work):
 
 def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work):
     jobs = embedded_default(tmp_path, corpus_dirs=corpus)
-    assert [j.stage.name for j in jobs] == ["pretrain", "midtrain", "sft"]
+    assert [(j.stage.name, j.stage.kind) for j in jobs] == [
+        ("base", "causal"), ("pretrain", "pretrain"), ("midtrain", "midtrain"), ("sft", "sft")
+    ]  # fmt: skip
     assert jobs[0].stage.init_from is None
-    assert (
-        jobs[1].stage.init_from == jobs[0].final_dir
-        and jobs[2].stage.init_from == jobs[1].final_dir
-    )
-    assert jobs[1].stage.masking.curriculum == "paper-table-3"
+    for before, after in itertools.pairwise(jobs):
+        assert after.stage.init_from == before.final_dir
+    assert jobs[2].stage.masking.curriculum == "paper-table-3"
     for j in jobs:
         assert j.model.preset == "coda-tiny" and j.tokenizer == "project"
     plan = train.prepare(jobs[0])  # later stages need the earlier finals
@@ -358,6 +359,32 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         0.05,
         "drop",
     )
+
+
+def test_causal_base_then_diffusion_adaptation(tmp_path, corpus):
+    """A causal stage trains next-token prediction and exports a Qwen3 (causal) model; a diffusion
+    stage started from that final loads its weights into the bidirectional CoDA model."""
+    base = job(tmp_path, corpus, kind="causal", steps=12)
+    assert train.run(TrainJobConfig.model_validate(base)) == EXIT_OK
+    lines = train_lines(f"{tmp_path}/ckpt/base")
+    assert sorted(lines) == list(range(1, 13))
+    assert all(rec["mask_rate"] == 0.0 and np.isfinite(rec["loss"]) for rec in lines.values())
+    ce = [lines[s]["masked_ce"] for s in range(1, 13)]
+    assert np.mean(ce[-3:]) < np.mean(ce[:3]), ce  # next-token CE falls
+    final = tmp_path / "ckpt" / "base" / "final"
+    hf_config = json.loads((final / "config.json").read_text())
+    assert hf_config["architectures"] == ["Qwen3ForCausalLM"]
+    assert hf_config["tie_word_embeddings"] is False
+    weights = final_tensors(f"{tmp_path}/ckpt/base")
+
+    adapted = job(tmp_path, corpus, steps=2, init_from=str(final))
+    assert train.run(TrainJobConfig.model_validate(adapted)) == EXIT_OK
+    exported = json.loads((tmp_path / "ckpt" / "pretrain" / "final" / "config.json").read_text())
+    assert exported["architectures"] == ["CoDALanguageModel"]
+    moved = final_tensors(f"{tmp_path}/ckpt/pretrain")
+    # Two small steps from the base's weights, not from a fresh initialisation.
+    for name, value in weights.items():
+        assert np.abs(moved[name] - value).max() < 0.05, name
 
 
 def test_multihost_detection():

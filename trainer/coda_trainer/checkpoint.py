@@ -211,7 +211,10 @@ def write_final(
     primary = jax.process_index() == 0
     if primary:
         storage.makedirs(staging)
-    hf.save_pretrained(model, staging, config=model_config)
+    # A causal model (the base a `causal` stage trains) is exported as the Qwen3 layout, which is
+    # what it is; diffusion models as the released CoDA layout.
+    architecture = "Qwen3ForCausalLM" if model_config.causal else "CoDALanguageModel"
+    hf.save_pretrained(model, staging, config=model_config, architecture=architecture)
     if primary:
         if tokenizer_path is not None:
             _copy_tokenizer(tokenizer_path, staging)

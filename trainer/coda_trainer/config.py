@@ -422,6 +422,13 @@ PAPER_TABLE_3: tuple[MaskingProbs, ...] = tuple(
 class MaskingConfig(MaskingProbs):
     sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
     block_sizes: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    block_size_phases: list[list[int]] | None = Field(
+        default=None,
+        description=(
+            "S3 block sizes by phase, e.g. [[2], [2, 4], [2, 4, 8]]: the stage's steps split into "
+            "equal phases, phase i drawing its block size from entry i. Replaces the flat list."
+        ),
+    )
     curriculum: Literal["constant", "linear", "paper-table-3"] = "constant"
     # linear: probabilities move from the fields above to ramp_to over the stage's steps.
     ramp_to: MaskingProbs | None = None
@@ -435,11 +442,34 @@ class MaskingConfig(MaskingProbs):
             raise ValueError(f"block sizes must be ≥ 1, got {v}")
         return v
 
+    @field_validator("block_size_phases")
+    @classmethod
+    def _phases(cls, v: list[list[int]] | None) -> list[list[int]] | None:
+        if v is not None and (not v or any(not phase for phase in v)):
+            raise ValueError(f"block_size_phases needs ≥ 1 phase, each with ≥ 1 size; got {v}")
+        if v is not None and any(k < 1 for phase in v for k in phase):
+            raise ValueError(f"block sizes must be ≥ 1, got {v}")
+        return v
+
     @model_validator(mode="after")
     def _ramp(self) -> MaskingConfig:
         if self.curriculum == "linear" and self.ramp_to is None:
             raise ValueError("masking.curriculum=linear needs masking.ramp_to")
+        if self.block_size_phases is not None and "block_sizes" in self.model_fields_set:
+            raise ValueError("give masking.block_sizes or masking.block_size_phases, not both")
         return self
+
+    def all_block_sizes(self) -> tuple[int, ...]:
+        """Every S3 block size the stage can draw (sorted): the static set the jitted step knows."""
+        phases = self.block_size_phases or [self.block_sizes]
+        return tuple(sorted({k for phase in phases for k in phase}))
+
+    def block_sizes_at(self, step: int, total_steps: int) -> list[int]:
+        """The S3 block sizes in force at `step` (the release's equal-length phases)."""
+        if self.block_size_phases is None:
+            return list(self.block_sizes)
+        n = len(self.block_size_phases)
+        return list(self.block_size_phases[min(step * n // max(total_steps, 1), n - 1)])
 
     def probs_at(self, step: int, total_steps: int) -> MaskingProbs:
         """The strategy probabilities in force at `step` (host-side; steps are Python ints)."""
@@ -532,7 +562,13 @@ class StageConfig(StrictModel):
     name: str = Field(
         description="Stage name, a DNS label; names the JobSet and checkpoint directory."
     )
-    kind: Literal["pretrain", "midtrain", "sft"]
+    kind: Literal["causal", "pretrain", "midtrain", "sft"] = Field(
+        description=(
+            "pretrain/midtrain/sft: the paper's diffusion stages. causal: next-token training of "
+            "the autoregressive base the diffusion stages adapt (the role Qwen3-1.7B plays for "
+            "CoDA-1.7B), for runs that have no such base to start from."
+        )
+    )
     steps: int = Field(gt=0)
     batch: BatchConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

@@ -7,7 +7,12 @@ one per stage, written as JSONL so the data pipeline reads them like any other s
 - mid-training, a code-only mix: every top-level function and class as its own document, plus the
   whole modules again;
 - SFT: (docstring → function) pairs as chat rows
-  `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`.
+  `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`: the user turn gives the
+  signature and the docstring's first paragraph, the answer is the function's code without its
+  docstring (the docstring is already in the question; the answer is the code a user asks for).
+
+Modules that are data rather than code (the codec tables of `encodings/`, `pydoc_data`'s topic
+texts: about a fifth of the library's bytes) are left out of every corpus.
 
 The order is deterministic (sorted relative paths, source order inside a file). A small held-out
 split (by a hash of the module path) goes to `eval.jsonl` for the periodic eval loss.
@@ -28,14 +33,18 @@ __all__ = [
     "build_default_corpora",
     "midtrain_documents",
     "pretrain_documents",
+    "sft_instruction",
     "sft_pairs",
     "stdlib_files",
 ]
 
 # Directories whose files are tests, vendored or generated code rather than the library itself.
-_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"})
+_SKIP_DIRS = frozenset({
+    "test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3",
+    "encodings", "pydoc_data",  # generated data tables, not code
+})  # fmt: skip
 _EVAL_EVERY = 40  # about 2.5% of modules are held out
-_VERSION = "1"  # bump when the extraction changes so cached corpora are rebuilt
+_VERSION = "3"  # bump when the extraction changes so cached corpora are rebuilt
 
 
 def stdlib_root() -> Path:
@@ -124,14 +133,45 @@ def _functions(tree: ast.Module) -> Iterator[ast.FunctionDef | ast.AsyncFunction
                     yield item
 
 
+def _without_docstring(
+    lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef
+) -> str | None:
+    """The function's source with its docstring statement removed, or None when nothing but the
+    docstring is left or the docstring shares a line with other code."""
+    doc_node = node.body[0]
+    if len(node.body) < 2 or doc_node.lineno <= node.lineno:
+        return None
+    if doc_node.end_lineno is None or node.body[1].lineno <= doc_node.end_lineno:
+        return None
+    first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+    kept = lines[first : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
+    code = textwrap.dedent("".join(kept)).strip("\n")
+    return code if _parse(code) is not None else None
+
+
+def sft_instruction(signature: str, docstring: str) -> str:
+    """The user turn of an SFT pair (and the question to ask a model trained on them)."""
+    return f"Write a Python function `{signature}`.\nDocstring:\n{docstring.strip()}"
+
+
+def _summary(doc: str) -> str:
+    """A docstring's first paragraph: what the function does, without argument tables."""
+    return doc.strip().split("\n\n", 1)[0].strip()
+
+
 def sft_pairs(
     limit: int | None = None,
     *,
     root: Path | None = None,
-    max_answer_chars: int = 1200,
+    max_answer_chars: int = 200,
     min_doc_chars: int = 20,
 ) -> Iterator[dict]:
-    """(docstring → function) chat rows. The answer is the function's source, dedented."""
+    """(docstring → function) chat rows: the question gives the signature and the docstring's first
+    paragraph, the answer is the function's code without its docstring, dedented.
+
+    `max_answer_chars` keeps short functions (≈ 60 tokens): a tiny model trained for minutes learns
+    a short, consistent answer shape — a def line, a body, the end — far sooner than long ones.
+    """
     for rel, source in _modules(limit, root):
         tree = _parse(source)
         if tree is None:
@@ -139,12 +179,13 @@ def sft_pairs(
         lines = source.splitlines(keepends=True)
         for node in _functions(tree):
             doc = ast.get_docstring(node)
+            doc = _summary(doc) if doc else None
             if not doc or len(doc) < min_doc_chars or node.name.startswith("__"):
                 continue
-            answer = _segment(lines, node)
-            if not answer.strip() or len(answer) > max_answer_chars:
+            answer = _without_docstring(lines, node)
+            if not answer or len(answer) > max_answer_chars:
                 continue
-            prompt = f"Write a Python function `{_signature(node)}`.\nDocstring:\n{doc.strip()}"
+            prompt = sft_instruction(_signature(node), doc)
             yield {
                 "messages": [
                     {"role": "user", "content": prompt},

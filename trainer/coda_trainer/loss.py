@@ -1,4 +1,5 @@
-"""The masked-diffusion objective: shifted cross-entropy on masked tokens, weighted by 1/σ.
+"""The masked-diffusion objective: shifted cross-entropy on masked tokens, weighted by 1/σ (and the
+plain next-token objective of a `causal` stage, which trains the base the diffusion stages adapt).
 
 Logit shift (Dream/DiffuLLaMA, kept by CoDA): position i predicts token i+1, so `logits[:, i]` is
 scored against `targets[:, i+1]`, and position i carries loss iff token i+1 was masked. Position 0's
@@ -20,10 +21,10 @@ import optax
 
 from coda_trainer.masking import Noised, NoiseSpec, noise_pretrain, noise_sft
 
-__all__ = ["LOSS_NORMS", "diffusion_loss", "model_loss"]
+__all__ = ["LOSS_NORMS", "causal_loss", "diffusion_loss", "model_loss"]
 
 LOSS_NORMS = ("tokens", "answer_length")
-_KINDS = ("pretrain", "midtrain", "sft")
+_KINDS = ("causal", "pretrain", "midtrain", "sft")
 
 
 def _shift_left(x_BxL: jax.Array, fill) -> jax.Array:
@@ -80,6 +81,37 @@ def diffusion_loss(
     return loss.astype(jnp.float32), metrics
 
 
+def causal_loss(
+    logits_BxLxV: jax.Array, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token cross-entropy of a causal model, averaged over the scored positions.
+
+    Position i is scored against token i+1 when both belong to the same packed document (a
+    document's first token is never predicted; packing padding, segment 0, never counts). The
+    metrics carry the diffusion loss's keys so every stage logs one schema: here every scored token
+    counts as "masked" and σ is 1.
+    """
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    targets_BxL = _shift_left(tokens_BxL.astype(jnp.int32), 0)
+    next_segment_BxL = _shift_left(segment_ids_BxL, 0)
+    scored_BxL = (segment_ids_BxL != 0) & (next_segment_BxL == segment_ids_BxL)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    n_scored = scored_BxL.sum().astype(jnp.float32)
+    denom = jnp.maximum(n_scored, 1.0)
+    loss = jnp.where(scored_BxL, ce_BxL, 0.0).sum() / denom
+    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) & scored_BxL
+    metrics = {
+        "loss": loss,
+        "masked_accuracy": correct_BxL.sum().astype(jnp.float32) / denom,
+        "masked_tokens": n_scored,
+        "mask_rate": jnp.float32(0.0),
+        "masked_ce": loss,
+        "sigma_mean": jnp.float32(1.0),
+    }
+    return loss, metrics
+
+
 def model_loss(
     model: Callable[..., jax.Array],
     batch: dict[str, jax.Array],
@@ -90,13 +122,16 @@ def model_loss(
     spec: NoiseSpec,
     kind: str,
     loss_norm: str = "tokens",
+    block_weights_K: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Noise a batch, run the model on it and score it. Differentiate w.r.t. the model's params.
 
     batch: "tokens" int32 B×L, "segment_ids" int32 B×L (0 = packing padding: never masked, no
     loss), "positions" int32 B×L, and for kind="sft" "prompt_mask" bool B×L. In SFT the pads after
     an answer must carry a non-zero segment id: they are maskable. `probs_3` is used by
-    pretrain/midtrain, `prompt_keep_frac` by sft; the other is ignored.
+    pretrain/midtrain (with `block_weights_K`, the S3 sizes of the current phase), `prompt_keep_frac`
+    by sft; the other is ignored. kind="causal" scores next tokens without noising (`causal_loss`);
+    the model must then be a causal one.
 
     answer_length normalisation divides each row by its count of valid non-prompt tokens (the
     answer plus its trailing pads, as LLaDA counts it); in pretrain/midtrain every valid token counts.
@@ -106,12 +141,19 @@ def model_loss(
     tokens_BxL = batch["tokens"]
     segment_ids_BxL = batch["segment_ids"]
     valid_BxL = segment_ids_BxL != 0
+    if kind == "causal":
+        logits_BxLxV = model(
+            tokens_BxL, positions_BxL=batch["positions"], segment_ids_BxL=segment_ids_BxL
+        )
+        return causal_loss(logits_BxLxV, tokens_BxL, segment_ids_BxL)
     if kind == "sft":
         prompt_BxL = batch["prompt_mask"].astype(bool)
         noised = noise_sft(rng, tokens_BxL, prompt_BxL, prompt_keep_frac, spec, valid_BxL=valid_BxL)
         answer_BxL = valid_BxL & ~prompt_BxL
     else:
-        noised = noise_pretrain(rng, tokens_BxL, probs_3, spec, valid_BxL=valid_BxL)
+        noised = noise_pretrain(
+            rng, tokens_BxL, probs_3, spec, valid_BxL=valid_BxL, block_weights_K=block_weights_K
+        )
         answer_BxL = valid_BxL
     logits_BxLxV = model(
         noised.noisy_BxL, positions_BxL=batch["positions"], segment_ids_BxL=segment_ids_BxL

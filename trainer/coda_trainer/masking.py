@@ -36,10 +36,12 @@ left maskable and that got masked carries loss like any other masked token.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 if TYPE_CHECKING:
     from coda_trainer.config import MaskingConfig, ModelConfig
@@ -81,8 +83,17 @@ class NoiseSpec:
             mask_token_id=model_cfg.mask_token_id,
             pad_token_id=model_cfg.pad_token_id,
             sampling_eps=masking.sampling_eps,
-            block_sizes=tuple(masking.block_sizes),
+            block_sizes=masking.all_block_sizes(),
         )
+
+    def block_weights(self, allowed: Sequence[int]) -> np.ndarray:
+        """f32[K] over `block_sizes`: 1 for the sizes a phase may draw, else 0 (a traced knob)."""
+        unknown = set(allowed) - set(self.block_sizes)
+        if not allowed or unknown:
+            raise ValueError(
+                f"block sizes {list(allowed)} not a non-empty subset of {self.block_sizes}"
+            )
+        return np.asarray([k in allowed for k in self.block_sizes], np.float32)
 
 
 class Noised(NamedTuple):
@@ -111,12 +122,18 @@ def _check_len(seq_len: int) -> None:
 
 
 def sample_plan(
-    rng: jax.Array, batch: int, seq_len: int, probs_3: jax.Array, spec: NoiseSpec
+    rng: jax.Array,
+    batch: int,
+    seq_len: int,
+    probs_3: jax.Array,
+    spec: NoiseSpec,
+    block_weights_K: jax.Array | None = None,
 ) -> NoisePlan:
     """Draw σ and the S1/S2/S3 choices for `batch` rows of length `seq_len`.
 
     `probs_3` = f32[3] (prefix, truncate, block) probabilities, traced so a curriculum does not
-    recompile.
+    recompile. `block_weights_K` (f32 over `spec.block_sizes`, traced): a row's S3 block size is
+    drawn from the sizes with weight > 0 (`NoiseSpec.block_weights` of a phase); None = all.
     """
     _check_len(seq_len)
     probs_3 = jnp.asarray(probs_3, jnp.float32)
@@ -136,7 +153,12 @@ def sample_plan(
 
     apply_block_B = jax.random.uniform(k_blk, (batch,)) < probs_3[2]
     sizes_K = jnp.asarray(spec.block_sizes, jnp.int32)
-    size_B = sizes_K[jax.random.randint(k_blk_size, (batch,), 0, len(spec.block_sizes))]
+    if block_weights_K is None:
+        choice_B = jax.random.randint(k_blk_size, (batch,), 0, len(spec.block_sizes))
+    else:
+        logits_K = jnp.log(jnp.asarray(block_weights_K, jnp.float32))
+        choice_B = jax.random.categorical(k_blk_size, logits_K, shape=(batch,))
+    size_B = sizes_K[choice_B]
     block_B = jnp.where(apply_block_B, size_B, 1)
 
     return NoisePlan(sigma_B, prefix_len_B, cut_B, block_B)
@@ -204,14 +226,16 @@ def noise_pretrain(
     spec: NoiseSpec,
     *,
     valid_BxL: jax.Array | None = None,
+    block_weights_K: jax.Array | None = None,
 ) -> Noised:
     """Pre-/mid-training noising with S1/S2/S3 rolled per row at `probs_3` = (prefix, truncate, block).
 
     `valid_BxL`: False on packing padding (`segment_ids == 0`); never masked, never in the loss.
+    `block_weights_K`: the S3 block sizes in force (see `sample_plan`).
     """
     batch, seq_len = tokens_BxL.shape
     k_plan, k_mask = jax.random.split(rng)
-    plan = sample_plan(k_plan, batch, seq_len, probs_3, spec)
+    plan = sample_plan(k_plan, batch, seq_len, probs_3, spec, block_weights_K)
     return apply_plan(k_mask, tokens_BxL, plan, spec, valid_BxL=valid_BxL)
 
 

@@ -100,6 +100,8 @@ def prepare(cfg: TrainJobConfig) -> Plan:
 
     stage = cfg.stage
     model_config = cfg.model.resolve()
+    if stage.kind == "causal":  # the same weights, attending only to earlier tokens
+        model_config = model_config.model_copy(update={"causal": True})
     if _final_done(cfg):
         return Plan(cfg, model_config, None, None, already_done=True)
     try:
@@ -111,9 +113,9 @@ def prepare(cfg: TrainJobConfig) -> Plan:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     seq_len = stage.batch.seq_len
-    if stage.kind != "sft" and max(stage.masking.block_sizes) > seq_len:
+    if stage.kind in ("pretrain", "midtrain") and max(stage.masking.all_block_sizes()) > seq_len:
         raise ConfigError(
-            f"masking.block_sizes {stage.masking.block_sizes} exceed seq_len={seq_len}"
+            f"masking block sizes {list(stage.masking.all_block_sizes())} exceed seq_len={seq_len}"
         )
     if stage.batch.sequences < stage.batch.grad_accum:
         raise ConfigError("batch.sequences must be ≥ batch.grad_accum")
@@ -174,6 +176,15 @@ class TrainState:
     opt_state: Any
 
 
+# Host-computed per-step values that travel in the batch dict beside the data arrays.
+_KNOBS = ("probs_3", "prompt_keep_frac", "block_weights")
+
+
+def _split_knobs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = {k: v for k, v in batch.items() if k not in _KNOBS}
+    return data, {k: batch[k] for k in _KNOBS if k in batch}
+
+
 def make_train_step(
     graphdef: Any,
     rest: Any,
@@ -188,7 +199,8 @@ def make_train_step(
     """`train_step(state, batch, rng) -> (state, metrics)`, jitted, state donated.
 
     `batch` holds the data arrays (global B×L: tokens, segment_ids, positions[, prompt_mask]) plus
-    the host-computed per-step knobs `probs_3` (f32[3]) and `prompt_keep_frac` (f32[]). `rng` is
+    the host-computed per-step knobs `probs_3` (f32[3]), `prompt_keep_frac` (f32[]) and optionally
+    `block_weights` (f32[K], the S3 block sizes of the current phase). `rng` is
     the stage's base key; the step's key is `fold_in(rng, state.step)`. With `grad_accum` A the
     B rows are split into A interleaved micro-batches (row i → micro-batch i mod A, which keeps
     every device's rows local) whose gradients are averaged before one optimiser update.
@@ -200,20 +212,19 @@ def make_train_step(
 
     from coda_trainer.loss import model_loss
 
-    def loss_fn(params, micro, rng, probs_3, keep):
+    def loss_fn(params, micro, rng, knobs):
         model = nnx.merge(graphdef, params, rest)
-        return model_loss(
-            model, micro, rng, probs_3, keep, spec=spec, kind=kind, loss_norm=loss_norm
-        )
+        return model_loss(model, micro, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
+                          spec=spec, kind=kind, loss_norm=loss_norm,
+                          block_weights_K=knobs.get("block_weights"))  # fmt: skip
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch, rng):
-        data = {k: v for k, v in batch.items() if k not in ("probs_3", "prompt_keep_frac")}
-        probs_3, keep = batch["probs_3"], batch["prompt_keep_frac"]
+        data, knobs = _split_knobs(batch)
         rng = jax.random.fold_in(rng, state.step)
         if grad_accum == 1:
-            (_, metrics), grads = grad_fn(state.params, data, rng, probs_3, keep)
+            (_, metrics), grads = grad_fn(state.params, data, rng, knobs)
         else:
             micro = jax.tree.map(
                 lambda x: jnp.swapaxes(
@@ -225,14 +236,12 @@ def make_train_step(
             def body(carry, xs):
                 g_acc, m_acc = carry
                 mb, i = xs
-                (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), probs_3, keep)
+                (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), knobs)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
             m_shape = jax.eval_shape(
-                lambda: grad_fn(
-                    state.params, jax.tree.map(lambda x: x[0], micro), rng, probs_3, keep
-                )[0][1]
+                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng, knobs)[0][1]
             )
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (grads, metrics), _ = jax.lax.scan(
@@ -258,18 +267,11 @@ def make_eval_step(
     from coda_trainer.loss import model_loss
 
     def eval_step(params, batch, rng):
-        data = {k: v for k, v in batch.items() if k not in ("probs_3", "prompt_keep_frac")}
+        data, knobs = _split_knobs(batch)
         model = nnx.merge(graphdef, params, rest)
-        _, metrics = model_loss(
-            model,
-            data,
-            rng,
-            batch["probs_3"],
-            batch["prompt_keep_frac"],
-            spec=spec,
-            kind=kind,
-            loss_norm=loss_norm,
-        )
+        _, metrics = model_loss(model, data, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
+                                spec=spec, kind=kind, loss_norm=loss_norm,
+                                block_weights_K=knobs.get("block_weights"))  # fmt: skip
         return metrics
 
     return jax.jit(eval_step)
@@ -461,6 +463,9 @@ def _fit(
             p = stage.masking.probs_at(step, stage.steps)
             return {
                 "probs_3": np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
+                "block_weights": spec.block_weights(
+                    stage.masking.block_sizes_at(step, stage.steps)
+                ),
                 "prompt_keep_frac": np.float32(
                     prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
                 ),
