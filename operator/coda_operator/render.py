@@ -145,15 +145,23 @@ FINGERPRINT_FIELDS = {
 
 
 def fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, str]:
-    """Short hashes of every spec part the stage's JobSet is rendered from (spec-change detection)."""
+    """Short hashes of every spec part the stage's JobSet is rendered from (spec-change detection).
+
+    Fields at their defaults are left out of the hashes, so an operator upgrade that adds an
+    optional field does not make every running stage look changed.
+    """
     job = stage_job_config(run, spec, index)
+
+    def dump(model: Any) -> Any:
+        return model.model_dump(mode="json", exclude_defaults=True)
+
     return {
-        "stage": _digest(job.stage.model_dump(mode="json")),
-        "model": _digest(job.model.model_dump(mode="json")),
+        "stage": _digest(dump(job.stage)),
+        "model": _digest(dump(job.model)),
         "tokenizer": _digest(job.tokenizer),
-        "checkpoints": _digest(job.checkpoints.model_dump(mode="json")),
+        "checkpoints": _digest(dump(job.checkpoints)),
         "image": _digest([spec.image, spec.image_pull_policy]),
-        "accelerator": _digest(spec.stage_accelerator(index).model_dump(mode="json")),
+        "accelerator": _digest(dump(spec.stage_accelerator(index))),
         "serviceAccountName": _digest(spec.service_account_name),
         "queueName": _digest(spec.queue_name),
         "maxRestarts": _digest(spec.failure_policy.max_restarts),

@@ -320,3 +320,17 @@ def test_render_all_for_the_cli(jobset_validator: jsonschema.Draft7Validator) ->
         validate(o, jobset_validator)
     with pytest.raises(api.InvalidSpec):
         render.render_all({**run, "spec": {**run["spec"], "stages": []}})
+
+
+def test_fingerprint_ignores_fields_at_their_defaults() -> None:
+    """An operator upgrade that adds an optional field must not make running stages look changed:
+    a spec that spells out defaults hashes like one that leaves them out; a real change does not."""
+    plain = api.parse_spec(run_spec())
+    spelled = run_spec()
+    spelled["stages"][0]["masking"] = {"blockSizePhases": None, "curriculum": "constant"}
+    spelled["stages"][0]["seed"] = 0
+    assert render.fingerprint("r", api.parse_spec(spelled), 0) == render.fingerprint("r", plain, 0)
+    changed = run_spec()
+    changed["stages"][0]["masking"] = {"blockSizePhases": [[2], [2, 4]]}
+    diff = render.fingerprint("r", api.parse_spec(changed), 0)
+    assert diff["stage"] != render.fingerprint("r", plain, 0)["stage"]

@@ -457,6 +457,7 @@ def test_constant_and_linear_schedules():
 def test_block_size_phases_split_the_stage_equally():
     m = MaskingConfig(block_size_phases=[[2], [2, 4], [2, 4, 8]])
     assert m.all_block_sizes() == (2, 4, 8)
+    assert MaskingConfig.model_validate(m.model_dump()) == m  # survives the trip to the trainer
     total = 300
     for step, want in [(0, [2]), (99, [2]), (100, [2, 4]), (199, [2, 4]), (200, [2, 4, 8]),
                        (299, [2, 4, 8]), (10_000, [2, 4, 8])]:  # fmt: skip
@@ -472,7 +473,7 @@ def test_block_size_phases_split_the_stage_equally():
         {"block_size_phases": []},
         {"block_size_phases": [[2], []]},
         {"block_size_phases": [[0, 2]]},
-        {"block_size_phases": [[2]], "block_sizes": [2, 4]},
+        {"block_size_phases": [[2]], "block_sizes": [4, 8]},
     ],
 )
 def test_block_size_phases_reject_bad_input(fields):

@@ -419,9 +419,12 @@ PAPER_TABLE_3: tuple[MaskingProbs, ...] = tuple(
 )
 
 
+_DEFAULT_BLOCK_SIZES = (2, 4, 8)
+
+
 class MaskingConfig(MaskingProbs):
     sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
-    block_sizes: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    block_sizes: list[int] = Field(default_factory=lambda: list(_DEFAULT_BLOCK_SIZES), min_length=1)
     block_size_phases: list[list[int]] | None = Field(
         default=None,
         description=(
@@ -455,7 +458,9 @@ class MaskingConfig(MaskingProbs):
     def _ramp(self) -> MaskingConfig:
         if self.curriculum == "linear" and self.ramp_to is None:
             raise ValueError("masking.curriculum=linear needs masking.ramp_to")
-        if self.block_size_phases is not None and "block_sizes" in self.model_fields_set:
+        # Compared with the default rather than "was it set": configs are dumped and re-validated
+        # on their way to the trainer, and a dump spells the default out.
+        if self.block_size_phases is not None and tuple(self.block_sizes) != _DEFAULT_BLOCK_SIZES:
             raise ValueError("give masking.block_sizes or masking.block_size_phases, not both")
         return self
 
