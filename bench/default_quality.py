@@ -40,10 +40,6 @@ PROMPTS = (
 )
 
 
-def raw_prompt(signature: str, docstring: str) -> str:
-    return f'{signature}:\n    """{docstring}"""\n'
-
-
 def parses(text: str) -> bool:
     try:
         ast.parse(text)
@@ -126,7 +122,7 @@ def sample(
     chat template around `corpus.sft_instruction`) and scores the answer alone; chat=False
     continues the raw `def ...:` + docstring prompt and scores prompt + completion.
     """
-    from coda_ctl.localrun import sample_settings
+    from coda_ctl.localrun import raw_prompt, sample_settings
     from coda_trainer import hf
     from coda_trainer.corpus import sft_instruction
     from coda_trainer.sampling import SamplingConfig, generate

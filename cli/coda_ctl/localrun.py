@@ -27,7 +27,14 @@ from coda_ctl.localplan import LocalPlan, StagePlan, StageState
 # (coda_trainer.corpus.sft_instruction) through /v1/chat/completions; any other run continues the
 # raw prompt through /v1/completions.
 SAMPLE_SIGNATURE, SAMPLE_DOCSTRING = "def fibonacci(n)", "Return the n-th Fibonacci number."
-SAMPLE_PROMPT = f'{SAMPLE_SIGNATURE}:\n    """{SAMPLE_DOCSTRING}"""\n'
+
+
+def raw_prompt(signature: str, docstring: str) -> str:
+    """A code prompt to continue: the signature and its docstring, the body left to the model."""
+    return f'{signature}:\n    """{docstring}"""\n'
+
+
+SAMPLE_PROMPT = raw_prompt(SAMPLE_SIGNATURE, SAMPLE_DOCSTRING)
 READY_TIMEOUT_S = float(os.environ.get("CODA_SAMPLER_READY_TIMEOUT", "300"))
 # Compiled shape buckets of the local sampler: few, so it is ready in seconds on a laptop CPU.
 SAMPLE_MAX_TOKENS, EVAL_MAX_TOKENS = 64, 128

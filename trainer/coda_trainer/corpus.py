@@ -92,14 +92,18 @@ def _parse(source: str) -> ast.Module | None:
         return None
 
 
+def _start(node: ast.stmt) -> int:
+    """0-based index of the node's first source line, its decorators included."""
+    decorators = getattr(node, "decorator_list", None) or []
+    return min([node.lineno, *(d.lineno for d in decorators)]) - 1
+
+
 def _segment(lines: list[str], node: ast.stmt) -> str:
     """The node's full source lines, decorators included, dedented.
 
     (`ast.get_source_segment` re-splits the whole file on every call: quadratic on big modules.)
     """
-    decorators = getattr(node, "decorator_list", None) or []
-    start = min([node.lineno, *(d.lineno for d in decorators)]) - 1
-    return textwrap.dedent("".join(lines[start : node.end_lineno])).strip("\n")
+    return textwrap.dedent("".join(lines[_start(node) : node.end_lineno])).strip("\n")
 
 
 def midtrain_documents(limit: int | None = None, *, root: Path | None = None) -> Iterator[dict]:
@@ -143,8 +147,7 @@ def _without_docstring(
         return None
     if doc_node.end_lineno is None or node.body[1].lineno <= doc_node.end_lineno:
         return None
-    first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
-    kept = lines[first : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
+    kept = lines[_start(node) : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
     code = textwrap.dedent("".join(kept)).strip("\n")
     return code if _parse(code) is not None else None
 

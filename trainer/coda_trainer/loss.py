@@ -32,6 +32,19 @@ def _shift_left(x_BxL: jax.Array, fill) -> jax.Array:
     return jnp.concatenate([x_BxL[:, 1:], jnp.full_like(x_BxL[:, :1], fill)], axis=1)
 
 
+def _scored_ce(
+    logits_BxLxV: jax.Array, targets_BxL: jax.Array, scored_BxL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """CE per position (0 where not scored), the count of scored positions, and their accuracy."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    ce_BxL = jnp.where(scored_BxL, ce_BxL, 0.0)
+    n_scored = scored_BxL.sum().astype(jnp.float32)
+    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) & scored_BxL
+    accuracy = correct_BxL.sum().astype(jnp.float32) / jnp.maximum(n_scored, 1.0)
+    return ce_BxL, n_scored, accuracy
+
+
 def diffusion_loss(
     logits_BxLxV: jax.Array,
     noised: Noised,
@@ -52,9 +65,7 @@ def diffusion_loss(
     targets_BxL = _shift_left(noised.targets_BxL.astype(jnp.int32), 0)
     carries_BxL = _shift_left(noised.masked_BxL.astype(bool), False)
 
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-    ce_BxL = jnp.where(carries_BxL, ce_BxL, 0.0)
+    ce_BxL, n_masked, accuracy = _scored_ce(logits_BxLxV, targets_BxL, carries_BxL)
     weighted_BxL = ce_BxL / noised.sigma_B.astype(jnp.float32)[:, None]
 
     if norm == "tokens":
@@ -65,17 +76,14 @@ def diffusion_loss(
         answer_len_B = jnp.maximum(jnp.asarray(answer_len_B, jnp.float32), 1.0)
         loss = jnp.mean(weighted_BxL.sum(axis=1) / answer_len_B)
 
-    n_masked = carries_BxL.sum().astype(jnp.float32)
-    denom = jnp.maximum(n_masked, 1.0)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) & carries_BxL
     metrics = {
         "loss": loss.astype(jnp.float32),
-        "masked_accuracy": correct_BxL.sum().astype(jnp.float32) / denom,
+        "masked_accuracy": accuracy,
         "masked_tokens": n_masked,
         # Fraction of all B·L positions that were replaced by <|mask|> (E ≈ mean σ over maskable).
         "mask_rate": noised.masked_BxL.astype(jnp.float32).mean(),
         # Unweighted mean CE per loss-carrying token: comparable across σ draws, unlike the loss.
-        "masked_ce": ce_BxL.sum() / denom,
+        "masked_ce": ce_BxL.sum() / jnp.maximum(n_masked, 1.0),
         "sigma_mean": noised.sigma_B.astype(jnp.float32).mean(),
     }
     return loss.astype(jnp.float32), metrics
@@ -95,15 +103,11 @@ def causal_loss(
     targets_BxL = _shift_left(tokens_BxL.astype(jnp.int32), 0)
     next_segment_BxL = _shift_left(segment_ids_BxL, 0)
     scored_BxL = (segment_ids_BxL != 0) & (next_segment_BxL == segment_ids_BxL)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-    n_scored = scored_BxL.sum().astype(jnp.float32)
-    denom = jnp.maximum(n_scored, 1.0)
-    loss = jnp.where(scored_BxL, ce_BxL, 0.0).sum() / denom
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) & scored_BxL
+    ce_BxL, n_scored, accuracy = _scored_ce(logits_BxLxV, targets_BxL, scored_BxL)
+    loss = ce_BxL.sum() / jnp.maximum(n_scored, 1.0)
     metrics = {
         "loss": loss,
-        "masked_accuracy": correct_BxL.sum().astype(jnp.float32) / denom,
+        "masked_accuracy": accuracy,
         "masked_tokens": n_scored,
         "mask_rate": jnp.float32(0.0),
         "masked_ce": loss,

@@ -185,6 +185,13 @@ def _split_knobs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return data, {k: batch[k] for k in _KNOBS if k in batch}
 
 
+def _knob_loss(model: Any, data: dict[str, Any], rng: Any, knobs: dict[str, Any], **static: Any):
+    from coda_trainer.loss import model_loss
+
+    return model_loss(model, data, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
+                      block_weights_K=knobs.get("block_weights"), **static)  # fmt: skip
+
+
 def make_train_step(
     graphdef: Any,
     rest: Any,
@@ -210,13 +217,9 @@ def make_train_step(
     import optax
     from flax import nnx
 
-    from coda_trainer.loss import model_loss
-
     def loss_fn(params, micro, rng, knobs):
         model = nnx.merge(graphdef, params, rest)
-        return model_loss(model, micro, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
-                          spec=spec, kind=kind, loss_norm=loss_norm,
-                          block_weights_K=knobs.get("block_weights"))  # fmt: skip
+        return _knob_loss(model, micro, rng, knobs, spec=spec, kind=kind, loss_norm=loss_norm)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -264,14 +267,10 @@ def make_eval_step(
     import jax
     from flax import nnx
 
-    from coda_trainer.loss import model_loss
-
     def eval_step(params, batch, rng):
         data, knobs = _split_knobs(batch)
         model = nnx.merge(graphdef, params, rest)
-        _, metrics = model_loss(model, data, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
-                                spec=spec, kind=kind, loss_norm=loss_norm,
-                                block_weights_K=knobs.get("block_weights"))  # fmt: skip
+        _, metrics = _knob_loss(model, data, rng, knobs, spec=spec, kind=kind, loss_norm=loss_norm)
         return metrics
 
     return jax.jit(eval_step)
