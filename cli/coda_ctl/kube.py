@@ -14,17 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coda_ctl.errors import CtlError, Exit
+from coda_trainer.contract import GROUP, KIND, PLURAL, VERSION
 
-GROUP, VERSION, PLURAL, KIND = "coda.dev", "v1alpha1", "codatrainingruns", "CodaTrainingRun"
-API_VERSION = f"{GROUP}/{VERSION}"
+from coda_ctl.errors import CtlError, Exit
 
 # JobSet puts these labels on every pod; the leader of a stage is job 0, completion index 0.
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-# The operator watches this annotation: a new value asks it to retry the failed stage.
-RETRY_ANNOTATION = "coda.dev/retry"
 
 # Seconds before a request to an unreachable API server gives up (scripts want a quick exit 5).
 CONNECT_TIMEOUT_S = 5.0
@@ -278,16 +275,37 @@ class Cluster:
 
     # ---------------------------------------------------------------- service proxy
 
+    def secret_value(self, name: str, key: str) -> str:
+        """One key of a Secret in the namespace, decoded."""
+        import base64
+
+        with self._errors(f'secret "{name}" in namespace "{self.namespace}"'):
+            secret = self.core.read_namespaced_secret(name, self.namespace)
+        data = (secret.data or {}).get(key)
+        if data is None:
+            raise CtlError(f'secret "{name}" has no key {key!r}', Exit.NOT_FOUND)
+        return base64.b64decode(data).decode()
+
     def service_post(
-        self, service: str, port: int | str, path: str, body: dict[str, Any], timeout: float = 600.0
+        self,
+        service: str,
+        port: int | str,
+        path: str,
+        body: dict[str, Any],
+        timeout: float = 600.0,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
-        """POST JSON to a Service through the API server's service proxy; returns the JSON reply."""
+        """POST JSON to a Service through the API server's service proxy; returns the JSON reply.
+
+        The API server strips `Authorization` before proxying (it carries the user's cluster
+        credentials), so the service's own key travels in the `api-key` header.
+        """
         resource = f"/api/v1/namespaces/{self.namespace}/services/{service}:{port}/proxy/{path.lstrip('/')}"
+        header_params = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            header_params["api-key"] = api_key
         method, url, headers, _, _ = self.api.param_serialize(
-            "POST",
-            resource,
-            header_params={"Content-Type": "application/json", "Accept": "application/json"},
-            auth_settings=["BearerToken"],
+            "POST", resource, header_params=header_params, auth_settings=["BearerToken"]
         )
         with self._errors(f'service "{service}" in namespace "{self.namespace}"'):
             resp = self.api.call_api(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coda_trainer import contract
 from coda_trainer.config import StageConfig, TrainJobConfig
 
 # Bookkeeping next to the checkpoints; stage names are DNS labels, so a dot-name never collides.
@@ -107,7 +108,7 @@ def plan_local_run(run: dict[str, Any], workdir: Path, *, steps_scale: float = 1
         stage = scale_stage(cluster_job.stage, steps_scale)
         stage_dir = root / stage.name
         job = cluster_job.model_copy(
-            update={"stage": stage, "metrics_dir": str(stage_dir / "metrics")}
+            update={"stage": stage, "metrics_dir": str(stage_dir / contract.METRICS_DIR)}
         )
         plans.append(
             StagePlan(
@@ -117,7 +118,7 @@ def plan_local_run(run: dict[str, Any], workdir: Path, *, steps_scale: float = 1
                 config_path=root / META_DIR / f"{stage.name}.yaml",
                 log_path=root / META_DIR / f"{stage.name}.log",
                 stage_dir=stage_dir,
-                final_dir=stage_dir / "final",
+                final_dir=stage_dir / contract.FINAL_DIR,
             )
         )
     names = [p.name for p in plans]
@@ -164,7 +165,7 @@ class Progress:
 
 
 def status_path(plan: StagePlan) -> Path:
-    return plan.stage_dir / "status.json"
+    return plan.stage_dir / contract.STATUS_FILE
 
 
 def read_progress(plan: StagePlan) -> Progress:
@@ -249,8 +250,8 @@ def default_run() -> dict[str, Any]:
         stages.append(dumped)
     ckpt = CheckpointConfig(every_steps=every, keep=jobs[0]["checkpoints"].get("keep", 2))
     return {
-        "apiVersion": "coda.dev/v1alpha1",
-        "kind": "CodaTrainingRun",
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": jobs[0]["run"]},
         "spec": {
             # Only `coda-ctl local run` uses this resource; image and accelerator satisfy the API.

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
+
 from coda_ctl import localplan, runspec, samplerclient
 from coda_ctl.errors import CtlError, Exit
 from coda_ctl.localplan import LocalPlan, StagePlan, StageState
@@ -49,10 +51,6 @@ SAMPLE_SETTINGS: dict[str, Any] = {
     "block_length": 8,
 }
 POLL_S = 0.5
-EXIT_RETRYABLE, EXIT_PERMANENT = (
-    75,
-    78,
-)  # coda_trainer.exit_codes (imported lazily: keeps startup fast)
 
 
 def sample_settings() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -345,7 +346,7 @@ def retry(
     ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
 ) -> None:
     """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
-    from coda_ctl.kube import RETRY_ANNOTATION
+    from coda_trainer.contract import RETRY_ANNOTATION
 
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
@@ -374,14 +375,20 @@ def delete(
 def _sampler_call(
     ctx: typer.Context, run: str | None, url: str | None, path: str, body: dict[str, Any]
 ) -> dict[str, Any]:
-    if url:
-        return samplerclient.post(url, path, body)
+    from coda_operator.api import parse_spec
+    from coda_operator.render import sampler_api_key
+    from coda_trainer.contract import ENV_API_KEY
+
+    if url:  # a sampler reached directly takes its key from the environment, like the server
+        return samplerclient.post(url, path, body, api_key=os.environ.get(ENV_API_KEY) or None)
     if not run:
         raise CtlError("give a RUN (sampler reached through the API server) or --url", Exit.USAGE)
     cluster = _cluster(ctx)
     obj = cluster.get_run(run)
     service, port = samplerclient.service_of(obj)
-    return cluster.service_post(service, port, path, body)
+    ref = sampler_api_key(obj["metadata"]["name"], parse_spec(obj.get("spec")))
+    api_key = cluster.secret_value(ref.name, ref.key)
+    return cluster.service_post(service, port, path, body, api_key=api_key)
 
 
 @app.command()

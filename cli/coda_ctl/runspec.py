@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from coda_trainer.contract import API_VERSION, KIND, VERSION
 
 from coda_ctl.errors import CtlError, Exit
-from coda_ctl.kube import API_VERSION, KIND
 
 
 def crd() -> dict[str, Any]:
@@ -62,7 +62,7 @@ def _validator() -> Any:
     import jsonschema
 
     doc = crd()
-    version = next(v for v in doc["spec"]["versions"] if v["name"] == API_VERSION.split("/")[1])
+    version = next(v for v in doc["spec"]["versions"] if v["name"] == VERSION)
     schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     # metadata is validated by the API server's ObjectMeta, not the CRD schema: check the basics here.
     schema.setdefault("properties", {})["metadata"] = {

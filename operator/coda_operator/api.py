@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from coda_trainer.config import PRESETS, CheckpointConfig, ModelSpec, StageConfig, StrictModel
+from coda_trainer.contract import Progress
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,13 +30,6 @@ from pydantic.alias_generators import to_camel
 from coda_operator.topology import TopologyError, TpuSlice, tpu_slice
 
 __all__ = [
-    "API_VERSION",
-    "GROUP",
-    "KIND",
-    "PLURAL",
-    "SHORT_NAME",
-    "SINGULAR",
-    "VERSION",
     "AcceleratorSpec",
     "CodaTrainingRunSpec",
     "CodaTrainingRunStatus",
@@ -50,19 +44,13 @@ __all__ = [
     "SamplerDefaults",
     "SamplerSpec",
     "SamplerStatus",
+    "SecretKeyRef",
     "StageStatus",
     "TPUSpec",
     "format_validation_error",
     "parse_spec",
 ]
 
-GROUP = "coda.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "CodaTrainingRun"
-PLURAL = "codatrainingruns"
-SINGULAR = "codatrainingrun"
-SHORT_NAME = "ctr"
 
 # Child names: "<run>-<stage>-r<NN>" becomes pod hostnames "<jobset>-slice-<j>-<p>" (a DNS label,
 # ≤ 63 chars); leaving room for 3-digit slice/host indexes and a 2-digit retry suffix gives 44.
@@ -229,6 +217,15 @@ class ResourcesSpec(_Wire):
     limits: dict[str, str] = Field(default_factory=dict)
 
 
+class SecretKeyRef(_Wire):
+    """One key of a Secret in the run's namespace."""
+
+    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="The Secret's name.")
+    key: str = Field(
+        default="api-key", min_length=1, max_length=253, description="The key within the Secret."
+    )
+
+
 class SamplerSpec(_Wire):
     """The sampler Deployment + Service created once the last stage succeeds."""
 
@@ -240,6 +237,13 @@ class SamplerSpec(_Wire):
     )
     resources: ResourcesSpec | None = None
     defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "The sampler's API key (clients send it as `Authorization: Bearer` or `api-key`). "
+            "Omit to have the operator generate one in the Secret `<run>-sampler-key`, key `api-key`."
+        ),
+    )
 
     @model_validator(mode="after")
     def _single_host(self) -> SamplerSpec:
@@ -423,22 +427,6 @@ class StageStatus(_StatusWire):
         default_factory=dict,
         description="Hashes of the spec parts the current JobSet was rendered from.",
     )
-
-
-class Progress(_StatusWire):
-    """Written by the trainer's process 0 (see coda_operator.progress); reset by the operator per stage."""
-
-    model_config = ConfigDict(
-        extra="allow"
-    )  # fields a newer trainer adds survive the operator's writes
-
-    stage: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    tokens_per_second: float | None = None
-    checkpoint: str | None = None
-    update_time: str | None = None
 
 
 class SamplerStatus(_StatusWire):

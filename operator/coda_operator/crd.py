@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from coda_trainer import config as trainer_config
+from coda_trainer import contract
 
 from coda_operator import api
 
@@ -259,26 +260,26 @@ def crd() -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{api.PLURAL}.{api.GROUP}",
+            "name": f"{contract.PLURAL}.{contract.GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "coda-operator",
                 "app.kubernetes.io/part-of": "coda",
             },
         },
         "spec": {
-            "group": api.GROUP,
+            "group": contract.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": [api.SHORT_NAME],
+                "kind": contract.KIND,
+                "listKind": f"{contract.KIND}List",
+                "plural": contract.PLURAL,
+                "singular": contract.SINGULAR,
+                "shortNames": [contract.SHORT_NAME],
                 "categories": ["coda"],
             },
             "versions": [
                 {
-                    "name": api.VERSION,
+                    "name": contract.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

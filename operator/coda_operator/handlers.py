@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import kopf
+from coda_trainer import contract
 
 from coda_operator import api, metrics, planner, render
 from coda_operator.kube import ApiError, Kube
@@ -35,7 +37,7 @@ __all__ = ["OperatorConfig", "make_memo", "reconcile", "registry", "run_operator
 log = logging.getLogger("coda_operator")
 
 registry = kopf.OperatorRegistry()
-RUNS = (api.GROUP, api.VERSION, api.PLURAL)
+RUNS = (contract.GROUP, contract.VERSION, contract.PLURAL)
 JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 RESYNC_SECONDS = float(os.environ.get("CODA_OPERATOR_RESYNC_SECONDS", "60"))
@@ -282,18 +284,26 @@ def _describe(action: planner.Action) -> str:
     return "deleting the run"
 
 
+def _with_generated_key(obj: dict[str, Any]) -> dict[str, Any]:
+    """A Secret rendered for a generated API key gets one here: randomness stays out of render."""
+    key = (obj["metadata"].get("annotations") or {}).get(render.GENERATE_ANNOTATION)
+    if obj["kind"] != "Secret" or not key:
+        return obj
+    return {**obj, "stringData": {key: secrets.token_urlsafe(32)}}
+
+
 async def _apply(kube: Kube, run: dict[str, Any], action: planner.Action) -> None:
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
     if isinstance(action, planner.Create):
-        obj = action.obj
+        obj = _with_generated_key(action.obj)
         kopf.adopt(obj, owner=run)  # ownerReference → garbage collection with the run
-        await kube.create(obj)
+        await kube.create(obj)  # an existing object (and so an existing key) is kept
     elif isinstance(action, planner.PatchChild):
         await kube.patch(action.api_version, action.kind, ns, action.name, action.patch)
     elif isinstance(action, planner.DeleteChild):
         await kube.delete(action.api_version, action.kind, ns, action.name)
     elif isinstance(action, planner.DeleteRun):
-        await kube.delete(api.API_VERSION, api.KIND, ns, name)
+        await kube.delete(contract.API_VERSION, contract.KIND, ns, name)
 
 
 _STATUS_KEYS = {f.alias or n for n, f in api.CodaTrainingRunStatus.model_fields.items()}
@@ -322,7 +332,7 @@ async def _reconcile(state: _State, key: Key) -> None:
     namespace, name = key
     kube = state.client()
     try:
-        run = await kube.get(api.API_VERSION, api.KIND, namespace, name)
+        run = await kube.get(contract.API_VERSION, contract.KIND, namespace, name)
     except _API_ERRORS as e:
         log.warning("reading %s/%s: %s", namespace, name, e)
         metrics.RECONCILE_ERRORS.labels("read").inc()
@@ -331,8 +341,8 @@ async def _reconcile(state: _State, key: Key) -> None:
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         state.forget(key)  # deleted: children go with it (ownerReferences); nothing is recreated
         return
-    run.setdefault("apiVersion", api.API_VERSION)
-    run.setdefault("kind", api.KIND)
+    run.setdefault("apiVersion", contract.API_VERSION)
+    run.setdefault("kind", contract.KIND)
 
     result = planner.plan(run, state.observe(key), datetime.now(UTC))
     status = result.status_dict()
@@ -359,7 +369,7 @@ async def _reconcile(state: _State, key: Key) -> None:
     if patch:
         try:
             await kube.patch(
-                api.API_VERSION, api.KIND, namespace, name, {"status": patch}, status=True
+                contract.API_VERSION, contract.KIND, namespace, name, {"status": patch}, status=True
             )
         except _API_ERRORS as e:
             log.warning("patching status of %s/%s: %s", namespace, name, e)

@@ -20,6 +20,7 @@ __all__ = ["ApiError", "Kube", "plural_of"]
 
 _PLURALS = {
     "ConfigMap": "configmaps",
+    "Secret": "secrets",
     "Service": "services",
     "Event": "events",
     "Deployment": "deployments",

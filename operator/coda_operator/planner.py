@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from coda_trainer.contract import RETRY_ANNOTATION
+
 from coda_operator import render
 from coda_operator.api import (
     CodaTrainingRunSpec,
@@ -30,7 +32,6 @@ from coda_operator.api import (
 
 __all__ = [
     "CONDITION_TYPES",
-    "RETRY_ANNOTATION",
     "Create",
     "DeleteChild",
     "DeleteRun",
@@ -69,7 +70,6 @@ CONDITION_TYPES = (
 _WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
 # `coda-ctl retry RUN` sets this annotation to a new value (a timestamp); a value the status has not
 # recorded as handled asks for one more attempt of a Failed run's failed stage.
-RETRY_ANNOTATION = "coda.dev/retry"
 
 
 def isoformat(t: datetime) -> str:
@@ -594,7 +594,8 @@ def _sampler(
     st = ctx.st
     if st.sampler is None or st.sampler.deployment is None:
         deployment, service = render.render_sampler(name, namespace, spec)
-        ctx.actions += [Create(deployment), Create(service)]
+        key = render.render_sampler_key(name, namespace, spec)
+        ctx.actions += [*([Create(key)] if key else []), Create(deployment), Create(service)]
         st.sampler = SamplerStatus(
             deployment=deployment["metadata"]["name"],
             service=service["metadata"]["name"],

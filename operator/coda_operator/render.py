@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from coda_trainer import contract
 from coda_trainer.config import ModelSpec, TrainJobConfig
-from coda_trainer.exit_codes import EXIT_PERMANENT, EXIT_RETRYABLE
+from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
-from coda_operator.api import AcceleratorSpec, CodaTrainingRunSpec, parse_spec
+from coda_operator.api import AcceleratorSpec, CodaTrainingRunSpec, SecretKeyRef, parse_spec
 
 __all__ = [
     "CONFIG_DIR",
     "COORDINATOR_PORT",
+    "GENERATE_ANNOTATION",
     "JOB_FILE",
     "LABEL_ATTEMPT",
     "LABEL_COMPONENT",
@@ -44,7 +46,9 @@ __all__ = [
     "jobset_name",
     "render_all",
     "render_sampler",
+    "render_sampler_key",
     "render_stage",
+    "sampler_api_key",
     "sampler_checkpoint",
     "sampler_endpoint",
     "sampler_name",
@@ -53,8 +57,8 @@ __all__ = [
     "stage_job_config",
 ]
 
-LABEL_RUN = "coda.dev/run"
-LABEL_STAGE = "coda.dev/stage"
+LABEL_RUN = contract.LABEL_RUN
+LABEL_STAGE = contract.LABEL_STAGE
 LABEL_ATTEMPT = "coda.dev/attempt"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -72,10 +76,13 @@ SAMPLER_PORT = 8000
 # Seconds between SIGTERM and SIGKILL: the trainer checkpoints on SIGTERM before exiting 75.
 TERMINATION_GRACE_SECONDS = 120
 TRAINER_UID = 1000
+# On a Secret the operator creates: fill this key with a random API key (see render_sampler_key).
+GENERATE_ANNOTATION = "coda.dev/generate-key"
 
 # Shell step in front of the trainer: the only arithmetic the downward API cannot do.
 _LAUNCH = (
-    "export JAX_PROCESS_ID=$((CODA_SLICE_ID * CODA_HOSTS_PER_SLICE + CODA_HOST_ID)) && "
+    f"export JAX_PROCESS_ID=$(({contract.ENV_SLICE_ID} * {contract.ENV_HOSTS_PER_SLICE}"
+    f" + {contract.ENV_HOST_ID})) && "
     f"exec python -m coda_trainer.train --config {CONFIG_DIR}/{JOB_FILE}"
 )
 
@@ -92,12 +99,17 @@ def sampler_name(run: str) -> str:
     return f"{run}-sampler"
 
 
+def sampler_api_key(run: str, spec: CodaTrainingRunSpec) -> SecretKeyRef:
+    """Where the sampler's API key lives: the run's own Secret, or the one the operator generates."""
+    return spec.sampler.api_key_secret or SecretKeyRef(name=f"{run}-sampler-key")
+
+
 def sampler_endpoint(run: str, namespace: str) -> str:
     return f"http://{sampler_name(run)}.{namespace}.svc:{SAMPLER_PORT}"
 
 
 def stage_final(spec: CodaTrainingRunSpec, index: int) -> str:
-    return f"{spec.checkpoints.uri.rstrip('/')}/{spec.stages[index].name}/final"
+    return contract.final_uri(spec.checkpoints.uri, spec.stages[index].name)
 
 
 def sampler_checkpoint(spec: CodaTrainingRunSpec) -> str:
@@ -249,25 +261,25 @@ def _trainer_env(
     stage = spec.stages[index]
     coordinator_host = "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
     env: list[dict[str, Any]] = [
-        {"name": "CODA_RUN_NAME", "value": run},
-        _field_env("CODA_RUN_NAMESPACE", "metadata.namespace"),
-        {"name": "CODA_STAGE", "value": stage.name},
-        {"name": "CODA_STAGE_INDEX", "value": str(index)},
-        {"name": "CODA_ATTEMPT", "value": str(attempt)},
+        {"name": contract.ENV_RUN_NAME, "value": run},
+        _field_env(contract.ENV_RUN_NAMESPACE, "metadata.namespace"),
+        {"name": contract.ENV_STAGE, "value": stage.name},
+        {"name": contract.ENV_STAGE_INDEX, "value": str(index)},
+        {"name": contract.ENV_ATTEMPT, "value": str(attempt)},
         # The trainer's process 0 merge-patches status.progress of its CodaTrainingRun.
-        {"name": "CODA_PROGRESS", "value": "status"},
+        {"name": contract.ENV_PROGRESS, "value": contract.PROGRESS_TO_STATUS},
         _field_env("JOBSET_NAME", "metadata.labels['jobset.sigs.k8s.io/jobset-name']"),
         _field_env(
             "REPLICATED_JOB_NAME", "metadata.labels['jobset.sigs.k8s.io/replicatedjob-name']"
         ),
-        _field_env("CODA_SLICE_ID", "metadata.labels['jobset.sigs.k8s.io/job-index']"),
+        _field_env(contract.ENV_SLICE_ID, "metadata.labels['jobset.sigs.k8s.io/job-index']"),
         _field_env(
-            "CODA_NUM_SLICES", "metadata.labels['jobset.sigs.k8s.io/replicatedjob-replicas']"
+            contract.ENV_NUM_SLICES, "metadata.labels['jobset.sigs.k8s.io/replicatedjob-replicas']"
         ),
         _field_env(
-            "CODA_HOST_ID", "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+            contract.ENV_HOST_ID, "metadata.annotations['batch.kubernetes.io/job-completion-index']"
         ),
-        {"name": "CODA_HOSTS_PER_SLICE", "value": str(pl.hosts)},
+        {"name": contract.ENV_HOSTS_PER_SLICE, "value": str(pl.hosts)},
         {"name": "JAX_NUM_PROCESSES", "value": str(pl.hosts * pl.slices)},
         {"name": "JAX_COORDINATOR_ADDRESS", "value": f"{coordinator_host}:{COORDINATOR_PORT}"},
     ]
@@ -471,6 +483,7 @@ def render_sampler(
     if limits:
         resources["limits"] = limits
     defaults = sampler.defaults.model_dump(mode="json", exclude_none=True)
+    api_key = sampler_api_key(run, spec)
     probe = {
         "httpGet": {"path": "/healthz", "port": "http"},
         "periodSeconds": 10,
@@ -485,12 +498,20 @@ def render_sampler(
             "coda_trainer.serve",
             "--checkpoint",
             sampler_checkpoint(spec),
+            # Every interface: the Service, the kubelet's probes and the API server's proxy
+            # reach the pod on its own address. /v1 needs the API key; the probes do not.
+            "--host",
+            "0.0.0.0",
             "--port",
             str(SAMPLER_PORT),
         ],
         "env": [
-            {"name": "CODA_RUN_NAME", "value": run},
-            {"name": "CODA_SAMPLER_DEFAULTS", "value": json.dumps(defaults, sort_keys=True)},
+            {
+                "name": contract.ENV_API_KEY,
+                "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": api_key.key}},
+            },
+            {"name": contract.ENV_RUN_NAME, "value": run},
+            {"name": contract.ENV_SAMPLER_DEFAULTS, "value": json.dumps(defaults, sort_keys=True)},
             {"name": "HOME", "value": "/tmp"},
         ],
         "ports": [{"name": "http", "containerPort": SAMPLER_PORT, "protocol": "TCP"}],
@@ -546,6 +567,31 @@ def render_sampler(
     return deployment, service
 
 
+def render_sampler_key(
+    run: str, namespace: str, spec: CodaTrainingRunSpec
+) -> dict[str, Any] | None:
+    """The Secret holding a generated API key, or None when the run names its own Secret.
+
+    Rendered without the key (this module is pure): the operator fills `stringData` with fresh
+    random bytes when it creates the Secret (`GENERATE_ANNOTATION`), and never overwrites one
+    that exists.
+    """
+    if spec.sampler.api_key_secret is not None:
+        return None
+    ref = sampler_api_key(run, spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": ref.name,
+            "namespace": namespace,
+            "labels": _labels(run, "sampler"),
+            "annotations": {GENERATE_ANNOTATION: ref.key},
+        },
+    }
+
+
 def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, Any]]:
     """Every object the operator would create for a CodaTrainingRun (first attempts; sampler last).
 
@@ -560,5 +606,6 @@ def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, A
     for i in range(len(spec.stages)):
         objects += render_stage(name, namespace, spec, i, suspend=spec.suspend).all()
     if spec.sampler.enabled:
-        objects += list(render_sampler(name, namespace, spec))
+        key = render_sampler_key(name, namespace, spec)
+        objects += [*([key] if key else []), *render_sampler(name, namespace, spec)]
     return objects

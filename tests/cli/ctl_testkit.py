@@ -70,7 +70,9 @@ class Emulator:
                 subresources={"status"},
                 verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
             )
-            for plural, kind in [("pods", "Pod"), ("events", "Event"), ("services", "Service")]:
+            for plural, kind in [
+                ("pods", "Pod"), ("events", "Event"), ("services", "Service"), ("secrets", "Secret")
+            ]:  # fmt: skip
                 k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True)
             k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
             # The emulator knows no subresources beyond status: serve pod logs and the service proxy.

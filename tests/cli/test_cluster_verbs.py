@@ -7,6 +7,7 @@ the operator would leave them; outputs of `get`/`describe` are pinned by golden 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -226,6 +227,11 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
         ("coda-1p7b-pretrain-slice-0-0-zzzzz", "coda-1p7b-pretrain", 0, 0),
     ]:
         core.create_namespaced_pod(NAMESPACE, _pod(name, jobset, j, c))
+    # The key the operator generates for sft-done's sampler (render.render_sampler_key).
+    key = base64.b64encode(b"k3y").decode()
+    core.create_namespaced_secret(
+        NAMESPACE, {"metadata": {"name": "sft-done-sampler-key"}, "data": {"api-key": key}}
+    )
     emulator.logs["coda-1p7b-midtrain-r1-slice-0-0-fghij"] = (
         b'{"step": 12000, "loss": 1.83}\nleader log line\n'
     )
@@ -466,7 +472,7 @@ def test_sample_through_the_service_proxy(ctl: Any, emulator: Any) -> None:
     seen: list[Any] = []
 
     def proxy(request: Any) -> dict[str, Any]:
-        seen.append((request.name, request.subresource, request.data))
+        seen.append((request.name, request.subresource, request.data, request.headers))
         return {
             "id": "cmpl-1",
             "object": "text_completion",
@@ -481,8 +487,9 @@ def test_sample_through_the_service_proxy(ctl: Any, emulator: Any) -> None:
         emulator.proxy = None
     assert res.exit_code == 0, res.output
     assert res.stdout == "    return a + b\n\n"
-    name, sub, data = seen[0]
+    name, sub, data, headers = seen[0]
     assert name == "sft-done-sampler:8000" and sub == "proxy/v1/completions"
+    assert headers.get("api-key") == "k3y"  # the sampler's key, read from the run's Secret
     assert data["prompt"] == "def add(a, b):\n" and data["max_tokens"] == 16
 
 

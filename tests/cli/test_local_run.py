@@ -13,7 +13,6 @@ stage's steps scaled down by CODA_STEPS_SCALE, as in CI.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -57,10 +56,13 @@ def kill_resume_serve(
     before = stages[: stages.index(kill_stage)]
 
     # ---- 1. first attempt, killed with its trainer in the middle of `kill_stage`
-    first = subprocess.Popen(
-        _ctl("local", "run", *run_args, "--workdir", str(workdir), "--no-sample"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+    log1 = workdir.parent / f"{name}-first.log"
+    log1.parent.mkdir(parents=True, exist_ok=True)
+    with log1.open("wb") as out:  # a file, not a pipe: nobody reads while it trains
+        first = subprocess.Popen(
+            _ctl("local", "run", *run_args, "--workdir", str(workdir), "--no-sample"),
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
     stage_dir = root / kill_stage
     try:
         _wait_for(lambda: stage_dir.is_dir() and any(p.name.isdigit() for p in stage_dir.iterdir()),
@@ -70,8 +72,8 @@ def kill_resume_serve(
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    out1 = first.stdout.read().decode()
+            first.wait(30)
+    out1 = log1.read_text(errors="replace")
     assert all((root / s / "final").is_dir() for s in before), out1
     assert not (stage_dir / "final").exists(), (
         f"{kill_stage} finished before the kill: the test proves nothing"
@@ -81,15 +83,16 @@ def kill_resume_serve(
 
     # ---- 2. rerun: skip, resume, finish, serve
     port = _free_port()
-    second = subprocess.Popen(
-        _ctl("local", "run", *run_args, "--workdir", str(workdir), "--serve", "--port", str(port)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        bufsize=0,  # unbuffered: select() must see every byte not yet read
-    )  # fmt: skip
-    lines: list[str] = []
+    log2 = workdir.parent / f"{name}-second.log"
+    with log2.open("wb") as out:
+        second = subprocess.Popen(
+            _ctl("local", "run", *run_args, "--workdir", str(workdir), "--serve",
+                 "--port", str(port)),
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
     try:
-        _read_until(second, lines, f"serving at http://127.0.0.1:{port}", timeout=420)
-        text = "".join(lines)
+        _wait_for_output(second, log2, f"serving at http://127.0.0.1:{port}", timeout=420)
+        text = log2.read_text(errors="replace")
         for s in before:
             assert f"[{s}] skipped" in text, text
         assert f"[{kill_stage}] resuming from its newest checkpoint" in text, text
@@ -121,7 +124,7 @@ def kill_resume_serve(
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
-            second.wait()
+            second.wait(30)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
@@ -168,23 +171,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_until(
-    proc: subprocess.Popen[bytes], lines: list[str], needle: str, timeout: float
-) -> None:
+def _wait_for_output(proc: subprocess.Popen[bytes], log: Path, needle: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline().decode()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if needle in line:
-                return
-        elif proc.poll() is not None:
+        if needle in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
             break
-    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(lines)}")
+        time.sleep(0.1)
+    raise AssertionError(f"never saw {needle!r}; output:\n{log.read_text(errors='replace')}")
 
 
 def test_embedded_default_killed_in_midtrain_resumes_and_serves(tmp_path: Path) -> None:

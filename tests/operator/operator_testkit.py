@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kmock
-from coda_operator import api
 from coda_operator.handlers import OperatorConfig, run_operator
+from coda_trainer import contract
 
 NS = "ml"
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,8 +217,8 @@ class Cluster:
 
     async def create_run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {
-            "apiVersion": api.API_VERSION,
-            "kind": api.KIND,
+            "apiVersion": contract.API_VERSION,
+            "kind": contract.KIND,
             "metadata": {"name": name, "namespace": NS},
             "spec": spec,
         }

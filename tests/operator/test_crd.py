@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from coda_operator import api, crd
+from coda_trainer import contract
 from coda_trainer.config import CheckpointConfig, ModelSpec, StageConfig
 from crd_validation import cel_errors, crd_errors
 from operator_testkit import ROOT, run_spec
@@ -22,8 +23,8 @@ K8S_VERSION = "1.30"
 
 def run_doc(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
     return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": name, "namespace": "ml"},
         "spec": spec,
     }

@@ -74,7 +74,7 @@ async def test_three_stages_to_succeeded_with_sampler(
         assert job["stage"].get("init_from") == expected
         assert job["stage"]["name"] == stage and job["run"] == "demo"
         if stage == "pretrain":
-            # the trainer's process 0 reports progress into status (coda_operator.progress does this)
+            # the trainer's process 0 reports progress into status (coda_trainer.k8s_progress does this)
             await cluster.patch(
                 "codatrainingruns",
                 "demo",
@@ -176,7 +176,7 @@ async def test_failure_retry_then_exhaustion(cluster: Cluster, operator: Operato
 async def test_progress_reported_by_the_trainer_reaches_printer_columns(
     cluster: Cluster, operator: OperatorTask
 ) -> None:
-    from coda_operator.progress import ProgressReporter
+    from coda_trainer.k8s_progress import ProgressReporter
 
     await cluster.create_run("prog", run_spec())
     await cluster.wait_run(
@@ -385,7 +385,7 @@ async def _value(x: Any) -> Any:
 async def test_coda_ctl_retry_annotation_restarts_the_failed_stage(
     cluster: Cluster, operator: OperatorTask
 ) -> None:
-    from coda_operator.planner import RETRY_ANNOTATION
+    from coda_trainer.contract import RETRY_ANNOTATION
 
     await cluster.create_run("again", run_spec(failurePolicy={"maxRestarts": 1, "stageRetries": 0}))
     await cluster.wait_jobset("again-pretrain")

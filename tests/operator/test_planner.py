@@ -17,6 +17,7 @@ from coda_operator.planner import (
     PatchChild,
     plan,
 )
+from coda_trainer.contract import RETRY_ANNOTATION
 from operator_testkit import run_spec
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -99,7 +100,7 @@ def test_happy_path_rows_2_4_10_11_12() -> None:
             )
             assert p.finished_stages and p.finished_stages[0][0] == ["pretrain", "midtrain"][i]
     assert sim.status["phase"] == "Succeeded"
-    assert kinds(p) == ["Create:Deployment", "Create:Service"]
+    assert kinds(p) == ["Create:Secret", "Create:Deployment", "Create:Service"]
     assert (
         sim.cond("Complete")["status"] == "True" and sim.cond("SamplerReady")["status"] == "False"
     )
@@ -313,7 +314,7 @@ def test_conditions_follow_metav1() -> None:
 
 
 def _annotate_retry(sim: Sim, value: str) -> None:
-    sim.run["metadata"].setdefault("annotations", {})[planner.RETRY_ANNOTATION] = value
+    sim.run["metadata"].setdefault("annotations", {})[RETRY_ANNOTATION] = value
 
 
 def _failed_sim(**spec: Any) -> Sim:
@@ -419,9 +420,3 @@ def test_retry_only_reopens_a_stage_failure(cause: str) -> None:
     assert p.actions == [] and sim.status["phase"] == "Failed"
     assert [(e.type, e.reason) for e in p.events] == [("Warning", "RetryIgnored")]
     assert sim.status["retryHandled"] == "x"
-
-
-def test_retry_annotation_is_the_one_coda_ctl_sets() -> None:
-    from coda_ctl.kube import RETRY_ANNOTATION
-
-    assert RETRY_ANNOTATION == planner.RETRY_ANNOTATION == "coda.dev/retry"

@@ -17,8 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from coda_operator import api, render
+from coda_trainer import contract
 from coda_trainer.config import load_job_config
-from coda_trainer.exit_codes import EXIT_PERMANENT, EXIT_RETRYABLE
+from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 from crd_validation import _strict
 from operator_testkit import jobset_crd_schema, run_spec
 
@@ -291,9 +292,18 @@ def test_sampler_deployment_and_service(jobset_validator: jsonschema.Draft7Valid
         "coda_trainer.serve",
         "--checkpoint",
         "gs://coda-test/runs/demo/sft/final",
+        "--host",
+        "0.0.0.0",
         "--port",
         "8000",
     ]
+    # All interfaces (Service, probes, the API server's proxy), behind the generated key.
+    key_env = next(e for e in c["env"] if e["name"] == contract.ENV_API_KEY)
+    assert key_env["valueFrom"] == {"secretKeyRef": {"name": "demo-sampler-key", "key": "api-key"}}
+    secret = render.render_sampler_key("demo", "ml", spec)
+    validate(secret, jobset_validator)
+    assert secret["metadata"]["name"] == "demo-sampler-key" and "data" not in secret
+    assert secret["metadata"]["annotations"] == {render.GENERATE_ANNOTATION: "api-key"}
     assert (
         c["readinessProbe"]["httpGet"]["path"] == "/readyz"
         and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -307,15 +317,44 @@ def test_sampler_deployment_and_service(jobset_validator: jsonschema.Draft7Valid
     assert yaml.safe_load(defaults) == {"steps": 64, "alg": "entropy", "block_length": 32}
 
 
+def test_sampler_uses_the_secret_the_run_names() -> None:
+    spec = api.parse_spec(run_spec(sampler={"apiKeySecret": {"name": "team-key", "key": "token"}}))
+    deployment, _ = render.render_sampler("demo", "ml", spec)
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    key_env = next(e for e in env if e["name"] == contract.ENV_API_KEY)
+    assert key_env["valueFrom"] == {"secretKeyRef": {"name": "team-key", "key": "token"}}
+    assert render.render_sampler_key("demo", "ml", spec) is None  # nothing generated
+
+
+def test_rendered_sampler_command_starts_with_the_servers_own_checks() -> None:
+    """What render writes, the server accepts: its argument parser and its refusal to serve a
+    non-loopback address without a key (the key comes from the pod's env)."""
+    from coda_trainer.serve.__main__ import is_loopback, parse_args
+
+    deployment, _ = render.render_sampler("demo", "ml", api.parse_spec(run_spec()))
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:3] == ["python", "-m", "coda_trainer.serve"]
+    args = parse_args(c["command"][3:])
+    assert not is_loopback(args.host) and args.port == render.SAMPLER_PORT
+    assert not args.insecure_no_auth
+    assert any(
+        e["name"] == contract.ENV_API_KEY and "secretKeyRef" in e["valueFrom"] for e in c["env"]
+    )
+
+
 def test_render_all_for_the_cli(jobset_validator: jsonschema.Draft7Validator) -> None:
     run = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
         "metadata": {"name": "demo", "namespace": "ml"},
         "spec": run_spec(queueName="tpu-team", suspend=True),
     }
     objs = render.render_all(copy.deepcopy(run))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "JobSet"] * 3 + ["Deployment", "Service"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "JobSet"] * 3 + [
+        "Secret",
+        "Deployment",
+        "Service",
+    ]
     for o in objs:
         validate(o, jobset_validator)
     with pytest.raises(api.InvalidSpec):

@@ -1,7 +1,9 @@
 """pytest fixtures: a real GCS endpoint on loopback (`gcp-storage-emulator` in a subprocess).
 
 - `gcs_emulator` (session): starts `gcp-storage-emulator start --in-memory` on a free 127.0.0.1
-  port, waits until it answers, and points the clients at it for the whole process and its
+  port, its output going to a log file (a pipe nobody reads fills up after ~64 KB of the
+  emulator's tracebacks and then blocks every request: the suite hung that way once), waits
+  until it answers, and points the clients at it for the whole process and its
   children: `STORAGE_EMULATOR_HOST` (google-cloud-storage, gcsfs) and `TENSORSTORE_GCS_HTTP_URL`
   (tensorstore, i.e. orbax's array writes; without it saves try the real GCS and hang). Stopped
   and the environment restored at the end of the session.
@@ -17,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -53,6 +56,7 @@ def _executable() -> list[str]:
 class GCSEmulator:
     url: str
     process: subprocess.Popen
+    log_path: Path
 
     def make_bucket(self, name: str | None = None) -> str:
         """Create a bucket and return its `gs://` URI."""
@@ -71,7 +75,7 @@ class GCSEmulator:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(timeout=10)
 
 
 def _reset_gcsfs() -> None:
@@ -88,6 +92,8 @@ def start_gcs_emulator(timeout: float = 30.0) -> GCSEmulator:
     """Start the emulator and set the environment variables; the caller must `stop()` it."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    log_fd, log_name = tempfile.mkstemp(prefix="gcs-emulator-", suffix=".log")
+    log_path = Path(log_name)
     proc = subprocess.Popen(
         [
             *_executable(),
@@ -99,13 +105,14 @@ def start_gcs_emulator(timeout: float = 30.0) -> GCSEmulator:
             "--in-memory",
             "--quiet",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log_fd,
+        stderr=subprocess.STDOUT,
     )
+    os.close(log_fd)  # the child holds its own copy
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = log_path.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}: {err}")
         try:
             with urllib.request.urlopen(f"{url}/storage/v1/b?project=test", timeout=1):
@@ -113,15 +120,17 @@ def start_gcs_emulator(timeout: float = 30.0) -> GCSEmulator:
         except OSError:
             if time.monotonic() > deadline:
                 proc.kill()
+                proc.wait(timeout=10)
                 raise RuntimeError(
-                    f"gcp-storage-emulator did not answer on {url} within {timeout}s"
+                    f"gcp-storage-emulator did not answer on {url} within {timeout}s "
+                    f"(log: {log_path})"
                 ) from None
             time.sleep(0.1)
     os.environ["STORAGE_EMULATOR_HOST"] = url
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
     os.environ["GOOGLE_CLOUD_PROJECT"] = "test"
     _reset_gcsfs()
-    return GCSEmulator(url, proc)
+    return GCSEmulator(url, proc, log_path)
 
 
 @pytest.fixture(scope="session")

@@ -392,6 +392,9 @@ def test_api_key_is_required_when_set(checkpoint: Path) -> None:
             httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code
             == 401
         )
+        # The header that survives the Kubernetes API server's service proxy (coda-ctl sample).
+        assert httpx.get(srv.url + "/v1/models", headers={"api-key": "s3cret"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers={"api-key": "wrong"}).status_code == 401
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
         assert good.models.list().data[0].id == "final"
         assert isinstance(

@@ -18,8 +18,8 @@ import yaml
 from coda_trainer import storage, train
 from coda_trainer.checkpoint import Checkpointer
 from coda_trainer.config import TrainJobConfig
+from coda_trainer.contract import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
 from coda_trainer.corpus import build_default_corpora
-from coda_trainer.exit_codes import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
 from coda_trainer.presets import embedded_default, stage_preset
 from safetensors.numpy import load_file
 
@@ -92,11 +92,61 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _spawn(config: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "coda_trainer.train", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env), cwd=REPO,
-    )  # fmt: skip
+class TrainerProcess:
+    """`python -m coda_trainer.train --config` in a subprocess; stdout and stderr go to files
+    beside the config (a pipe nobody reads blocks the child once ~64 KB pile up). Use it as a
+    context manager: the process is always killed and reaped on the way out."""
+
+    def __init__(self, config: Path, **env: str) -> None:
+        self.out_path = config.with_suffix(".stdout")
+        self.err_path = config.with_suffix(".stderr")
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "coda_trainer.train", "--config", str(config)],
+                stdout=out, stderr=err, env=_env(**env), cwd=REPO,
+            )  # fmt: skip
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for_stdout(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.stdout():
+            assert self.proc.poll() is None, (
+                f"trainer exited ({self.proc.returncode}) before printing {needle!r}: "
+                f"{self.stderr()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, f"no {needle!r} within {timeout} s"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> tuple[str, str]:
+        """Wait for the exit (killing it after `timeout` seconds); return (stdout, stderr)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"trainer still running after {timeout} s: {self.stderr()[-3000:]}"
+            ) from None
+        return self.stdout(), self.stderr()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self) -> TrainerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
 
 @pytest.fixture(scope="module")
@@ -143,22 +193,17 @@ def test_exact_resume_after_kill_9(tmp_path, corpus, reference):
     spec = job(tmp_path, corpus)
     config = write_job(tmp_path / "job.yaml", spec)
     stage_dir = tmp_path / "ckpt" / "pretrain"
-    proc = _spawn(config)
-    try:
+    with TrainerProcess(config) as trainer:
         deadline = time.monotonic() + 240
         while not (stage_dir / "8").is_dir():  # orbax renames a step dir into place when complete
-            assert proc.poll() is None, (
-                f"trainer exited early ({proc.returncode}): {proc.stderr.read()}"
+            assert trainer.returncode is None, (
+                f"trainer exited early ({trainer.returncode}): {trainer.stderr()[-3000:]}"
             )
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        trainer.proc.send_signal(signal.SIGKILL)
+        trainer.finish(timeout=30)
+    assert trainer.returncode == -signal.SIGKILL
     killed_at = max(train_lines(str(stage_dir)))
     assert killed_at < STEPS, "the run finished before it was killed"
 
@@ -181,17 +226,11 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_retryable(tmp_path, corpu
         tmp_path, corpus, steps=100_000, batch={"sequences": 4, "seq_len": 32, "grad_accum": 2}
     )
     spec["checkpoints"]["every_steps"] = 10_000
-    proc = _spawn(write_job(tmp_path / "job.yaml", spec))
-    try:
-        line = proc.stdout.readline()  # the first JSON line comes after step 1
-        assert '"event": "train"' in line, line + proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_RETRYABLE, err[-3000:]
+    with TrainerProcess(write_job(tmp_path / "job.yaml", spec)) as trainer:
+        trainer.wait_for_stdout('"event": "train"', timeout=240)  # the first line is after step 1
+        trainer.proc.send_signal(signal.SIGTERM)
+        out, err = trainer.finish(timeout=120)
+    assert trainer.returncode == EXIT_RETRYABLE, err[-3000:]
     assert "received SIGTERM" in err
     stage_dir = str(tmp_path / "ckpt" / "pretrain")
     ckpt = Checkpointer(stage_dir)
@@ -207,13 +246,13 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_retryable(tmp_path, corpu
 def test_eight_devices_match_one(tmp_path, corpus, reference):
     _, ref_dir = reference
     spec = job(tmp_path, corpus, steps=STEPS, mesh={"data": 1, "fsdp": 4, "tensor": 2})
-    proc = _spawn(
+    with TrainerProcess(
         write_job(tmp_path / "job.yaml", spec),
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
-    )
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == EXIT_OK, err[-3000:]
+    ) as trainer:
+        _, err = trainer.finish(timeout=400)
+    assert trainer.returncode == EXIT_OK, err[-3000:]
     assert "on 8 cpu device(s)" in err
     ours, ref = train_lines(str(tmp_path / "ckpt" / "pretrain")), train_lines(ref_dir)
     assert sorted(ours) == sorted(ref)
@@ -316,6 +355,17 @@ def test_bad_data_is_permanent(tmp_path, corpus, caplog, no_device_work):
         with caplog.at_level(logging.ERROR):
             assert _main_with(tmp_path, spec) == EXIT_PERMANENT, uri
         assert message in caplog.text, caplog.text
+
+
+def test_init_from_of_another_shape_is_permanent(tmp_path, corpus, reference, caplog):
+    """Found only once the model exists (after validation): still 78, never a crash (1) that
+    the operator would retry against the run's restart budget."""
+    _, ref_dir = reference
+    spec = job(tmp_path, corpus, steps=2, init_from=f"{ref_dir}/final")
+    spec["model"]["overrides"] = {**TINY, "hidden_size": 48}
+    with caplog.at_level(logging.ERROR):
+        assert _main_with(tmp_path, spec) == EXIT_PERMANENT
+    assert "CheckpointError" in caplog.text and "shape" in caplog.text, caplog.text
 
 
 def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work):
@@ -455,7 +505,7 @@ def test_trainer_reports_progress_into_the_run_status(tmp_path, corpus):
     spec["run"] = "demo"
     recorder = _PatchRecorder(refuse_first=1)
     try:
-        proc = _spawn(
+        with TrainerProcess(
             write_job(tmp_path / "job.yaml", spec),
             CODA_PROGRESS="status",
             CODA_RUN_NAME="demo",
@@ -463,14 +513,11 @@ def test_trainer_reports_progress_into_the_run_status(tmp_path, corpus):
             CODA_STAGE="pretrain",
             CODA_PROGRESS_SERVER=recorder.url,
             CODA_PROGRESS_INTERVAL="0",  # every logged step (the default rate limit is 30 s)
-        )
-        _, err = proc.communicate(timeout=120)
+        ) as trainer:
+            _, err = trainer.finish(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         recorder.close()
-    assert proc.returncode == EXIT_OK, err[-3000:]
+    assert trainer.returncode == EXIT_OK, err[-3000:]
     assert recorder.requests, err[-3000:]
     for r in recorder.requests:
         assert r["path"] == "/apis/coda.dev/v1alpha1/namespaces/ml/codatrainingruns/demo/status"

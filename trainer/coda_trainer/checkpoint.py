@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from coda_trainer import storage
+from coda_trainer.contract import PermanentError
 
 __all__ = [
     "Checkpointer",
@@ -50,7 +51,7 @@ _TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-class InitFromError(ValueError):
+class InitFromError(PermanentError):
     """`init_from` does not point at usable weights (permanent)."""
 
 
@@ -271,6 +272,11 @@ def load_init_params(uri: str, model: Any) -> str:
         return resolved
     params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(storage.join(resolved, "params"), abstract_like(params))
+        try:
+            restored = ckptr.restore(storage.join(resolved, "params"), abstract_like(params))
+        except (ValueError, KeyError, TypeError) as e:  # orbax's words for "other tree/shapes"
+            raise InitFromError(
+                f"init_from {resolved}: the orbax checkpoint does not fit this model: {e}"
+            ) from e
     nnx.update(model, restored)
     return resolved

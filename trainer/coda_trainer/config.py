@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from coda_trainer import contract
+
 __all__ = [
     "PRESETS",
     "BatchConfig",
@@ -638,11 +640,15 @@ class TrainJobConfig(StrictModel):
 
     @property
     def stage_dir(self) -> str:
-        return f"{self.checkpoints.uri.rstrip('/')}/{self.stage.name}"
+        return contract.stage_uri(self.checkpoints.uri, self.stage.name)
 
     @property
     def final_dir(self) -> str:
-        return f"{self.stage_dir}/final"
+        return contract.final_uri(self.checkpoints.uri, self.stage.name)
+
+    @property
+    def status_file(self) -> str:
+        return contract.status_uri(self.checkpoints.uri, self.stage.name)
 
 
 def load_job_config(path: str | Path) -> TrainJobConfig:

@@ -45,6 +45,7 @@ import numpy as np
 
 from coda_trainer import storage
 from coda_trainer.config import DataSource
+from coda_trainer.contract import PermanentError
 
 __all__ = [
     "Batch",
@@ -64,7 +65,7 @@ Format = Literal["text", "jsonl", "parquet", "chat"]
 _STATE_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(PermanentError):
     """The data cannot be used (missing, unreadable, empty, not in its declared format). Permanent."""
 
 

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from coda_trainer import storage
 from coda_trainer.config import ModelConfig
+from coda_trainer.contract import PermanentError
 from coda_trainer.model import Transformer
 from coda_trainer.sharding import state_shardings
 
@@ -54,7 +55,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PermanentError):
     """A Hugging Face folder that cannot be loaded into the requested model (names file and tensor)."""
 
 

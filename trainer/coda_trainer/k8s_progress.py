@@ -13,7 +13,7 @@ e.g. `coda-ctl local run`). `CODA_PROGRESS_SERVER` names an API URL to use witho
 (`kubectl proxy`, test servers) instead of the in-cluster ServiceAccount; `CODA_PROGRESS_INTERVAL`
 overrides the minimum seconds between unforced patches (default 30).
 
-Stdlib only (urllib, threading): the trainer image needs nothing extra, and this module imports
+Stdlib (urllib, threading) plus the contract's pydantic `Progress` model: this module imports
 neither kopf nor JAX. Reporting never raises: progress is best-effort and must not stop training.
 `report()` sends inline; `BackgroundProgress` sends from a thread so a slow or hung API server
 never stalls the training loop (on multi-host jobs every host would wait on process 0).
@@ -33,6 +33,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from coda_trainer.contract import (
+    ENV_PROGRESS,
+    ENV_PROGRESS_INTERVAL,
+    ENV_PROGRESS_SERVER,
+    ENV_RUN_NAME,
+    ENV_RUN_NAMESPACE,
+    ENV_STAGE,
+    PROGRESS_TO_STATUS,
+    Progress,
+    status_path,
+)
 
 __all__ = ["BackgroundProgress", "ProgressReporter"]
 
@@ -56,7 +68,7 @@ class ProgressReporter:
         timeout: float = 5.0,
     ):
         self.run, self.namespace, self.stage = run, namespace, stage
-        self.url = f"{server.rstrip('/')}/apis/coda.dev/v1alpha1/namespaces/{namespace}/codatrainingruns/{run}/status"
+        self.url = server.rstrip("/") + status_path(namespace, run)
         self._token = token
         # Projected ServiceAccount tokens are rotated by the kubelet: read the file per request.
         self._token_file = Path(token_file) if token_file else None
@@ -72,23 +84,23 @@ class ProgressReporter:
     ) -> ProgressReporter | None:
         """The reporter the operator's pod env asks for (CODA_PROGRESS=status), or None outside a cluster."""
         env = os.environ if env is None else env
-        if env.get("CODA_PROGRESS") != "status" or not env.get("CODA_RUN_NAME"):
+        if env.get(ENV_PROGRESS) != PROGRESS_TO_STATUS or not env.get(ENV_RUN_NAME):
             return None
-        if not env.get("CODA_STAGE"):
+        if not env.get(ENV_STAGE):
             return None
         if min_interval is None:
             try:
-                min_interval = float(env.get("CODA_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
+                min_interval = float(env.get(ENV_PROGRESS_INTERVAL, DEFAULT_INTERVAL_S))
             except ValueError:
                 min_interval = DEFAULT_INTERVAL_S
         common = dict(
-            run=env["CODA_RUN_NAME"],
-            namespace=env.get("CODA_RUN_NAMESPACE") or "default",
-            stage=env["CODA_STAGE"],
+            run=env[ENV_RUN_NAME],
+            namespace=env.get(ENV_RUN_NAMESPACE) or "default",
+            stage=env[ENV_STAGE],
             min_interval=min_interval,
         )
-        if env.get("CODA_PROGRESS_SERVER"):
-            return cls(server=env["CODA_PROGRESS_SERVER"], **common)  # type: ignore[arg-type]
+        if env.get(ENV_PROGRESS_SERVER):
+            return cls(server=env[ENV_PROGRESS_SERVER], **common)  # type: ignore[arg-type]
         token_file = _SA_DIR / "token"
         if not env.get("KUBERNETES_SERVICE_HOST") or not token_file.exists():
             return None
@@ -128,20 +140,18 @@ class ProgressReporter:
         now = time.monotonic()
         if not force and now - self._last < self.min_interval:
             return False
-        progress: dict[str, object] = {
-            "stage": self.stage,
-            "step": int(step),
-            "updateTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        if total_steps is not None:
-            progress["totalSteps"] = int(total_steps)
-        if loss is not None:
-            progress["loss"] = round(float(loss), 6)
-        if tokens_per_second is not None:
-            progress["tokensPerSecond"] = round(float(tokens_per_second), 1)
-        if checkpoint is not None:
-            progress["checkpoint"] = checkpoint
-        body = json.dumps({"status": {"progress": progress}}).encode()
+        progress = Progress(
+            stage=self.stage,
+            step=int(step),
+            update_time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            total_steps=None if total_steps is None else int(total_steps),
+            loss=None if loss is None else round(float(loss), 6),
+            tokens_per_second=None
+            if tokens_per_second is None
+            else round(float(tokens_per_second), 1),
+            checkpoint=checkpoint,
+        )
+        body = json.dumps({"status": {"progress": progress.to_wire()}}).encode()
         req = urllib.request.Request(self.url, data=body, method="PATCH")
         req.add_header("Content-Type", "application/merge-patch+json")
         token = self._bearer()

@@ -47,7 +47,14 @@ from flax import struct
 
 from coda_trainer import storage
 from coda_trainer.config import TrainJobConfig, load_job_config
-from coda_trainer.exit_codes import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
+from coda_trainer.contract import (
+    ENV_LOG_LEVEL,
+    EXIT_OK,
+    EXIT_PERMANENT,
+    EXIT_RETRYABLE,
+    PermanentError,
+    metrics_uri,
+)
 
 __all__ = [
     "ConfigError",
@@ -63,8 +70,8 @@ __all__ = [
 log = logging.getLogger("coda_trainer.train")
 
 
-class ConfigError(ValueError):
-    """The job cannot run as configured (permanent)."""
+class ConfigError(PermanentError):
+    """The job cannot run as configured."""
 
 
 @dataclasses.dataclass
@@ -363,9 +370,9 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     ckpt = ckpt_lib.Checkpointer(
         cfg.stage_dir, keep=cfg.checkpoints.keep, async_save=cfg.checkpoints.async_save
     )
-    metrics_dir = cfg.metrics_dir or storage.join(cfg.stage_dir, "metrics")
+    metrics_dir = cfg.metrics_dir or metrics_uri(cfg.checkpoints.uri, stage.name)
     writer = MetricsWriter(
-        metrics_dir, storage.join(cfg.stage_dir, "status.json"), run=cfg.run, stage=stage.name,
+        metrics_dir, cfg.status_file, run=cfg.run, stage=stage.name,
         total_steps=stage.steps, enabled=primary,
     )  # fmt: skip
     progress = _progress_reporter() if primary else None
@@ -610,19 +617,22 @@ def _is_transient(error: BaseException) -> bool:
 
 
 def run(cfg: TrainJobConfig, *, stop_after_steps: int | None = None) -> int:
-    """Validate and train one stage; failures map to exit codes (unexpected errors propagate)."""
-    from coda_trainer.checkpoint import InitFromError
-    from coda_trainer.data import DataError
+    """Validate and train one stage; failures map to exit codes (unexpected errors propagate).
 
+    Every `PermanentError` (bad config, data, init_from, a checkpoint of the wrong shape) exits
+    `EXIT_PERMANENT`, transient I/O errors `EXIT_RETRYABLE`; anything else is a crash (exit 1).
+    """
     try:
         plan = prepare(cfg)
-    except (ConfigError, DataError, InitFromError) as e:
+    except PermanentError as e:
         log.error("invalid job (%s): %s", type(e).__name__, e)
         return EXIT_PERMANENT
     except Exception as e:
         if _is_transient(e):
             log.error("cannot read the job's inputs (retryable): %s", e)
             return EXIT_RETRYABLE
+        # `prepare` only reads and validates inputs: a ValueError there (from a library parsing
+        # them) is a bad input however it is spelled.
         if isinstance(e, ValueError):
             log.error("invalid job (%s): %s", type(e).__name__, e)
             return EXIT_PERMANENT
@@ -632,7 +642,7 @@ def run(cfg: TrainJobConfig, *, stop_after_steps: int | None = None) -> int:
         return EXIT_OK
     try:
         return train(plan, stop_after_steps=stop_after_steps)
-    except (ConfigError, DataError, InitFromError) as e:
+    except PermanentError as e:
         log.error("%s: %s", type(e).__name__, e)
         return EXIT_PERMANENT
     except Exception as e:
@@ -664,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m coda_trainer.train", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", required=True, help="job YAML (TrainJobConfig), local path")
-    parser.add_argument("--log-level", default=os.environ.get("CODA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:

@@ -199,12 +199,15 @@ def create_app(
         path = request.url.path
         authorized = True
         if svc.api_key and path not in _OPEN_PATHS:
+            # `api-key` too (Azure OpenAI's header): the Kubernetes API server's service proxy
+            # strips `Authorization`, which carries the caller's cluster credentials.
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
+            token = token or request.headers.get("api-key", "")
             authorized = hmac.compare_digest(token.encode(), svc.api_key.encode())
         if not authorized:
             response: Response = _error(
-                401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                401, "missing or invalid API key (send Authorization: Bearer <key> or api-key: <key>)",
                 "invalid_request_error", None, "invalid_api_key",
             )  # fmt: skip
         else:
