@@ -34,7 +34,14 @@ import kmock  # noqa: E402
 from coda_operator.handlers import OperatorConfig  # noqa: E402
 
 # The emulator and the operator harness are the operator tests' own (tests/operator/operator_testkit.py).
-from operator_testkit import RESOURCES, Cluster, Emulator, OperatorTask, run_spec  # noqa: E402
+from operator_testkit import (  # noqa: E402
+    RESOURCES,
+    TRAINER_SERVICE_ACCOUNT,
+    Cluster,
+    Emulator,
+    OperatorTask,
+    run_spec,
+)
 
 STAGES = ("pretrain", "midtrain", "sft")
 
@@ -54,6 +61,7 @@ async def bench(runs: int, min_s: float, max_s: float, seed: int) -> dict[str, A
         emulator.resources[key] = kmock.ResourceInfo(**info)
     async with emulator, kmock.Server(emulator) as server:
         cluster = Cluster(emulator, server)
+        await cluster.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
         op = OperatorTask(
             str(server.url), OperatorConfig(server=str(server.url))
         )  # production defaults

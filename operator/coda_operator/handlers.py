@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -71,6 +72,8 @@ class _State:
         self.phases = metrics.PhaseTracker()
         self.jobsets: Any = None  # kopf.Index, bound from the handler kwargs
         self.samplers: Any = None
+        # (namespace, name) of ServiceAccounts seen to exist (deleting one later is not noticed)
+        self.service_accounts_seen: set[tuple[str, str]] = set()
 
     def bind(self, kwargs: dict[str, Any]) -> _State:
         self.jobsets = kwargs.get("coda_jobsets", self.jobsets)
@@ -328,6 +331,30 @@ def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return _merge_diff({k: v for k, v in old.items() if k in _STATUS_KEYS}, new)
 
 
+async def _missing_service_account(
+    state: _State, kube: Kube, namespace: str, run: dict[str, Any]
+) -> str | None:
+    """spec.serviceAccountName if no such ServiceAccount exists in the run's namespace.
+
+    Not asked for finished runs, and remembered once found, so a fleet of runs in a few
+    namespaces costs one request per namespace.
+    """
+    sa = (run.get("spec") or {}).get("serviceAccountName")
+    if not sa or (namespace, sa) in state.service_accounts_seen:
+        return None
+    if (run.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    try:
+        found = await kube.get("v1", "ServiceAccount", namespace, sa)
+    except _API_ERRORS as e:  # unknown: let the JobSet be created and the Job report it
+        log.warning("checking ServiceAccount %s/%s: %s", namespace, sa, e)
+        return None
+    if found is None:
+        return sa
+    state.service_accounts_seen.add((namespace, sa))
+    return None
+
+
 async def _reconcile(state: _State, key: Key) -> None:
     namespace, name = key
     kube = state.client()
@@ -344,7 +371,11 @@ async def _reconcile(state: _State, key: Key) -> None:
     run.setdefault("apiVersion", contract.API_VERSION)
     run.setdefault("kind", contract.KIND)
 
-    result = planner.plan(run, state.observe(key), datetime.now(UTC))
+    observed = state.observe(key)
+    missing_sa = await _missing_service_account(state, kube, namespace, run)
+    if missing_sa:
+        observed = dataclasses.replace(observed, missing_service_account=missing_sa)
+    result = planner.plan(run, observed, datetime.now(UTC))
     status = result.status_dict()
     events = list(result.events)
 

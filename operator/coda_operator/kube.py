@@ -21,6 +21,7 @@ __all__ = ["ApiError", "Kube", "plural_of"]
 _PLURALS = {
     "ConfigMap": "configmaps",
     "Secret": "secrets",
+    "ServiceAccount": "serviceaccounts",
     "Service": "services",
     "Event": "events",
     "Deployment": "deployments",

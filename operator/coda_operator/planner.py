@@ -145,6 +145,8 @@ class DeploymentObs:
 class Observed:
     jobsets: Mapping[str, JobSetObs] = field(default_factory=dict)
     sampler: DeploymentObs | None = None
+    # spec.serviceAccountName when the handler found no such ServiceAccount in the namespace
+    missing_service_account: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +402,8 @@ def _advance(
         st.stage, st.stage_index = stage.name, i
 
         if obs is None:
-            _start_stage(ctx, name, namespace, spec, i, fp)
+            if not _service_account_missing(ctx, namespace, spec, observed):
+                _start_stage(ctx, name, namespace, spec, i, fp)
             break
 
         ctx.cond("Created", True, "JobSetCreated", f"JobSet {js_name} exists")
@@ -466,6 +469,32 @@ def _advance(
         ctx.cond("SpecChangeRejected", True, "RunningStageImmutable", "; ".join(rejected))
     else:
         ctx.clear("SpecChangeRejected", "SpecAccepted")
+
+
+# A missing ServiceAccount is fixed by a person, not by time: look again at this pace.
+SERVICE_ACCOUNT_RECHECK_S = 30.0
+
+
+def _service_account_missing(
+    ctx: _Ctx, namespace: str, spec: CodaTrainingRunSpec, observed: Observed
+) -> bool:
+    """A JobSet whose pods name a ServiceAccount that does not exist never gets a pod (the Job
+    controller only logs FailedCreate): say so on the run instead of creating it."""
+    sa = spec.service_account_name
+    if not sa or observed.missing_service_account != sa:
+        return False
+    message = (
+        f"ServiceAccount {sa!r} not found in namespace {namespace!r}: no trainer pod can be "
+        f"created. Create it (kubectl -n {namespace} create serviceaccount {sa}), or install the "
+        f"chart with --set 'trainerServiceAccount.namespaces={{{namespace}}}'"
+    )
+    existing = ctx.st.condition("Created")
+    if existing is None or existing.reason != "ServiceAccountNotFound":
+        ctx.event("Warning", "ServiceAccountNotFound", message)
+    ctx.cond("Created", False, "ServiceAccountNotFound", message)
+    ctx.st.message = message
+    ctx.requeue_in(SERVICE_ACCOUNT_RECHECK_S)
+    return True
 
 
 def _start_stage(

@@ -68,6 +68,7 @@ OPERATOR_NAMESPACED = (
     }
     | {("", "pods", v) for v in ("get", "list", "watch")}
     | {("", "secrets", "create")}  # the sampler's generated API key
+    | {("", "serviceaccounts", "get")}  # does the trainer's ServiceAccount exist?
     | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
 )
 KOPF_CLUSTER = {
@@ -293,7 +294,19 @@ def test_notes_render() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "reconciles CodaTrainingRuns in: ml, research" in res.stdout
-    assert "coda-ctl submit" in res.stdout
+    assert 'ServiceAccount "coda-trainer", created in: ml, research.' in res.stdout
+    # every command names the namespace where the trainer's ServiceAccount exists
+    commands = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("coda-ctl ")]
+    assert [c.split()[1] for c in commands] == ["submit", "get", "watch", "sample"]
+    assert all(" -n ml" in c for c in commands), commands
+
+
+def test_notes_of_a_default_install_name_the_release_namespace() -> None:
+    res = helm("install", "coda", str(CHART), "--dry-run=client", "--namespace", "coda-system")
+    assert res.returncode == 0, res.stderr
+    assert 'ServiceAccount "coda-trainer", created in: coda-system.' in res.stdout
+    commands = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("coda-ctl ")]
+    assert commands and all(" -n coda-system" in c for c in commands), commands
 
 
 # --------------------------------------------------------------------------------- manifests/

@@ -11,7 +11,13 @@ import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from operator_testkit import RESOURCES, Cluster, Emulator, OperatorTask
+from operator_testkit import (
+    RESOURCES,
+    TRAINER_SERVICE_ACCOUNT,
+    Cluster,
+    Emulator,
+    OperatorTask,
+)
 
 
 @pytest_asyncio.fixture
@@ -21,6 +27,7 @@ async def cluster() -> AsyncIterator[Cluster]:
         emulator.resources[key] = kmock.ResourceInfo(**info)
     async with emulator, kmock.Server(emulator) as server:
         c = Cluster(emulator, server)
+        await c.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
         try:
             yield c
         finally:

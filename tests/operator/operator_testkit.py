@@ -64,7 +64,11 @@ RESOURCES: dict[str, dict[str, Any]] = {
         kind="Service", namespaced=True, verbs={"list", "watch", "get", "create", "patch", "delete"}
     ),
     "v1/events": dict(kind="Event", namespaced=True, verbs={"list", "get", "create"}),
+    "v1/secrets": dict(kind="Secret", namespaced=True, verbs={"get", "create"}),
+    "v1/serviceaccounts": dict(kind="ServiceAccount", namespaced=True, verbs={"get", "create"}),
 }
+# The ServiceAccount run_spec() names, as the chart creates it in each namespace runs use.
+TRAINER_SERVICE_ACCOUNT = "coda-trainer"
 _WITH_STATUS = {"codatrainingruns", "jobsets", "deployments"}
 
 
@@ -214,6 +218,11 @@ class Cluster:
         if rsp.status >= 400:
             raise AssertionError(f"{rsp.method} {rsp.url} → {rsp.status}: {data}")
         return data
+
+    async def create(self, plural: str, name: str, **fields: Any) -> dict[str, Any]:
+        body = {"metadata": {"name": name, "namespace": NS}, **fields}
+        async with self.session.post(self.path(plural), json=body) as rsp:
+            return await self._json(rsp)
 
     async def create_run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {
@@ -386,7 +395,7 @@ def run_spec(**overrides: Any) -> dict[str, Any]:
     """A small, valid 3-stage spec (pretrain → midtrain → sft) for the end-to-end tests."""
     spec: dict[str, Any] = {
         "image": "us-docker.pkg.dev/acme/coda/trainer:0.1.0",
-        "serviceAccountName": "coda-trainer",
+        "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
         "model": {"preset": "test-micro"},
         "tokenizer": "project",
         "checkpoints": {"uri": "gs://coda-test/runs/demo", "everySteps": 50},

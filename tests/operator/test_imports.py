@@ -29,7 +29,9 @@ def test_operator_imports_only_config_and_contract_from_the_trainer() -> None:
     offenders = {}
     for path in sorted((REPO / "operator" / "coda_operator").glob("*.py")):
         trainer = {
-            m for m in _imported_modules(path) if m.startswith("coda_trainer.") and m.count(".") == 1
+            m
+            for m in _imported_modules(path)
+            if m.startswith("coda_trainer.") and m.count(".") == 1
         }
         if trainer - ALLOWED_TRAINER_MODULES:
             offenders[path.name] = sorted(trainer - ALLOWED_TRAINER_MODULES)

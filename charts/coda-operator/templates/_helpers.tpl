@@ -73,6 +73,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# Before a stage starts: does the trainer's ServiceAccount exist? (a clear condition if not)
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get"]
 # The sampler's generated API key: created once, never read back by the operator.
 - apiGroups: [""]
   resources: ["secrets"]
