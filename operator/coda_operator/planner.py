@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from coda_trainer.contract import RETRY_ANNOTATION
+from coda_trainer.contract import EXIT_PERMANENT, RETRY_ANNOTATION
 
 from coda_operator import render
 from coda_operator.api import (
@@ -98,6 +98,7 @@ class JobSetObs:
     state: Literal["Active", "Completed", "Failed"]
     message: str = ""
     restarts: int = 0
+    reason: str = ""  # of the terminal condition, e.g. JOBSET_FAIL_ACTION_REASON
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobSetObs:
@@ -107,12 +108,13 @@ class JobSetObs:
             body.get("status") or {},
         )
         state: Literal["Active", "Completed", "Failed"] = "Active"
-        message = ""
+        message = reason = ""
         terminal = status.get("terminalState")
         for cond in status.get("conditions") or []:
             if cond.get("status") == "True" and cond.get("type") in ("Completed", "Failed"):
                 terminal = terminal or cond["type"]
                 message = cond.get("message") or cond.get("reason") or ""
+                reason = cond.get("reason") or ""
         if terminal in ("Completed", "Failed"):
             state = terminal
         return cls(
@@ -122,6 +124,7 @@ class JobSetObs:
             state=state,
             message=message,
             restarts=int(status.get("restarts") or 0),
+            reason=reason,
         )
 
 
@@ -432,7 +435,12 @@ def _advance(
 
         if obs.state == "Failed":
             why = obs.message or "JobSet failed"
-            if ss.retries < spec.failure_policy.stage_retries:
+            # The JobSet's only FailJobSet rule is the trainer's EXIT_PERMANENT: bad config, data
+            # or init_from. Another attempt would fail the same way, so it gets none.
+            permanent = obs.reason == JOBSET_FAIL_ACTION_REASON
+            if permanent:
+                why = f"permanent failure, not retried (trainer exit {EXIT_PERMANENT}: bad config, data or init_from; see the leader's log): {why}"
+            if not permanent and ss.retries < spec.failure_policy.stage_retries:
                 ss.retries += 1
                 ss.message = f"retry {ss.retries}/{spec.failure_policy.stage_retries} after: {why}"
                 ctx.event(
@@ -470,6 +478,9 @@ def _advance(
     else:
         ctx.clear("SpecChangeRejected", "SpecAccepted")
 
+
+# The reason JobSet (>= v0.5) gives a JobSet failed by a FailJobSet failure-policy rule.
+JOBSET_FAIL_ACTION_REASON = "FailJobSetFailurePolicyAction"
 
 # A missing ServiceAccount is fixed by a person, not by time: look again at this pace.
 SERVICE_ACCOUNT_RECHECK_S = 30.0

@@ -6,32 +6,17 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import kmock
 import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from operator_testkit import (
-    RESOURCES,
-    TRAINER_SERVICE_ACCOUNT,
-    Cluster,
-    Emulator,
-    OperatorTask,
-)
+from operator_testkit import Cluster, OperatorTask, emulated_cluster
 
 
 @pytest_asyncio.fixture
 async def cluster() -> AsyncIterator[Cluster]:
-    emulator = Emulator()
-    for key, info in RESOURCES.items():
-        emulator.resources[key] = kmock.ResourceInfo(**info)
-    async with emulator, kmock.Server(emulator) as server:
-        c = Cluster(emulator, server)
-        await c.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
-        try:
-            yield c
-        finally:
-            await c.close()
+    async with emulated_cluster() as c:
+        yield c
 
 
 @pytest_asyncio.fixture

@@ -10,13 +10,14 @@ JobSet/Deployment controllers by patching child status, and validate manifests s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,18 @@ def jobset_crd_schema() -> dict[str, Any]:
     return next(v for v in doc["spec"]["versions"] if v["name"] == "v1alpha2")["schema"][
         "openAPIV3Schema"
     ]
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster() -> AsyncIterator[Cluster]:
+    """kmock's API server on loopback with coda's resources and the trainer's ServiceAccount."""
+    emulator = Emulator()
+    for key, info in RESOURCES.items():
+        emulator.resources[key] = kmock.ResourceInfo(**info)
+    async with emulator, kmock.Server(emulator) as server:
+        c = Cluster(emulator, server)
+        await c.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
+        try:
+            yield c
+        finally:
+            await c.close()

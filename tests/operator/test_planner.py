@@ -56,11 +56,13 @@ class Sim:
         self.last = p
         return p
 
-    def finish(self, name: str, state: str = "Completed", message: str = "") -> None:
-        self.jobsets[name]["status"] = {
-            "terminalState": state,
-            "conditions": [{"type": state, "status": "True", "message": message or state}],
-        }
+    def finish(
+        self, name: str, state: str = "Completed", message: str = "", reason: str = ""
+    ) -> None:
+        cond = {"type": state, "status": "True", "message": message or state}
+        if reason:
+            cond["reason"] = reason
+        self.jobsets[name]["status"] = {"terminalState": state, "conditions": [cond]}
 
     @property
     def status(self) -> dict[str, Any]:
@@ -152,6 +154,27 @@ def test_retry_then_exhaustion_rows_13_14() -> None:
         == "stage pretrain failed after 3 attempts: Container trainer failed with exit code 78"
     )
     assert sim.step().actions == []
+
+
+def test_a_permanent_failure_is_not_retried() -> None:
+    """JobSet's FailJobSet rule fires only on the trainer's EXIT_PERMANENT: no stage retry then,
+    whatever stageRetries allows (the same config, data or init_from would fail again)."""
+    sim = Sim(run_spec(failurePolicy={"maxRestarts": 3, "stageRetries": 2}))
+    sim.step(), sim.step()
+    sim.finish(
+        "demo-pretrain",
+        "Failed",
+        "applying FailJobSet failure policy action (first failed job: demo-pretrain-slice-0)",
+        reason=planner.JOBSET_FAIL_ACTION_REASON,
+    )
+    p = sim.step()
+    assert p.actions == [] and sim.status["phase"] == "Failed"
+    assert sim.status["stages"][0]["retries"] == 0 and "StageRetrying" not in sim.reasons()
+    message = sim.cond("Failed")["message"]
+    assert message.startswith(
+        "stage pretrain failed after 1 attempt: permanent failure, not retried"
+    )
+    assert "exit 78" in message
 
 
 def test_suspend_resume_and_kueue_rows_5_to_9() -> None:

@@ -18,25 +18,3 @@ def micro_config() -> ModelConfig:
 def micro_model(micro_config: ModelConfig) -> Transformer:
     """A randomly initialised `test-micro` Transformer (seed 0)."""
     return Transformer(micro_config, rngs=nnx.Rngs(0))
-
-
-def _load_sibling(name: str):
-    """Import a helper module beside this conftest (pytest runs with --import-mode=importlib)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    module_name = f"_coda_trainer_tests_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            module_name, Path(__file__).with_name(f"{name}.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-# A real GCS endpoint on loopback: `gcs_emulator` (session) and `gcs_bucket` (a fresh gs:// bucket).
-gcs_emulator = _load_sibling("gcs_emulator").gcs_emulator
-gcs_bucket = _load_sibling("gcs_emulator").gcs_bucket

@@ -1,0 +1,211 @@
+"""A whole CodaTrainingRun executed from the objects the operator renders (see box.py for what
+plays the cluster): the real operator, the real trainer and sampler as processes, the real
+`coda-ctl` talking to the API.
+
+Scenario, on a tiny model: three stages (pretrain → midtrain → sft) hand their checkpoints on
+through `initFrom` in gs:// (the GCS emulator); midtrain is preempted after its first checkpoint
+(DisruptionTarget, SIGTERM: the trainer saves and exits 75, the JobSet restarts without spending
+`maxRestarts`, the new pod resumes from that checkpoint); the sampler Deployment becomes Ready
+through its readiness probe on the pod's own address; `coda-ctl sample` and `coda-ctl infill` get
+text through the Service with the generated API key; `spec.sampler.defaults` visibly apply. A
+second run with a bad `initFrom` fails permanently (exit 78) without a single retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from box import Box, node_env
+from coda_trainer.corpus import build_default_corpora
+from operator_testkit import NS, TRAINER_SERVICE_ACCOUNT, Cluster, OperatorTask, emulated_cluster
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+        "num_kv_heads": 1, "head_dim": 16}  # fmt: skip
+ONE_HOST = {"tpu": {"type": "v5p", "topology": "2x2x1"}}  # 4 chips, one host
+
+
+def _stage(name: str, kind: str, steps: int, data: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": kind,
+        "steps": steps,
+        "batch": {"sequences": 4, "seqLen": 32},
+        "optimizer": {"name": "adamw", "peakLr": 3e-3, "warmupSteps": 1},
+        "data": [{"uri": str(data / "train-*.jsonl")}],
+        "logEvery": 1,
+        **extra,
+    }
+
+
+def run_spec(bucket: str, corpus: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "image": "coda-trainer:box",
+        "serviceAccountName": TRAINER_SERVICE_ACCOUNT,
+        "model": {"preset": "coda-tiny", "overrides": TINY},
+        "tokenizer": "project",
+        "checkpoints": {"uri": f"{bucket}/runs", "everySteps": 4, "keep": 2},
+        "accelerator": ONE_HOST,
+        "failurePolicy": {"maxRestarts": 0, "stageRetries": 1},
+        "stages": [
+            _stage("pretrain", "pretrain", 6, corpus["pretrain"]),
+            _stage("midtrain", "midtrain", 40, corpus["midtrain"]),
+            _stage("sft", "sft", 6, corpus["sft"]),
+        ],
+        "sampler": {"replicas": 1, "defaults": {"maxNewTokens": 8, "steps": 8}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest_asyncio.fixture
+async def box(tmp_path: Path, gcs_emulator: Any) -> AsyncIterator[tuple[Cluster, Box]]:
+    async with emulated_cluster() as cluster:
+        op = OperatorTask(cluster.url)
+        await op.start()
+        env = node_env(
+            {
+                "STORAGE_EMULATOR_HOST": gcs_emulator.url,
+                "TENSORSTORE_GCS_HTTP_URL": gcs_emulator.url,
+                "GOOGLE_CLOUD_PROJECT": "test",
+                # in place of the in-cluster ServiceAccount token the trainer would use
+                "CODA_PROGRESS_SERVER": cluster.url,
+                "CODA_PROGRESS_INTERVAL": "0",
+            }
+        )
+        b = Box(cluster, tmp_path / "box", env)
+        stop = asyncio.Event()
+
+        async def drive() -> None:
+            while not stop.is_set():
+                await b.step()
+                await asyncio.sleep(0.2)
+
+        driver = asyncio.create_task(drive())
+        try:
+            yield cluster, b
+        finally:
+            stop.set()
+            await asyncio.wait_for(driver, 60)
+            b.close()
+            await op.stop_gracefully()
+
+
+async def _until(what: str, check: Any, box: Box, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{box.logs()}")
+
+
+def _ctl(cluster: Cluster, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    kubeconfig = tmp / "kubeconfig"
+    if not kubeconfig.exists():
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "box", "cluster": {"server": cluster.url}}],
+            "users": [{"name": "me", "user": {"token": "t"}}],
+            "contexts": [{"name": "box", "context": {"cluster": "box", "user": "me", "namespace": NS}}],
+            "current-context": "box",
+        }))  # fmt: skip
+    exe = Path(sys.executable).with_name("coda-ctl")
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+    )  # fmt: skip
+
+
+async def test_a_run_executed_from_its_rendered_objects(
+    box: tuple[Cluster, Box], gcs_bucket: str, tmp_path: Path
+) -> None:
+    cluster, b = box
+    corpus = await asyncio.to_thread(build_default_corpora, tmp_path / "data", limit=25, shards=2)
+    await cluster.create_run("box", run_spec(gcs_bucket, corpus))
+
+    # ---- midtrain: preempted once it has a checkpoint, restarted, resumed
+    async def midtrain_checkpointed() -> Any:
+        run = await cluster.run("box")
+        progress = (run.get("status") or {}).get("progress") or {}
+        pods = b.running_pods("box-midtrain")
+        return pods if progress.get("stage") == "midtrain" and progress.get("checkpoint") else None
+
+    pods = await _until("a midtrain checkpoint", midtrain_checkpointed, b, timeout=400)
+    b.preempt(pods[0])
+
+    async def succeeded() -> Any:
+        run = await cluster.run("box")
+        return run if (run.get("status") or {}).get("phase") == "Succeeded" else None
+
+    run = await _until("the run to succeed", succeeded, b, timeout=600)
+    stages = run["status"]["stages"]
+    assert [s["phase"] for s in stages] == ["Succeeded"] * 3
+    assert [s.get("retries", 0) for s in stages] == [0, 0, 0]  # preemption is not a retry
+    assert stages[1]["jobSetRestarts"] == 1 and stages[0]["jobSetRestarts"] == 0
+    midtrain_exits = [code for js, _, code in b.history if js == "box-midtrain"]
+    assert midtrain_exits == [75, 0], b.history  # saved on SIGTERM, then finished
+    resumed = next(p for p in b.jobsets["box-midtrain"].pods if p.name.endswith("-r1"))
+    assert "resumed" in resumed.log.read_text(), resumed.log.read_text()[-3000:]
+    # hand-off: each stage's ConfigMap starts it from the previous stage's final
+    for prev, stage in [("pretrain", "midtrain"), ("midtrain", "sft")]:
+        job = yaml.safe_load(
+            cluster.objects("configmaps")[f"box-{stage}-config"]["data"]["job.yaml"]
+        )
+        assert job["stage"]["init_from"] == f"{gcs_bucket}/runs/{prev}/final"
+
+    # ---- the sampler: ready through its probe on the pod's address, reached through the Service
+    async def sampler_ready() -> Any:
+        run = await cluster.run("box")
+        return run if (run["status"].get("sampler") or {}).get("ready") else None
+
+    await _until("the sampler to be ready", sampler_ready, b, timeout=400)
+    pod = b.deployments["box-sampler"][0]
+    assert pod.ip != "127.0.0.1"
+    sample = await asyncio.to_thread(
+        _ctl, cluster, tmp_path, "sample", "box", "--prompt", "def add(a, b):", "-o", "json"
+    )
+    assert sample.returncode == 0, sample.stderr + b.logs()
+    reply = json.loads(sample.stdout)
+    assert isinstance(reply["choices"][0]["text"], str)
+    # spec.sampler.defaults.maxNewTokens = 8 (coda-ctl asks for 128 unless told)
+    infill = await asyncio.to_thread(
+        _ctl, cluster, tmp_path, "infill", "box", "--prefix", "x = ", "--suffix", "\n",
+        "--max-tokens", "4",
+    )  # fmt: skip
+    assert infill.returncode == 0, infill.stderr + b.logs()
+    assert infill.stdout.startswith("x = ")
+
+
+async def test_a_bad_init_from_fails_the_stage_at_once(
+    box: tuple[Cluster, Box], gcs_bucket: str, tmp_path: Path
+) -> None:
+    cluster, b = box
+    corpus = await asyncio.to_thread(build_default_corpora, tmp_path / "data", limit=25, shards=2)
+    spec = run_spec(gcs_bucket, corpus, failurePolicy={"maxRestarts": 3, "stageRetries": 2})
+    spec["stages"] = [{**spec["stages"][0], "initFrom": f"{gcs_bucket}/nowhere/final"}]
+    spec["sampler"] = {"enabled": False}
+    await cluster.create_run("bad", spec)
+
+    async def failed() -> Any:
+        run = await cluster.run("bad")
+        return run if (run.get("status") or {}).get("phase") == "Failed" else None
+
+    run = await _until("the run to fail", failed, b, timeout=300)
+    assert [code for js, _, code in b.history] == [78]  # one pod, once: no restart, no retry
+    assert cluster.creates("jobsets") == ["bad-pretrain"]
+    message = run["status"]["stages"][0]["message"]
+    assert "permanent failure, not retried" in message, message
