@@ -344,9 +344,25 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         0.01,
         0.01,
     )
+    assert (pre.steps, pre.masking.block_sizes, pre.masking.strategy_shares) == (
+        50000,
+        [2, 4, 8],
+        "paper",
+    )
+    # Paper §4.4: 50,000 steps ("roughly five epochs") of 256 × 8192, Adafactor at 2e-4, linear
+    # schedule, Table 3 one row per epoch (shares of sequences), blocks k ∈ {2, 4, 8}.
     mid = stage_preset("midtrain", data=[{"uri": "gs://bucket/x"}])
+    assert (mid.steps, mid.batch.sequences, mid.batch.seq_len) == (50000, 256, 8192)
+    assert (mid.optimizer.name, mid.optimizer.peak_lr, mid.optimizer.schedule) == (
+        "adafactor",
+        2e-4,
+        "linear",
+    )
+    assert (mid.masking.block_sizes, mid.masking.strategy_shares) == ([2, 4, 8], "paper")
     assert mid.masking.probs_at(0, mid.steps).block_prob == 0.05
     assert mid.masking.probs_at(mid.steps - 1, mid.steps).prefix_prob == 0.20
+    # Paper §4.5: batch 176, cutoff 1024, AdamW 2e-5, cosine, 10% warmup, prompt span ramped in
+    # "during the first epoch" of 10 = the first 10% of steps.
     sft = stage_preset("sft", data=[{"uri": "gs://bucket/x.jsonl", "format": "chat"}])
     assert (
         sft.optimizer.name,
@@ -354,11 +370,12 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         sft.optimizer.schedule,
         sft.optimizer.warmup_ratio,
     ) == ("adamw", 2e-5, "cosine", 0.1)
-    assert (sft.batch.seq_len, sft.sft.prompt_ramp_fraction, sft.sft.over_length) == (
+    assert (sft.batch.sequences, sft.batch.seq_len, sft.sft.prompt_ramp_fraction) == (
+        176,
         1024,
-        0.05,
-        "drop",
+        0.1,
     )
+    assert sft.sft.over_length == "drop"
 
 
 def test_causal_base_then_diffusion_adaptation(tmp_path, corpus):
