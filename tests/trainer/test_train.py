@@ -404,6 +404,22 @@ def test_causal_base_then_diffusion_adaptation(tmp_path, corpus):
         assert np.abs(moved[name] - value).max() < 0.05, name
 
 
+@pytest.mark.parametrize("span", ["assistant-role", "generation-prompt"])
+def test_sft_stage_trains_with_either_prompt_span(tmp_path, corpus, span):
+    """`sft.prompt_span` reaches the training and the eval loaders of a real SFT stage."""
+    sft_data = [{"uri": str(corpus["sft"] / "train-*.jsonl"), "format": "chat"}]
+    spec = job(
+        tmp_path, corpus, kind="sft", steps=4, data=sft_data,
+        batch={"sequences": 4, "seq_len": 96}, masking={},
+        sft={"prompt_span": span, "prompt_ramp_fraction": 0.5, "over_length": "truncate"},
+        eval={"data": sft_data, "every_steps": 4, "batches": 1},
+    )  # fmt: skip
+    assert train.run(TrainJobConfig.model_validate(spec)) == EXIT_OK
+    lines = train_lines(f"{tmp_path}/ckpt/sft")
+    assert sorted(lines) == [1, 2, 3, 4]
+    assert all(np.isfinite(rec["loss"]) for rec in lines.values())
+
+
 def test_multihost_detection():
     assert not train._multihost_env({})
     assert not train._multihost_env({"TPU_WORKER_HOSTNAMES": "host-0"})

@@ -516,6 +516,9 @@ class MaskingConfig(MaskingProbs):
         )
 
 
+PromptSpan = Literal["assistant-role", "generation-prompt"]
+
+
 class SFTConfig(StrictModel):
     prompt_ramp_fraction: float = Field(
         default=0.1,
@@ -527,6 +530,14 @@ class SFTConfig(StrictModel):
         ),
     )
     over_length: Literal["drop", "truncate"] = "drop"
+    prompt_span: PromptSpan = Field(
+        default="assistant-role",
+        description=(
+            "Where the unmaskable prompt ends. assistant-role: through `<|im_start|>assistant`, the "
+            "newline after it is maskable (SalesforceAIResearch/CoDA's src_mask; the paper says "
+            "only 'the user prompt'). generation-prompt: through `<|im_start|>assistant\\n`."
+        ),
+    )
     loss_norm: Literal["tokens", "answer_length"] = Field(
         default="tokens",
         description="tokens: CoDA's Σ/(B·L); answer_length: LLaDA's per-example answer-length normalisation.",
