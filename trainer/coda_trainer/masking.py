@@ -30,9 +30,9 @@ Pre-training / mid-training, per sequence (row) b of a B×L batch:
 
 Positions with `valid_BxL == False` (packing padding, `segment_ids == 0`) are never masked.
 
-SFT (`noise_sft`): no S1/S2/S3. Prompt tokens (through `<|im_start|>assistant\\n`) are unmaskable,
-pads after the answer are maskable so the model learns to stop. During the prompt ramp only part of
-each prompt is kept: see `prompt_keep_mask`. As in the release (`src_mask` shrunk by
+SFT (`noise_sft`): no S1/S2/S3. Prompt tokens (`prompt_BxL`: by default through
+`<|im_start|>assistant`, see `sft.prompt_span` in data.py) are unmaskable, pads after the answer
+are maskable so the model learns to stop. During the prompt ramp only part of each prompt is kept: see `prompt_keep_mask`. As in the release (`src_mask` shrunk by
 `progress_src_mask`, loss on every position that became `<|mask|>`), a prompt token that the ramp
 left maskable and that got masked carries loss like any other masked token.
 """
