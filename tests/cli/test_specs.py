@@ -61,14 +61,15 @@ def test_paper_example_carries_the_paper_numbers() -> None:
     )
     assert (mid.batch.sequences, mid.batch.seq_len, mid.optimizer.peak_lr) == (256, 8192, 2e-4)
     assert mid.masking.curriculum == "paper-table-3"
-    # ~21B tokens of mid-training
-    assert abs(mid.steps * mid.batch.sequences * mid.batch.seq_len - 21e9) / 21e9 < 0.01
+    # The paper's 50,000 steps: "roughly five epochs" of the ~21B-token mix, blocks {2, 4, 8}
+    assert mid.steps == 50000 and mid.masking.block_sizes == [2, 4, 8]
+    assert abs(mid.steps * mid.batch.sequences * mid.batch.seq_len - 5 * 21e9) / 105e9 < 0.01
     assert (sft.batch.seq_len, sft.optimizer.name, sft.optimizer.peak_lr) == (1024, "adamw", 2e-5)
     assert (
         sft.optimizer.schedule,
         sft.optimizer.warmup_ratio,
         sft.sft_config.prompt_ramp_fraction,
-    ) == ("cosine", 0.1, 0.05)
+    ) == ("cosine", 0.1, 0.1)
     assert spec.model.preset == "coda-1.7b"
     assert (
         spec.stage_accelerator(0).tpu.slice.chips == 512

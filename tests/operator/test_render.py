@@ -270,6 +270,26 @@ def test_configmap_holds_a_trainer_job_config(tmp_path: Path) -> None:
         assert job.final_dir == render.stage_final(spec, i)
 
 
+@pytest.mark.parametrize(
+    ("shares", "span"), [("release", "generation-prompt"), ("paper", "assistant-role")]
+)
+def test_fidelity_options_reach_the_trainer(tmp_path: Path, shares: str, span: str) -> None:
+    """masking.strategyShares and sft.promptSpan survive spec → ConfigMap dump → trainer validate,
+    whether set away from their defaults or spelled out at them."""
+    raw = run_spec()
+    raw["stages"][1]["masking"]["strategyShares"] = shares
+    raw["stages"][2]["sft"]["promptSpan"] = span
+    spec = api.parse_spec(raw)
+    jobs = []
+    for i, stage in enumerate(spec.stages):
+        path = tmp_path / f"{stage.name}.yaml"
+        path.write_text(render.render_stage("demo", "ml", spec, i).configmap["data"]["job.yaml"])
+        jobs.append(load_job_config(path))
+    assert jobs[1].stage.masking.strategy_shares == shares
+    assert jobs[2].stage.sft_config.prompt_span == span
+    assert jobs[0].stage.masking.strategy_shares == "paper"  # the default where left out
+
+
 def test_sampler_deployment_and_service(jobset_validator: jsonschema.Draft7Validator) -> None:
     spec = api.parse_spec(
         run_spec(

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from coda_trainer import data
-from coda_trainer.config import DataSource
+from coda_trainer.config import DataSource, SFTConfig
 from coda_trainer.tokenizer import load_tokenizer
 
 
@@ -220,25 +220,46 @@ def test_process_sharding_is_disjoint_and_complete(tmp_path, tok, n_files):
 # ---- SFT ----
 
 
-def test_sft_example_prompt_mask_ends_after_assistant_header(tok):
-    messages = [
-        {"role": "user", "content": "Write add."},
-        {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
-    ]
-    ex = data.build_sft_example(tok, messages, seq_len=64)
+SFT_MESSAGES = [
+    {"role": "user", "content": "Write add."},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+]
+
+
+@pytest.mark.parametrize("span", ["assistant-role", "generation-prompt"])
+def test_sft_example_prompt_mask_ends_after_assistant_header(tok, span):
+    messages = SFT_MESSAGES
+    ex = data.build_sft_example(tok, messages, seq_len=64, prompt_span=span)
     tokens, prompt = ex["tokens"], ex["prompt_mask"]
     n_prompt = int(prompt.sum())
     assert prompt[:n_prompt].all() and not prompt[n_prompt:].any()
-    assert tok.decode(tokens[:n_prompt]).endswith("<|im_start|>assistant\n")
-    assert tok.decode(tokens[:n_prompt]) == tok.apply_chat_template(
-        messages[:1], add_generation_prompt=True
-    )
+    rendered = tok.apply_chat_template(messages[:1], add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    # assistant-role (the default, the release's src_mask): the newline after the role is maskable.
+    want = rendered[:-1] if span == "assistant-role" else rendered
+    assert tok.decode(tokens[:n_prompt]) == want
+    n_rendered = len(tok.encode(rendered))
+    assert tok.decode(tokens[n_prompt:n_rendered]) == ("\n" if span == "assistant-role" else "")
     answer = tok.encode(messages[1]["content"])
+    n_prompt = n_rendered
     np.testing.assert_array_equal(tokens[n_prompt : n_prompt + len(answer)], answer)
     assert tokens[n_prompt + len(answer)] == tok.im_end_id
     assert np.all(tokens[n_prompt + len(answer) + 1 :] == tok.pad_id)
     assert np.all(ex["segment_ids"] == 1)  # pads stay maskable (the model learns to stop)
     np.testing.assert_array_equal(ex["positions"], np.arange(64))
+
+
+def test_sft_default_span_is_the_releases_on_qwen3_ids():
+    """Fidelity: with the Qwen3 tokenizer the default unmaskable span ends with the ids
+    [151644, 77091] (`<|im_start|>assistant`), where SalesforceAIResearch/CoDA's src_mask ends."""
+    qwen3 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "qwen3-tokenizer"
+    if not (qwen3 / "vocab.json").exists():
+        pytest.fail(f"shared Qwen3 tokenizer files missing at {qwen3}")
+    tok = load_tokenizer(str(qwen3.resolve()))
+    ex = data.build_sft_example(tok, SFT_MESSAGES, seq_len=64)
+    n_prompt = int(ex["prompt_mask"].sum())
+    assert list(ex["tokens"][n_prompt - 2 : n_prompt + 1]) == [151644, 77091, 198]
+    assert SFTConfig().prompt_span == "assistant-role"
 
 
 def test_sft_over_length_drop_and_truncate(tmp_path, tok):

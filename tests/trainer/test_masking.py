@@ -168,7 +168,9 @@ def test_strategy_rolls_follow_probabilities():
     )
     prefixed, cut, blocked = plan.prefix_len_B > 0, plan.cut_B < L, plan.block_B > 1
     assert abs(prefixed.mean() - 0.3) < 0.02
-    assert abs(cut.mean() - 0.5 * 0.7) < 0.02  # only rows without a prefix are truncated
+    # SPEC has the default paper shares: 50% of all rows are cut, all of them among the 70% without
+    # a prefix (test_strategy_shares_match_table_3 pins both readings).
+    assert abs(cut.mean() - 0.5) < 0.02 and not np.any(prefixed & cut)
     assert abs(blocked.mean() - 0.2) < 0.02
     # Block size uniform over the set; prefix length and cut uniform over 1..L−1.
     sizes = plan.block_B[blocked]
@@ -245,6 +247,54 @@ def test_block_masking_is_blockwise(seed, k, sigma):
         assert any(
             all(len(set(row[ids == j])) == 1 for j in np.unique(ids)) for ids in block_id.values()
         )
+
+
+@pytest.mark.parametrize("epoch", [0, 4])
+@pytest.mark.parametrize("shares", ["paper", "release"])
+def test_strategy_shares_match_table_3(shares, epoch):
+    """Fidelity: the measured share of rows with S1/S2/S3 is Table 3's value (`paper`, the default)
+    or the release's S2 share truncate·(1−prefix) (`release`), within 5 binomial sd."""
+    rows = 200_000
+    probs = PAPER_TABLE_3[epoch]
+    p1, p2, p3 = probs.prefix_prob, probs.truncate_prob, probs.block_prob
+    spec = NoiseSpec(MASK, PAD, block_sizes=(2, 4, 8), strategy_shares=shares)
+    plan = _np(
+        jax.jit(sample_plan, static_argnums=(1, 2, 4))(
+            jax.random.key(17 + epoch), rows, 16, jnp.asarray([p1, p2, p3], jnp.float32), spec
+        )
+    )
+    prefixed, cut, blocked = plan.prefix_len_B > 0, plan.cut_B < 16, plan.block_B > 1
+    assert not np.any(prefixed & cut)  # exclusive per row in both modes
+    want_cut = p2 if shares == "paper" else p2 * (1 - p1)
+    for name, got, want in (("S1", prefixed, p1), ("S2", cut, want_cut), ("S3", blocked, p3)):
+        tolerance = 5 * np.sqrt(want * (1 - want) / rows)
+        assert abs(got.mean() - want) < tolerance, (shares, epoch, name, got.mean(), want)
+    if shares == "release" and epoch == 4:
+        # The two readings differ by far more than the tolerance: 16% vs Table 3's 20%.
+        assert cut.mean() < 0.2 - 10 * np.sqrt(0.2 * 0.8 / rows)
+
+
+def test_strategy_shares_default_and_validation():
+    assert MaskingConfig().strategy_shares == "paper"
+    assert (
+        NoiseSpec.from_configs(ModelConfig.preset("test-micro"), MaskingConfig()).strategy_shares
+        == "paper"
+    )
+    release = MaskingConfig(strategy_shares="release", prefix_prob=0.8, truncate_prob=0.5)
+    assert (
+        NoiseSpec.from_configs(ModelConfig.preset("test-micro"), release).strategy_shares
+        == "release"
+    )
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        MaskingConfig(prefix_prob=0.8, truncate_prob=0.5)
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        MaskingConfig(curriculum="linear", ramp_to=MaskingProbs(prefix_prob=0.6, truncate_prob=0.6))
+    with pytest.raises(ValueError, match="strategy_shares"):
+        NoiseSpec(MASK, PAD, strategy_shares="batch")
+    # Survives the operator's dump → trainer validate round trip (defaults spelled out).
+    for cfg in (MaskingConfig(), release):
+        dumped = cfg.model_dump(by_alias=True)
+        assert MaskingConfig.model_validate(dumped) == cfg
 
 
 # --------------------------------------------------------------------------------------------- SFT

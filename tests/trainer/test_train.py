@@ -394,9 +394,25 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         0.01,
         0.01,
     )
+    assert (pre.steps, pre.masking.block_sizes, pre.masking.strategy_shares) == (
+        50000,
+        [2, 4, 8],
+        "paper",
+    )
+    # Paper §4.4: 50,000 steps ("roughly five epochs") of 256 × 8192, Adafactor at 2e-4, linear
+    # schedule, Table 3 one row per epoch (shares of sequences), blocks k ∈ {2, 4, 8}.
     mid = stage_preset("midtrain", data=[{"uri": "gs://bucket/x"}])
+    assert (mid.steps, mid.batch.sequences, mid.batch.seq_len) == (50000, 256, 8192)
+    assert (mid.optimizer.name, mid.optimizer.peak_lr, mid.optimizer.schedule) == (
+        "adafactor",
+        2e-4,
+        "linear",
+    )
+    assert (mid.masking.block_sizes, mid.masking.strategy_shares) == ([2, 4, 8], "paper")
     assert mid.masking.probs_at(0, mid.steps).block_prob == 0.05
     assert mid.masking.probs_at(mid.steps - 1, mid.steps).prefix_prob == 0.20
+    # Paper §4.5: batch 176, cutoff 1024, AdamW 2e-5, cosine, 10% warmup, prompt span ramped in
+    # "during the first epoch" of 10 = the first 10% of steps.
     sft = stage_preset("sft", data=[{"uri": "gs://bucket/x.jsonl", "format": "chat"}])
     assert (
         sft.optimizer.name,
@@ -404,11 +420,12 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         sft.optimizer.schedule,
         sft.optimizer.warmup_ratio,
     ) == ("adamw", 2e-5, "cosine", 0.1)
-    assert (sft.batch.seq_len, sft.sft.prompt_ramp_fraction, sft.sft.over_length) == (
+    assert (sft.batch.sequences, sft.batch.seq_len, sft.sft.prompt_ramp_fraction) == (
+        176,
         1024,
-        0.05,
-        "drop",
+        0.1,
     )
+    assert sft.sft.over_length == "drop"
 
 
 def test_causal_base_then_diffusion_adaptation(tmp_path, corpus):
@@ -435,6 +452,22 @@ def test_causal_base_then_diffusion_adaptation(tmp_path, corpus):
     # Two small steps from the base's weights, not from a fresh initialisation.
     for name, value in weights.items():
         assert np.abs(moved[name] - value).max() < 0.05, name
+
+
+@pytest.mark.parametrize("span", ["assistant-role", "generation-prompt"])
+def test_sft_stage_trains_with_either_prompt_span(tmp_path, corpus, span):
+    """`sft.prompt_span` reaches the training and the eval loaders of a real SFT stage."""
+    sft_data = [{"uri": str(corpus["sft"] / "train-*.jsonl"), "format": "chat"}]
+    spec = job(
+        tmp_path, corpus, kind="sft", steps=4, data=sft_data,
+        batch={"sequences": 4, "seq_len": 96}, masking={},
+        sft={"prompt_span": span, "prompt_ramp_fraction": 0.5, "over_length": "truncate"},
+        eval={"data": sft_data, "every_steps": 4, "batches": 1},
+    )  # fmt: skip
+    assert train.run(TrainJobConfig.model_validate(spec)) == EXIT_OK
+    lines = train_lines(f"{tmp_path}/ckpt/sft")
+    assert sorted(lines) == [1, 2, 3, 4]
+    assert all(np.isfinite(rec["loss"]) for rec in lines.values())
 
 
 def test_multihost_detection():

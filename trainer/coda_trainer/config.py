@@ -435,6 +435,15 @@ class MaskingConfig(MaskingProbs):
         ),
     )
     curriculum: Literal["constant", "linear", "paper-table-3"] = "constant"
+    strategy_shares: Literal["paper", "release"] = Field(
+        default="paper",
+        description=(
+            "What the S2 probability means; S1 and S2 are exclusive per row either way. paper: the "
+            "share of all sequences cut (Table 3's 'proportion of sequences affected'), so S1 and "
+            "S2 together may not exceed 1. release: the probability on rows without S1 (share "
+            "truncate·(1−prefix), as SalesforceAIResearch/CoDA rolls it)."
+        ),
+    )
     # linear: probabilities move from the fields above to ramp_to over the stage's steps.
     ramp_to: MaskingProbs | None = None
     # paper-table-3: the stage's steps are split into this many equal "epochs".
@@ -460,6 +469,14 @@ class MaskingConfig(MaskingProbs):
     def _ramp(self) -> MaskingConfig:
         if self.curriculum == "linear" and self.ramp_to is None:
             raise ValueError("masking.curriculum=linear needs masking.ramp_to")
+        if self.strategy_shares == "paper":
+            for probs in (self, self.ramp_to):
+                if probs is not None and probs.prefix_prob + probs.truncate_prob > 1.0:
+                    raise ValueError(
+                        "with masking.strategy_shares=paper, prefix_prob + truncate_prob are shares "
+                        "of exclusive strategies and must not exceed 1, got "
+                        f"{probs.prefix_prob} + {probs.truncate_prob}"
+                    )
         # Compared with the default rather than "was it set": configs are dumped and re-validated
         # on their way to the trainer, and a dump spells the default out.
         if self.block_size_phases is not None and tuple(self.block_sizes) != _DEFAULT_BLOCK_SIZES:
@@ -501,14 +518,28 @@ class MaskingConfig(MaskingProbs):
         )
 
 
+PromptSpan = Literal["assistant-role", "generation-prompt"]
+
+
 class SFTConfig(StrictModel):
     prompt_ramp_fraction: float = Field(
-        default=0.05,
+        default=0.1,
         ge=0,
         le=1,
-        description="Over this fraction of steps the unmaskable prompt span grows from 0 to the full prompt.",
+        description=(
+            "Over this fraction of steps the unmaskable prompt span grows from 0 to the full prompt. "
+            "0.1: the paper's first of 10 epochs; the release's config uses 0.05."
+        ),
     )
     over_length: Literal["drop", "truncate"] = "drop"
+    prompt_span: PromptSpan = Field(
+        default="assistant-role",
+        description=(
+            "Where the unmaskable prompt ends. assistant-role: through `<|im_start|>assistant`, the "
+            "newline after it is maskable (SalesforceAIResearch/CoDA's src_mask; the paper says "
+            "only 'the user prompt'). generation-prompt: through `<|im_start|>assistant\\n`."
+        ),
+    )
     loss_norm: Literal["tokens", "answer_length"] = Field(
         default="tokens",
         description="tokens: CoDA's Σ/(B·L); answer_length: LLaDA's per-example answer-length normalisation.",

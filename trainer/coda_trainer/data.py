@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from coda_trainer import storage
-from coda_trainer.config import DataSource
+from coda_trainer.config import DataSource, PromptSpan
 from coda_trainer.contract import PermanentError
 
 __all__ = [
@@ -448,13 +448,16 @@ def build_sft_example(
     messages: Sequence[dict[str, Any]],
     seq_len: int,
     over_length: Literal["drop", "truncate"] = "drop",
+    prompt_span: PromptSpan = "assistant-role",
 ) -> dict[str, np.ndarray] | None:
     """One SFT row, or None if it is dropped for length.
 
     The prompt is every message before the last, rendered through the generation prompt
-    `<|im_start|>assistant\\n` (unmaskable); the answer is the last (assistant) message's text plus
-    `<|im_end|>`; pads follow. `truncate` cuts the answer at seq_len (a prompt that alone fills the
-    row leaves nothing to learn and is dropped either way).
+    `<|im_start|>assistant\\n`; the answer is the last (assistant) message's text plus
+    `<|im_end|>`; pads follow. `prompt_mask` (unmaskable) covers the prompt through
+    `<|im_start|>assistant` (`assistant-role`, the release's span: the newline is maskable) or the
+    whole generation prompt (`generation-prompt`). `truncate` cuts the answer at seq_len (a prompt
+    that alone fills the row leaves nothing to learn and is dropped either way).
     """
     if messages[-1].get("role") != "assistant":
         raise DataError(
@@ -470,13 +473,28 @@ def build_sft_example(
     tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
     tokens[:n] = prompt + answer
     prompt_mask = np.zeros(seq_len, bool)
-    prompt_mask[: len(prompt)] = True
+    prompt_mask[: _unmaskable_len(tokenizer, prompt, prompt_span)] = True
     return {
         "tokens": tokens,
         "segment_ids": np.ones(seq_len, np.int32),  # pads stay in the loss (see module doc)
         "positions": np.arange(seq_len, dtype=np.int32),
         "prompt_mask": prompt_mask,
     }
+
+
+def _unmaskable_len(tokenizer: Tokenizer, prompt: list[int], prompt_span: PromptSpan) -> int:
+    """How many leading prompt tokens stay unmaskable (see `build_sft_example`)."""
+    if prompt_span == "generation-prompt":
+        return len(prompt)
+    # The rendered prompt ends with "assistant\n"; both the Qwen3 and the project tokenizer give
+    # the newline its own token there, so dropping it leaves exactly `...<|im_start|>assistant`.
+    newline = tokenizer.encode("\n")
+    if prompt[-len(newline) :] != newline:
+        raise DataError(
+            "sft.prompt_span=assistant-role: this tokenizer merges the newline after "
+            "`<|im_start|>assistant` into another token; use sft.prompt_span=generation-prompt"
+        )
+    return len(prompt) - len(newline)
 
 
 class SFTLoader(_Loader):
@@ -486,10 +504,15 @@ class SFTLoader(_Loader):
     max_consecutive_drops = 10_000
 
     def __init__(
-        self, *args: Any, over_length: Literal["drop", "truncate"] = "drop", **kwargs: Any
+        self,
+        *args: Any,
+        over_length: Literal["drop", "truncate"] = "drop",
+        prompt_span: PromptSpan = "assistant-role",
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.over_length = over_length
+        self.prompt_span = prompt_span
         self.dropped = 0
 
     def _row(self) -> Batch:
@@ -503,7 +526,11 @@ class SFTLoader(_Loader):
                     f"{where}: SFT data must be chat/instruction rows, got {type(row).__name__}"
                 )
             example = build_sft_example(
-                self.tokenizer, _messages(row, where), self.seq_len, self.over_length
+                self.tokenizer,
+                _messages(row, where),
+                self.seq_len,
+                self.over_length,
+                self.prompt_span,
             )
             if example is not None:
                 self.rows += 1
@@ -532,6 +559,7 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     over_length: Literal["drop", "truncate"] = "drop",
+    prompt_span: PromptSpan = "assistant-role",
     shuffle_rows: int = 64,
 ) -> PackedLoader | SFTLoader:
     """The loader for a stage kind; `batch_size` is this process's share of the global batch."""
@@ -540,7 +568,9 @@ def make_loader(
     common = dict(batch_size=batch_size, seq_len=seq_len, seed=seed,
                   process_index=process_index, process_count=process_count)  # fmt: skip
     if sft:
-        return SFTLoader(sources, tokenizer, over_length=over_length, **common)
+        return SFTLoader(
+            sources, tokenizer, over_length=over_length, prompt_span=prompt_span, **common
+        )
     return PackedLoader(sources, tokenizer, shuffle_rows=shuffle_rows, **common)
 
 
@@ -551,6 +581,7 @@ def validate_sources(
     kind: str,
     seq_len: int,
     over_length: Literal["drop", "truncate"] = "drop",
+    prompt_span: PromptSpan = "assistant-role",
     probe: int = 64,
 ) -> None:
     """Cheap pre-flight checks, before any device work: every source lists files, its first file
@@ -569,7 +600,11 @@ def validate_sources(
                     if not isinstance(row, dict):
                         raise DataError(f"{path}: SFT data must be chat/instruction rows")
                     ex = build_sft_example(
-                        tokenizer, _messages(row, f"{path}: row {n}"), seq_len, over_length
+                        tokenizer,
+                        _messages(row, f"{path}: row {n}"),
+                        seq_len,
+                        over_length,
+                        prompt_span,
                     )
                     usable = usable or ex is not None
                 if docs and not usable:

@@ -9,8 +9,12 @@ Pre-training / mid-training, per sequence (row) b of a B×L batch:
 * σ_b = (1−ε)·u + ε with u ~ U[0, 1).
 * S1, unmaskable prefix, with probability `probs_3[0]`: a prefix length p ~ U{1..L−1}; positions
   < p are never masked (they condition the row and carry no loss).
-* S2, truncated suffix, with probability `probs_3[1]`, **only on rows without S1** (as the release
-  does, so the effective rate is truncate·(1−prefix)): a cut c ~ U{1..L−1}; positions ≥ c become
+* S2, truncated suffix, **only on rows without S1** (S1 and S2 are exclusive per row, as in the
+  release). `NoiseSpec.strategy_shares` says what `probs_3[1]` means: `paper` (default) — the
+  share of all rows that get S2, as paper Table 3 states ("the proportion of sequences affected by
+  each strategy"), so rows without S1 are cut with probability truncate/(1−prefix); `release` —
+  the probability per row without S1, so the share is truncate·(1−prefix) (16% instead of Table
+  3's 20% in epoch 5). Either way the cut is c ~ U{1..L−1}; positions ≥ c become
   `pad` in both the model input and the targets, and are never masked (no loss). The row's
   segment ids are left alone: like the release, the model attends to the pad tail.
 * S3, block masking, with probability `probs_3[2]` rolled **per row** (the release applies block
@@ -26,9 +30,9 @@ Pre-training / mid-training, per sequence (row) b of a B×L batch:
 
 Positions with `valid_BxL == False` (packing padding, `segment_ids == 0`) are never masked.
 
-SFT (`noise_sft`): no S1/S2/S3. Prompt tokens (through `<|im_start|>assistant\\n`) are unmaskable,
-pads after the answer are maskable so the model learns to stop. During the prompt ramp only part of
-each prompt is kept: see `prompt_keep_mask`. As in the release (`src_mask` shrunk by
+SFT (`noise_sft`): no S1/S2/S3. Prompt tokens (`prompt_BxL`: by default through
+`<|im_start|>assistant`, see `sft.prompt_span` in data.py) are unmaskable, pads after the answer
+are maskable so the model learns to stop. During the prompt ramp only part of each prompt is kept: see `prompt_keep_mask`. As in the release (`src_mask` shrunk by
 `progress_src_mask`, loss on every position that became `<|mask|>`), a prompt token that the ramp
 left maskable and that got masked carries loss like any other masked token.
 """
@@ -67,8 +71,15 @@ class NoiseSpec:
     pad_token_id: int
     sampling_eps: float = 1e-3
     block_sizes: tuple[int, ...] = (2, 4, 8)
+    # What the S2 probability means (see the module doc): "paper" = share of all rows, "release" =
+    # probability on the rows without S1.
+    strategy_shares: str = "paper"
 
     def __post_init__(self) -> None:
+        if self.strategy_shares not in ("paper", "release"):
+            raise ValueError(
+                f"strategy_shares must be 'paper' or 'release', got {self.strategy_shares!r}"
+            )
         if not self.block_sizes or any(int(k) < 1 for k in self.block_sizes):
             raise ValueError(
                 f"block_sizes must be a non-empty tuple of ints ≥ 1, got {self.block_sizes}"
@@ -84,6 +95,7 @@ class NoiseSpec:
             pad_token_id=model_cfg.pad_token_id,
             sampling_eps=masking.sampling_eps,
             block_sizes=masking.all_block_sizes(),
+            strategy_shares=masking.strategy_shares,
         )
 
     def block_weights(self, allowed: Sequence[int]) -> np.ndarray:
@@ -146,8 +158,12 @@ def sample_plan(
     prefix_len_B = jnp.where(apply_prefix_B, prefix_len_B, 0)
 
     # S1 and S2 are exclusive per row, as in the release: a row that keeps a clean prefix to
-    # condition on is not also cut short.
-    apply_cut_B = (jax.random.uniform(k_cut, (batch,)) < probs_3[1]) & ~apply_prefix_B
+    # condition on is not also cut short. For S2 to reach `probs_3[1]` of all rows (the paper's
+    # share), the rows left without S1 are cut with probability truncate/(1−prefix).
+    cut_prob = probs_3[1]
+    if spec.strategy_shares == "paper":
+        cut_prob = jnp.minimum(cut_prob / jnp.maximum(1.0 - probs_3[0], 1e-6), 1.0)
+    apply_cut_B = (jax.random.uniform(k_cut, (batch,)) < cut_prob) & ~apply_prefix_B
     cut_B = jax.random.randint(k_cut_pos, (batch,), 1, seq_len, jnp.int32)
     cut_B = jnp.where(apply_cut_B, cut_B, seq_len)
 

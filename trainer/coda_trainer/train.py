@@ -126,14 +126,13 @@ def prepare(cfg: TrainJobConfig) -> Plan:
         )
     if stage.batch.sequences < stage.batch.grad_accum:
         raise ConfigError("batch.sequences must be ≥ batch.grad_accum")
-    over_length = stage.sft_config.over_length
-    validate_sources(
-        stage.data, tokenizer, kind=stage.kind, seq_len=seq_len, over_length=over_length
-    )
+    sft_rows = {
+        "over_length": stage.sft_config.over_length,
+        "prompt_span": stage.sft_config.prompt_span,
+    }
+    validate_sources(stage.data, tokenizer, kind=stage.kind, seq_len=seq_len, **sft_rows)
     if stage.eval is not None:
-        validate_sources(
-            stage.eval.data, tokenizer, kind=stage.kind, seq_len=seq_len, over_length=over_length
-        )
+        validate_sources(stage.eval.data, tokenizer, kind=stage.kind, seq_len=seq_len, **sft_rows)
     init = stage.init_from or cfg.model.init_from
     init_from = resolve_init_from(init) if init else None
     return Plan(cfg, model_config, tokenizer, init_from, already_done=False)
@@ -361,10 +360,10 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     model = create_sharded_model(model_config, mesh, seed=stage.seed)
     tx = make_optimizer(stage.optimizer, stage.steps, grad_accum=1)  # accumulation is in the step
     schedule = make_schedule(stage.optimizer, stage.steps)
-    over_length = stage.sft_config.over_length
     loader = make_loader(
         stage.data, plan.tokenizer, kind=stage.kind, batch_size=B // pc, seq_len=L, seed=stage.seed,
-        process_index=pi, process_count=pc, over_length=over_length,
+        process_index=pi, process_count=pc, over_length=stage.sft_config.over_length,
+        prompt_span=stage.sft_config.prompt_span,
     )  # fmt: skip
     data = Prefetch(loader)
     ckpt = ckpt_lib.Checkpointer(
@@ -425,7 +424,7 @@ def _fit(
     pi, pc = jax.process_index(), jax.process_count()
     primary = pi == 0
     B, L, A = stage.batch.sequences, stage.batch.seq_len, stage.batch.grad_accum
-    over_length = stage.sft_config.over_length
+    over_length, prompt_span = stage.sft_config.over_length, stage.sft_config.prompt_span
     with jax.set_mesh(mesh):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         opt_state = jax.jit(tx.init)(params)
@@ -482,6 +481,7 @@ def _fit(
             ev_loader = make_loader(
                 stage.eval.data, plan.tokenizer, kind=stage.kind, batch_size=B // A // pc, seq_len=L,
                 seed=stage.seed + 1, process_index=pi, process_count=pc, over_length=over_length,
+                prompt_span=prompt_span,
             )  # fmt: skip
             sums: dict[str, float] = {}
             for i in range(stage.eval.batches):
