@@ -40,3 +40,9 @@ def _load_sibling(name: str):
 # A real GCS endpoint on loopback: `gcs_emulator` (session) and `gcs_bucket` (a fresh gs:// bucket).
 gcs_emulator = _load_sibling("gcs_emulator").gcs_emulator
 gcs_bucket = _load_sibling("gcs_emulator").gcs_bucket
+
+
+@pytest.fixture
+def proctree():
+    """The `proctree` helpers: a process's descendants and whether they are alive."""
+    return _load_sibling("proctree")

@@ -533,59 +533,29 @@ def test_sampling_defaults_precedence_flag_then_env_then_builtin() -> None:
 STOP_BOUND_S = 5.0
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Linux /proc)."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                kids = Path(f"/proc/{p}/task/{t}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in found:
-                    found.add(k)
-                    todo.append(k)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _stopped_cleanly(
-    srv: Server, children: set[int], rc: int, seconds: float, bound: float
+    srv: Server, still_alive: list[int], rc: int, seconds: float, bound: float
 ) -> None:
     log = srv.log.read_text()
     assert rc == 0, f"exit status {rc}:\n{log}"
     assert seconds < bound, f"took {seconds:.1f}s to stop (bound {bound}s):\n{log}"
-    assert not [c for c in children if _alive(c)], "child processes outlived the server"
+    assert not still_alive, f"child processes outlived the server: {still_alive}"
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/healthz", timeout=2)
 
 
-def test_sigterm_while_loading_the_checkpoint_exits_0_at_once(checkpoint: Path) -> None:
+def test_sigterm_while_loading_the_checkpoint_exits_0_at_once(checkpoint: Path, proctree) -> None:
     srv = Server(checkpoint)
     try:
         srv.wait_for_log("coda.serve: loading ")  # JAX is being imported, then the checkpoint read
-        children = _descendants(srv.proc.pid)
+        children = proctree.descendants(srv.proc.pid)
         rc, seconds = srv.terminate()
     finally:
         srv.terminate(timeout=5)
     log = srv.log.read_text()
     assert "Uvicorn running" not in log, "loading finished before the signal: nothing was tested"
     assert "received SIGTERM while loading the checkpoint" in log, log
-    _stopped_cleanly(srv, children, rc, seconds, STOP_BOUND_S)
+    _stopped_cleanly(srv, [c for c in children if proctree.alive(c)], rc, seconds, STOP_BOUND_S)
 
 
 # 2 prompt x 3 generation x 4 batch buckets = 24 programs to compile: warm-up outlasts the test.
@@ -595,20 +565,20 @@ WARMUP_ARGS = [
 ]  # fmt: skip
 
 
-def test_sigterm_during_warmup_abandons_it_and_exits_0(checkpoint: Path) -> None:
+def test_sigterm_during_warmup_abandons_it_and_exits_0(checkpoint: Path, proctree) -> None:
     srv = Server(checkpoint, base_args=WARMUP_ARGS)
     try:
         srv.wait_healthy()
         time.sleep(1.0)  # into the compiles
         assert httpx.get(srv.url + "/readyz").status_code == 503, "warm-up already over"
-        children = _descendants(srv.proc.pid)
+        children = proctree.descendants(srv.proc.pid)
         rc, seconds = srv.terminate()
     finally:
         srv.terminate(timeout=5)
     log = srv.log.read_text()
     assert "warm-up compiled" not in log, log
     assert "warm-up abandoned" in log or "model call in flight" in log, log
-    _stopped_cleanly(srv, children, rc, seconds, STOP_BOUND_S)
+    _stopped_cleanly(srv, [c for c in children if proctree.alive(c)], rc, seconds, STOP_BOUND_S)
 
 
 # One row per model call and 64 denoising steps each, so the queue outlasts the graceful timeout.
@@ -620,7 +590,7 @@ LOAD_ARGS = [
 
 
 def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_timeout(
-    checkpoint: Path,
+    checkpoint: Path, proctree
 ) -> None:
     n = 16
     srv = Server(checkpoint, base_args=LOAD_ARGS)
@@ -649,7 +619,7 @@ def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_t
     try:
         srv.wait_healthy()
         srv.wait_ready()
-        children = _descendants(srv.proc.pid)
+        children = proctree.descendants(srv.proc.pid)
         results, signalled, answered, refused = asyncio.run(scenario())
         rc, _ = srv.terminate(timeout=GRACEFUL_S + STOP_BOUND_S)
         seconds = time.monotonic() - signalled
@@ -667,7 +637,9 @@ def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_t
             assert r.text.rstrip().endswith("data: [DONE]"), r.text
     assert answered - signalled < GRACEFUL_S + 1.5, f"last answer {answered - signalled:.1f}s"
     assert isinstance(refused, httpx.ConnectError), f"a request after the signal got {refused!r}"
-    _stopped_cleanly(srv, children, rc, seconds, GRACEFUL_S + STOP_BOUND_S)
+    _stopped_cleanly(
+        srv, [c for c in children if proctree.alive(c)], rc, seconds, GRACEFUL_S + STOP_BOUND_S
+    )
 
 
 # --------------------------------------------------------------------------------------------------
