@@ -18,3 +18,21 @@ def micro_config() -> ModelConfig:
 def micro_model(micro_config: ModelConfig) -> Transformer:
     """A randomly initialised `test-micro` Transformer (seed 0)."""
     return Transformer(micro_config, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture
+def proctree():
+    """The `proctree` helpers: a process's descendants and whether they are alive."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    module_name = "_coda_trainer_tests_proctree"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            module_name, Path(__file__).with_name("proctree.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

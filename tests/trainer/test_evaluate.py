@@ -10,6 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -241,3 +247,124 @@ def test_in_process_model_end_to_end() -> None:
     assert report.n_problems == 3 and report.pass_at_k["pass@1"] == 0.0
     assert all(isinstance(p.samples[0].response, str) for p in report.problems)
     assert report.generation_s > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping `python -m coda_trainer.evaluate` (SIGTERM → exit 143 within a bound, nothing left)
+# --------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+# Measured on a busy 2-core machine (signal → exit): loading 0.1 s, candidates running 0.3 s.
+EVAL_STOP_BOUND_S = 5.0
+
+
+class _Harness:
+    """`python -m coda_trainer.evaluate ARGS` in a subprocess, its output in a file."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.log = tmp_path / "eval.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "trainer"), "JAX_PLATFORMS": "cpu"}
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coda_trainer.evaluate", *args],
+            stdout=self._out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+    def wait_until(self, predicate, what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode}: {self.log.read_text()}"
+            )
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log.read_text()}")
+
+    def terminate(self) -> tuple[int, float]:
+        start = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            self.kill()
+        return self.proc.returncode, time.monotonic() - start
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+def test_sigterm_while_loading_a_checkpoint_exits_143_at_once(tmp_path: Path, proctree) -> None:
+    from coda_trainer import hf
+    from coda_trainer.config import PROJECT_TOKENIZER_IDS, PROJECT_VOCAB_SIZE, ModelConfig
+    from coda_trainer.model import Transformer
+    from flax import nnx
+
+    config = ModelConfig.preset(
+        "test-micro", vocab_size=PROJECT_VOCAB_SIZE, **PROJECT_TOKENIZER_IDS, attention="xla"
+    )
+    ckpt = tmp_path / "final"
+    hf.save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), str(ckpt))
+    harness = _Harness(
+        tmp_path, "--benchmark", "humaneval", "--checkpoint", str(ckpt), "--limit", "2",
+        "--max-new-tokens", "16", "--out", str(tmp_path / "report.json"),
+    )  # fmt: skip
+    try:
+        harness.wait_until(lambda: "loading " in harness.log.read_text(), "the load")
+        rc, seconds = harness.terminate()
+    finally:
+        harness.kill()
+    log = harness.log.read_text()
+    assert rc == 128 + signal.SIGTERM and seconds < EVAL_STOP_BOUND_S, (rc, seconds, log)
+    assert "stopped by SIGTERM" in log and not (tmp_path / "report.json").exists(), log
+
+
+class _SleepyModel(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint whose every answer is a function body that sleeps."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        text = "    import time\n    time.sleep(600)\n```\n"
+        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_sigterm_while_candidates_run_kills_them_and_exits_143(tmp_path: Path, proctree) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SleepyModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    harness = _Harness(
+        tmp_path, "--benchmark", "humaneval", "--url", url, "--limit", "2", "--workers", "2",
+        "--timeout", "600",
+    )  # fmt: skip
+    try:
+
+        def sandboxes() -> list[int]:
+            return [
+                p for p in proctree.descendants(harness.proc.pid)
+                if " -I -c " in proctree.cmdline(p)
+            ]  # fmt: skip
+
+        # Two candidates asleep in their own sessions, out of reach of any signal to the harness.
+        harness.wait_until(lambda: len(sandboxes()) == 2, "two running candidates")
+        running = sandboxes()
+        rc, seconds = harness.terminate()
+        time.sleep(0.2)  # SIGKILLed processes are reaped by init once the harness is gone
+        left = [p for p in running if proctree.alive(p)]
+    finally:
+        harness.kill()
+        server.shutdown()
+    log = harness.log.read_text()
+    assert rc == 128 + signal.SIGTERM and seconds < EVAL_STOP_BOUND_S, (rc, seconds, log)
+    assert not left, f"candidate programs outlived the harness: {left}"
+    assert "killed 2 running candidate program(s)" in log, log

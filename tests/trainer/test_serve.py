@@ -55,17 +55,25 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, *extra: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        checkpoint: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        base_args: list[str] = SERVER_ARGS,
+    ):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = checkpoint.parent / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "coda_trainer.serve", "--checkpoint", str(checkpoint),
-               "--port", str(self.port), "--log-level", "info", *SERVER_ARGS, *extra]  # fmt: skip
+               "--port", str(self.port), "--log-level", "info", *base_args, *extra]  # fmt: skip
         full_env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("trainer", "operator", "cli")),
         }
-        full_env.pop("CODA_API_KEY", None)
+        full_env.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator probing at start-up
+        for name in ("CODA_API_KEY", "CODA_SAMPLER_DEFAULTS"):
+            full_env.pop(name, None)
         full_env.update(env or {})
         self._log_file = open(self.log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -99,19 +107,36 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
 
-    def stop(self) -> int:
-        """SIGTERM; returns 0 for a graceful shutdown (uvicorn re-raises the signal once done)."""
+    def wait_for_log(self, text: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
+            time.sleep(0.02)
+        raise TimeoutError(f"{text!r} never logged:\n{self.log.read_text()}")
+
+    def terminate(self, timeout: float = 30.0) -> tuple[int, float]:
+        """SIGTERM; (exit status, seconds from the signal to the exit). Killed after `timeout`."""
+        start = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
-        rc = self.proc.returncode
+        return self.proc.returncode, time.monotonic() - start
+
+    def stop(self) -> int:
+        """SIGTERM; returns 0 for a graceful shutdown (exit status 0 after the lifespan's end)."""
+        rc, _ = self.terminate()
         graceful = "coda sampler stopped" in self.log.read_text()
-        return 0 if rc in (0, -signal.SIGTERM) and graceful else (rc or -1)
+        return 0 if rc == 0 and graceful else (rc or -1)
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +439,210 @@ def test_refuses_a_public_host_without_a_key(checkpoint: Path) -> None:
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "refusing to serve" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The cluster's command line: all interfaces, an API key and spec.sampler.defaults from the env
+# --------------------------------------------------------------------------------------------------
+
+# What the operator's sampler Deployment runs (plus small buckets): --host 0.0.0.0, CODA_API_KEY
+# from a Secret, CODA_SAMPLER_DEFAULTS from spec.sampler.defaults; no sampling flags.
+CLUSTER_ARGS = [
+    "--host", "0.0.0.0", "--prompt-buckets", "64", "--gen-buckets", "16,32", "--batch-buckets", "1",
+    "--max-batch", "1", "--dtype", "float32", "--no-warmup",
+]  # fmt: skip
+
+
+def test_cluster_mode_probes_open_v1_authenticated_env_defaults_applied(checkpoint: Path) -> None:
+    defaults = {"max_new_tokens": 5, "steps": 4, "temperature": 0.0, "alg": "maskgit_plus"}
+    env = {"CODA_API_KEY": "from-a-secret", "CODA_SAMPLER_DEFAULTS": json.dumps(defaults)}
+    srv = Server(checkpoint, env=env, base_args=CLUSTER_ARGS)
+    try:
+        srv.wait_healthy()
+        # kubelet probes and Prometheus carry no token
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        auth = {"Authorization": "Bearer from-a-secret"}
+        assert httpx.get(srv.url + "/v1/models", headers=auth).json()["data"][0]["id"] == "final"
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "def add(a, b):"}, timeout=120)
+        assert r.status_code == 401
+        # No max_tokens in the request: spec.sampler.defaults.max_new_tokens (5) limits it,
+        # not the built-in 128 (capped at the 32-token bucket here).
+        r = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "def add(a, b):"}, headers=auth,
+            timeout=120,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["completion_tokens"] == 5, body
+        assert body["choices"][0]["finish_reason"] == "length", body
+    finally:
+        assert srv.stop() == 0
+    log = srv.log.read_text()
+    assert "Uvicorn running on http://0.0.0.0:" in log, log
+    assert "sampling defaults: steps=4, max_new_tokens=5, alg=maskgit_plus, temperature=0.0" in log
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"max_new_tokens": 5,', "CODA_SAMPLER_DEFAULTS is not valid JSON"),
+        ('{"max_tokens": 5}', "CODA_SAMPLER_DEFAULTS: unknown key 'max_tokens'"),
+        ('{"top_p": 2}', "CODA_SAMPLER_DEFAULTS: top_p: Input should be less than or equal to 1"),
+        ("[5]", "CODA_SAMPLER_DEFAULTS must be a JSON object"),
+    ],
+)
+def test_bad_sampler_defaults_env_exits_2_naming_the_variable(
+    checkpoint: Path, value: str, message: str
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer"), "CODA_SAMPLER_DEFAULTS": value}
+    r = subprocess.run(
+        [sys.executable, "-m", "coda_trainer.serve", "--checkpoint", str(checkpoint)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_sampling_defaults_precedence_flag_then_env_then_builtin() -> None:
+    from coda_trainer.serve.__main__ import parse_args, resolve_sampling_defaults
+
+    env = json.dumps({"max_new_tokens": 5, "steps": 4, "temperature": 0.7, "top_k": 0})
+    args = parse_args(["--checkpoint", "x", "--steps", "9", "--alg", "origin"])
+    got = resolve_sampling_defaults(args, env)
+    assert got == {
+        "steps": 9, "max_new_tokens": 5, "alg": "origin", "alg_temp": None, "temperature": 0.7,
+        "top_p": None, "top_k": None, "block_length": None, "threshold": None,
+    }  # fmt: skip
+    builtin = resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), None)
+    assert (builtin["max_new_tokens"], builtin["alg"], builtin["temperature"]) == (
+        128,
+        "entropy",
+        0,
+    )
+    assert resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), "  ") == builtin
+    flag = parse_args(["--checkpoint", "x", "--default-max-tokens", "7", "--temperature", "0"])
+    assert resolve_sampling_defaults(flag, env)["max_new_tokens"] == 7
+    assert resolve_sampling_defaults(flag, env)["temperature"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping: SIGTERM in every state; exit 0 within a bound, no child process left behind
+# --------------------------------------------------------------------------------------------------
+
+# Bound for a busy 2-core machine. Measured there (signal → exit): loading 0.1-0.3 s, warm-up
+# 0.2 s (the compile in flight is abandoned), serving idle 1.2 s (most of it interpreter teardown
+# with JAX loaded).
+STOP_BOUND_S = 5.0
+
+
+def _stopped_cleanly(
+    srv: Server, still_alive: list[int], rc: int, seconds: float, bound: float
+) -> None:
+    log = srv.log.read_text()
+    assert rc == 0, f"exit status {rc}:\n{log}"
+    assert seconds < bound, f"took {seconds:.1f}s to stop (bound {bound}s):\n{log}"
+    assert not still_alive, f"child processes outlived the server: {still_alive}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/healthz", timeout=2)
+
+
+def test_sigterm_while_loading_the_checkpoint_exits_0_at_once(checkpoint: Path, proctree) -> None:
+    srv = Server(checkpoint)
+    try:
+        srv.wait_for_log("coda.serve: loading ")  # JAX is being imported, then the checkpoint read
+        children = proctree.descendants(srv.proc.pid)
+        rc, seconds = srv.terminate()
+    finally:
+        srv.terminate(timeout=5)
+    log = srv.log.read_text()
+    assert "Uvicorn running" not in log, "loading finished before the signal: nothing was tested"
+    assert "received SIGTERM while loading the checkpoint" in log, log
+    _stopped_cleanly(srv, [c for c in children if proctree.alive(c)], rc, seconds, STOP_BOUND_S)
+
+
+# 2 prompt x 3 generation x 4 batch buckets = 24 programs to compile: warm-up outlasts the test.
+WARMUP_ARGS = [
+    "--prompt-buckets", "64,128", "--gen-buckets", "16,32,64", "--batch-buckets", "1,2,4,8",
+    "--max-batch", "8", "--steps", "8", "--dtype", "float32",
+]  # fmt: skip
+
+
+def test_sigterm_during_warmup_abandons_it_and_exits_0(checkpoint: Path, proctree) -> None:
+    srv = Server(checkpoint, base_args=WARMUP_ARGS)
+    try:
+        srv.wait_healthy()
+        time.sleep(1.0)  # into the compiles
+        assert httpx.get(srv.url + "/readyz").status_code == 503, "warm-up already over"
+        children = proctree.descendants(srv.proc.pid)
+        rc, seconds = srv.terminate()
+    finally:
+        srv.terminate(timeout=5)
+    log = srv.log.read_text()
+    assert "warm-up compiled" not in log, log
+    assert "warm-up abandoned" in log or "model call in flight" in log, log
+    _stopped_cleanly(srv, [c for c in children if proctree.alive(c)], rc, seconds, STOP_BOUND_S)
+
+
+# One row per model call and 64 denoising steps each, so the queue outlasts the graceful timeout.
+GRACEFUL_S = 2.0
+LOAD_ARGS = [
+    "--prompt-buckets", "64", "--gen-buckets", "64", "--batch-buckets", "1", "--max-batch", "1",
+    "--steps", "64", "--dtype", "float32", "--graceful-timeout", str(GRACEFUL_S),
+]  # fmt: skip
+
+
+def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_timeout(
+    checkpoint: Path, proctree
+) -> None:
+    n = 16
+    srv = Server(checkpoint, base_args=LOAD_ARGS)
+
+    async def scenario() -> tuple[list, float, float, BaseException | None]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            # Distinct seeds: no two requests share a batch. The first one streams.
+            bodies = [
+                {"prompt": f"def f{i}():", "max_tokens": 64, "seed": i, "stream": i == 0}
+                for i in range(n)
+            ]
+            jobs = [asyncio.create_task(client.post("/v1/completions", json=b)) for b in bodies]
+            while _metric((await client.get("/metrics")).text, "coda_queue_depth") < n - 2:
+                await asyncio.sleep(0.02)
+            signalled = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            refused: BaseException | None = None
+            try:
+                await client.post("/v1/completions", json={"prompt": "late", "max_tokens": 4})
+            except httpx.HTTPError as e:
+                refused = e
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            return results, signalled, time.monotonic(), refused
+
+    try:
+        srv.wait_healthy()
+        srv.wait_ready()
+        children = proctree.descendants(srv.proc.pid)
+        results, signalled, answered, refused = asyncio.run(scenario())
+        rc, _ = srv.terminate(timeout=GRACEFUL_S + STOP_BOUND_S)
+        seconds = time.monotonic() - signalled
+    finally:
+        srv.terminate(timeout=5)
+    log = srv.log.read_text()
+    assert all(isinstance(r, httpx.Response) for r in results), (results, log)
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 503}, codes
+    assert 200 in codes and 503 in codes, f"the load did not span the graceful timeout: {codes}"
+    for r in results:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "shutting_down", r.text
+        elif "data: " in r.text:  # the streamed one: complete, or an in-band error, then [DONE]
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text
+    assert answered - signalled < GRACEFUL_S + 1.5, f"last answer {answered - signalled:.1f}s"
+    assert isinstance(refused, httpx.ConnectError), f"a request after the signal got {refused!r}"
+    _stopped_cleanly(
+        srv, [c for c in children if proctree.alive(c)], rc, seconds, GRACEFUL_S + STOP_BOUND_S
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "OptimizerConfig",
     "SFTConfig",
+    "SamplerDefaults",
     "StageConfig",
     "StrictModel",
     "TrainJobConfig",
@@ -695,3 +696,38 @@ def load_job_config(path: str | Path) -> TrainJobConfig:
         return TrainJobConfig.model_validate(raw)
     except Exception as e:
         raise ValueError(f"{path}: invalid training config:\n{e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler service
+# --------------------------------------------------------------------------------------------------
+
+
+class SamplerDefaults(StrictModel):
+    """Server-wide sampling defaults of the sampler service (`spec.sampler.defaults`); a request may
+    override each. The operator hands them to `python -m coda_trainer.serve` as JSON in the env
+    var CODA_SAMPLER_DEFAULTS; an explicit command-line flag wins over them."""
+
+    steps: int | None = Field(
+        default=None, ge=1, le=4096, description="Denoising steps (default: one per new token)."
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=32768,
+        description="Tokens generated when a request gives no max_tokens (the server's "
+        "--default-max-tokens; capped at its largest generation bucket).",
+    )  # fmt: skip
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
+        default=None, description="Unmasking order: random (origin) or by confidence."
+    )
+    alg_temp: float | None = Field(
+        default=None, ge=0, description="Softmax temperature over confidences (0/None: top-k)."
+    )
+    temperature: float | None = Field(default=None, ge=0, description="Token temperature.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=0, description="Top-k token filter (0: off).")
+    block_length: int | None = Field(
+        default=None, ge=1, description="Decode left to right in blocks of this many tokens."
+    )
+    threshold: float | None = Field(
+        default=None, gt=0, le=1, description="Reveal every token more confident than this."
+    )

@@ -22,7 +22,7 @@ What a run does, in order:
 7. Done: final checkpoint of the last step, then `<stage>/final/` (HF export) published atomically;
    exit `EXIT_OK` (0).
 
-Exit codes (`coda_trainer.exit_codes`): 0 done; 75 retryable (preempted after saving, transient
+Exit codes (`coda_trainer.contract`): 0 done; 75 retryable (preempted after saving, transient
 I/O error); 78 permanent (bad config or data); 1 unexpected crash (traceback on stderr).
 
 Determinism: the rng of step s is `fold_in(PRNGKey(seed), s)` and the data order depends only on

@@ -6,7 +6,13 @@
     python -m coda_trainer.evaluate --benchmark humaneval --reference          # harness self-check
 
 Writes a JSON report (`--out`) and prints a table. Exit status 0 when the run completed (whatever
-the score), 2 for bad arguments.
+the score), 2 for bad arguments, 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped.
+
+Stopping: SIGTERM or SIGINT stops the harness in every state (importing JAX and loading a
+checkpoint, generating, waiting on a server, executing candidates) within about a second. The work
+runs on a worker thread that is abandoned (an XLA compile or an HTTP request cannot be cut short);
+candidate programs, which run in sessions of their own that no signal to the harness reaches, are
+killed first, so none outlives it. No report is written.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import os
 import sys
 
+from coda_trainer.contract import ENV_API_KEY
 from coda_trainer.evaluate.datasets import BENCHMARKS
 
 
@@ -35,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="coda", help="--url: model name to request")
     p.add_argument(
-        "--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("CODA_API_KEY")
+        "--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get(ENV_API_KEY)
     )
     p.add_argument("--api", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", type=int, default=8)
@@ -99,6 +106,7 @@ def _source(args: argparse.Namespace):
     from coda_trainer.serve.__main__ import resolve_tokenizer_path
     from coda_trainer.tokenizer import load_tokenizer
 
+    print(f"loading {args.checkpoint}", file=sys.stderr, flush=True)
     model_config, model = hf.load_pretrained(args.checkpoint)
     tokenizer = load_tokenizer(resolve_tokenizer_path(args.checkpoint, args.tokenizer))
     tokenizer.check_model(model_config)
@@ -141,5 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` as a process: stops promptly on SIGTERM/SIGINT (see the module docstring). Embedding
+    callers (`coda-ctl eval`) call `main` and handle their own signals."""
+    from coda_trainer.evaluate import sandbox
+    from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
+
+    stop = StopRequest().install()
+    try:
+        return call_until_stopped(lambda: main(argv), stop, name="coda-eval")
+    except Stopped:
+        killed = sandbox.abort_all()
+        print(
+            f"stopped by {stop.name}: killed {killed} running candidate program(s); "
+            "no report written",
+            file=sys.stderr,
+        )
+        assert stop.signum is not None
+        exit_now(128 + stop.signum)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -192,12 +192,15 @@ class OpenAISource:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         base = self.base_url.rstrip("/")
         base = base if base.endswith("/v1") else base + "/v1"
-        with (
-            httpx.Client(base_url=base, headers=headers, timeout=self.timeout_s) as client,
-            ThreadPoolExecutor(self.concurrency) as pool,
-        ):
+        with httpx.Client(base_url=base, headers=headers, timeout=self.timeout_s) as client:
+            pool = ThreadPoolExecutor(self.concurrency)
             jobs = [pool.submit(self._one, client, p) for p in problems for _ in range(n)]
-            flat = [j.result() for j in jobs]
+            try:
+                flat = [j.result() for j in jobs]
+            finally:
+                # On an error or Ctrl-C the requests not yet sent are dropped, not sent one by one
+                # while the executor waits for them; those in flight end with their responses.
+                pool.shutdown(wait=True, cancel_futures=True)
         return [flat[i * n : (i + 1) * n] for i in range(len(problems))]
 
 

@@ -48,8 +48,11 @@ from typing import Literal
 
 __all__ = [
     "ExecResult",
+    "SandboxAborted",
     "SandboxLimits",
+    "abort_all",
     "isolation_info",
+    "kill_live",
     "run_many",
     "run_program",
 ]
@@ -234,6 +237,57 @@ def _pids_of_uid(uid: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Live candidates: none may outlive the run that started it
+# --------------------------------------------------------------------------------------------------
+# Each candidate runs in its own session, so neither a Ctrl-C to the harness's process group nor
+# the harness's death reaches it, and a candidate asleep in `time.sleep` would run on with nobody
+# left to enforce its wall-clock timeout. Live candidates are registered here and killed when the
+# `run_many` that started them is interrupted, or when the harness stops (`abort_all`).
+
+
+class SandboxAborted(RuntimeError):
+    """The harness is stopping: no new program starts."""
+
+
+_live_lock = threading.Lock()
+_live: dict[int, tuple[object | None, int | None]] = {}  # pid = its process group → (owner, uid)
+_aborted = False
+
+
+def _register(pid: int, owner: object | None, uid: int | None) -> bool:
+    """Record a live candidate; False if the harness is stopping (the caller kills it)."""
+    with _live_lock:
+        _live[pid] = (owner, uid)
+        return not _aborted
+
+
+def _unregister(pid: int) -> None:
+    with _live_lock:
+        _live.pop(pid, None)
+
+
+def kill_live(owner: object | None = None) -> int:
+    """SIGKILL the running candidates started for `owner` (None: all); returns how many."""
+    with _live_lock:
+        victims = [(pid, uid) for pid, (o, uid) in _live.items() if owner is None or o is owner]
+    for pid, uid in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        if uid is not None:
+            _kill_uid(uid)
+    return len(victims)
+
+
+def abort_all() -> int:
+    """Kill every running candidate of this process and refuse new ones (the harness is exiting);
+    returns how many were running."""
+    global _aborted
+    with _live_lock:
+        _aborted = True
+    return kill_live()
+
+
+# --------------------------------------------------------------------------------------------------
 # Running one program
 # --------------------------------------------------------------------------------------------------
 
@@ -268,14 +322,19 @@ def isolation_info() -> SandboxInfo:
     return SandboxInfo(network_isolated=_network_probe(), uid_isolated=os.geteuid() == 0)
 
 
-def run_program(source: str, limits: SandboxLimits | None = None) -> ExecResult:
-    """Run `source` as a Python program in a sandbox; passed only if it runs to its end."""
+def run_program(
+    source: str, limits: SandboxLimits | None = None, *, owner: object | None = None
+) -> ExecResult:
+    """Run `source` as a Python program in a sandbox; passed only if it runs to its end.
+    `owner` tags the process for `kill_live(owner)`."""
+    if _aborted:
+        raise SandboxAborted("the evaluation harness is stopping")
     limits = limits or SandboxLimits()
     start = time.monotonic()
     with _uid_slot() as uid:
         tmp = tempfile.mkdtemp(prefix="coda-sandbox-")
         try:
-            return _run_in(tmp, uid, source, limits, start)
+            return _run_in(tmp, uid, source, limits, start, owner)
         finally:
             if uid is not None:
                 _kill_uid(uid)
@@ -283,8 +342,9 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> ExecResult:
 
 
 def _run_in(
-    tmp: str, uid: int | None, source: str, limits: SandboxLimits, start: float
-) -> ExecResult:
+    tmp: str, uid: int | None, source: str, limits: SandboxLimits, start: float,
+    owner: object | None,
+) -> ExecResult:  # fmt: skip
     os.chmod(tmp, 0o711)
     home = os.path.join(tmp, "home")
     os.mkdir(home, 0o700)
@@ -323,6 +383,8 @@ def _run_in(
             os.close(result_w)
         timed_out = False
         try:
+            if not _register(proc.pid, owner, uid):
+                raise SandboxAborted("the evaluation harness is stopping")
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(json.dumps(config).encode())
@@ -336,6 +398,7 @@ def _run_in(
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            _unregister(proc.pid)  # before the wait reaps it: a pid in _live is never reused
             proc.wait()
             if uid is not None:
                 _kill_uid(uid)
@@ -390,5 +453,17 @@ def run_many(
 ) -> list[ExecResult]:
     """Run programs concurrently (each in its own sandbox); results in input order."""
     workers = workers or max(2, os.cpu_count() or 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda s: run_program(s, limits), sources))
+    owner = object()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(run_program, s, limits, owner=owner) for s in sources]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        # Interrupted (Ctrl-C in the calling thread) or aborted: queued programs must not start
+        # and running ones must not run on to their timeouts.
+        for f in futures:
+            f.cancel()
+        kill_live(owner)
+        raise
+    finally:
+        pool.shutdown(wait=True)

@@ -4,22 +4,55 @@ The checkpoint is a Hugging Face folder (a stage's `final/`, local or gs://). Th
 from `--tokenizer`, else the checkpoint's `tokenizer/` subfolder, else tokenizer files in the
 checkpoint folder itself (the trainer's final export copies them there), else the project tokenizer.
 
-Auth: with `--api-key` (or env CODA_API_KEY) every /v1 route needs `Authorization: Bearer <key>`.
-Binding a non-loopback host without a key is refused unless `--insecure-no-auth` is given.
-SIGTERM/SIGINT shut down gracefully: no new connections, in-flight requests finish (up to
-`--graceful-timeout` seconds), queued work drains, then the process ends (uvicorn re-raises the
-signal after its shutdown, so the exit status is that of SIGTERM).
+Auth: with `--api-key` (or env CODA_API_KEY) every /v1 route needs `Authorization: Bearer <key>`;
+/healthz, /readyz and /metrics stay open (kubelet probes, Prometheus). Binding a non-loopback host
+(the cluster's `--host 0.0.0.0`) without a key is refused unless `--insecure-no-auth` is given.
+
+Sampling defaults: a flag given on the command line wins; else the JSON object in env
+CODA_SAMPLER_DEFAULTS (what the operator renders from `spec.sampler.defaults`; keys steps,
+max_new_tokens, alg, alg_temp, temperature, top_p, top_k, block_length, threshold, with
+max_new_tokens meaning --default-max-tokens); else the built-in default. Invalid JSON, an unknown
+key or an out-of-range value there exits 2 before anything loads.
+
+Stopping: SIGTERM or SIGINT stops the server in every state and the process exits 0:
+- loading the checkpoint (before the HTTP server starts): the load runs on a worker thread that is
+  abandoned, and the process exits within `stopping.POLL_S` (0.1 s) of the signal;
+- warming up: new connections are refused and warm-up gives up at its next program boundary; one
+  XLA compile cannot be interrupted, so the process exits without waiting for the one in flight;
+- serving: new connections are refused, new requests on open ones get 503 `shutting_down`, queued
+  and running requests go on; whatever is unfinished `--graceful-timeout` seconds after the signal
+  gets 503 `shutting_down` (an in-band error event on a started stream), and the process exits
+  right after (bound: --graceful-timeout + about 1 s). A second Ctrl-C skips the drain.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import sys
+from typing import Any
+
+from coda_trainer.contract import ENV_API_KEY, ENV_SAMPLER_DEFAULTS
+from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
 
 EXIT_USAGE = 2
+SAMPLER_DEFAULTS_ENV = ENV_SAMPLER_DEFAULTS
+# What a setting is when neither a flag nor CODA_SAMPLER_DEFAULTS gives it (keys as in
+# coda_trainer.config.SamplerDefaults; steps, alg_temp, top_p, top_k, block_length and threshold
+# default to None = off / one step per generated token).
+BUILTIN_DEFAULTS: dict[str, Any] = {"alg": "entropy", "temperature": 0.0, "max_new_tokens": 128}
+# SamplerDefaults key → argparse dest of the flag that overrides it.
+_FLAG_FOR = {
+    "steps": "steps", "max_new_tokens": "default_max_tokens", "alg": "alg",
+    "alg_temp": "alg_temp", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+    "block_length": "block_length", "threshold": "threshold",
+}  # fmt: skip
+# Extra time uvicorn gives connections after our own drain deadline, so the 503s written at the
+# deadline reach their clients before uvicorn cancels what is left.
+SHUTDOWN_MARGIN_S = 2.0
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -64,20 +97,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--batch-buckets", type=_ints, default=None, help="default: powers of two up to --max-batch"
     )
-    g.add_argument("--default-max-tokens", type=int, default=128)
+    g.add_argument(
+        "--default-max-tokens", type=int, default=None,
+        help=f"when a request gives no max_tokens (default: {SAMPLER_DEFAULTS_ENV} max_new_tokens, "
+        "else 128; capped at the largest --gen-buckets)",
+    )  # fmt: skip
     g.add_argument("--max-steps", type=int, default=1024)
     g.add_argument(
         "--no-warmup", action="store_true", help="mark ready without compiling the buckets first"
     )
-    s = p.add_argument_group("sampling defaults (a request may override each)")
+    s = p.add_argument_group(
+        "sampling defaults (a request may override each; a flag here wins over "
+        f"{SAMPLER_DEFAULTS_ENV}, which wins over the built-in default)"
+    )
     s.add_argument("--steps", type=int, default=None, help="default: one per generated token")
     s.add_argument(
-        "--alg", default="entropy", choices=["origin", "maskgit_plus", "topk_margin", "entropy"]
-    )
+        "--alg", default=None, choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+        help="default: entropy",
+    )  # fmt: skip
     s.add_argument("--alg-temp", type=float, default=None)
     s.add_argument("--block-length", type=int, default=None)
     s.add_argument("--threshold", type=float, default=None)
-    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy)")
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
@@ -86,7 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override"
     )
     m.add_argument("--attention", default=None, choices=["auto", "xla", "cudnn", "splash"])
-    p.add_argument("--graceful-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--graceful-timeout", type=float, default=30.0,
+        help="seconds after SIGTERM/SIGINT that unfinished requests get to complete (then 503)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -117,29 +161,71 @@ def resolve_tokenizer_path(checkpoint: str, explicit: str | None) -> str:
     return "project"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    log = logging.getLogger("coda.serve")
-    api_key = args.api_key or os.environ.get("CODA_API_KEY") or None
-    if not api_key and not is_loopback(args.host) and not args.insecure_no_auth:
-        print(
-            f"error: refusing to serve on non-loopback host {args.host!r} without an API key; "
-            "set --api-key or CODA_API_KEY, or pass --insecure-no-auth",
-            file=sys.stderr,
+def parse_env_defaults(text: str | None) -> dict[str, Any]:
+    """The settings in CODA_SAMPLER_DEFAULTS (unset or blank: none), validated by the same model
+    as the CRD's `spec.sampler.defaults`; ValueError names the variable and the problem."""
+    if text is None or not text.strip():
+        return {}
+    from pydantic import ValidationError
+
+    from coda_trainer.config import SamplerDefaults
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{SAMPLER_DEFAULTS_ENV} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{SAMPLER_DEFAULTS_ENV} must be a JSON object, got {type(raw).__name__}: {text!r}"
         )
-        return EXIT_USAGE
+    try:
+        parsed = SamplerDefaults.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"unknown key {'.'.join(map(str, err['loc']))!r}"
+            if err["type"] == "extra_forbidden"
+            else f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ValueError(
+            f"{SAMPLER_DEFAULTS_ENV}: {problems} (known keys: {', '.join(_FLAG_FOR)})"
+        ) from None
+    values = parsed.model_dump(exclude_none=True)
+    if values.get("top_k") == 0:  # the CRD allows 0 for "no top-k filter"; the sampler says None
+        del values["top_k"]
+    return values
 
-    # Heavy imports only after the cheap checks.
-    import uvicorn
 
+def resolve_sampling_defaults(args: argparse.Namespace, env_text: str | None) -> dict[str, Any]:
+    """Each setting of SamplerDefaults: the flag if given, else CODA_SAMPLER_DEFAULTS, else the
+    built-in default (None where there is none)."""
+    env = parse_env_defaults(env_text)
+    out: dict[str, Any] = {}
+    for key, dest in _FLAG_FOR.items():
+        flag = getattr(args, dest)
+        out[key] = flag if flag is not None else env.get(key, BUILTIN_DEFAULTS.get(key))
+    return out
+
+
+class _Usage(Exception):
+    """A bad setting found after the heavy imports (exit 2)."""
+
+
+def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str | None) -> Any:
+    """Import JAX, load the checkpoint and tokenizer, build the app (runs on a worker thread)."""
+    log = logging.getLogger("coda.serve")
+    log.info("loading %s", args.checkpoint)
     from coda_trainer import hf
     from coda_trainer.serve.app import create_app
     from coda_trainer.serve.engine import Engine, SamplerGenerator, SamplingDefaults, ServeSettings
     from coda_trainer.tokenizer import load_tokenizer
 
+    max_tokens = defaults["max_new_tokens"]
+    if max_tokens > args.gen_buckets[-1]:
+        log.info(
+            "default max tokens %d capped at the largest generation bucket, %d",
+            max_tokens, args.gen_buckets[-1],
+        )  # fmt: skip
     try:
         settings = ServeSettings(
             model_name=args.model_name or args.checkpoint.rstrip("/").split("/")[-1] or "coda",
@@ -149,39 +235,113 @@ def main(argv: list[str] | None = None) -> int:
             prompt_buckets=args.prompt_buckets,
             gen_buckets=args.gen_buckets,
             batch_buckets=args.batch_buckets,
-            default_max_tokens=min(args.default_max_tokens, args.gen_buckets[-1]),
+            default_max_tokens=min(max_tokens, args.gen_buckets[-1]),
             max_steps=args.max_steps,
             warmup=not args.no_warmup,
             defaults=SamplingDefaults(
-                steps=args.steps,
-                alg=args.alg,
-                alg_temp=args.alg_temp,
-                block_length=args.block_length,
-                threshold=args.threshold,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
+                steps=defaults["steps"],
+                alg=defaults["alg"],
+                alg_temp=defaults["alg_temp"],
+                block_length=defaults["block_length"],
+                threshold=defaults["threshold"],
+                temperature=defaults["temperature"],
+                top_p=defaults["top_p"],
+                top_k=defaults["top_k"],
                 cache=args.cache,
             ),
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-
+        raise _Usage(str(e)) from e
+    log.info(
+        "sampling defaults: %s",
+        ", ".join(f"{k}={v}" for k, v in defaults.items() if v is not None),
+    )
     overrides = {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v}
-    log.info("loading %s", args.checkpoint)
     model_config, model = hf.load_pretrained(args.checkpoint, config_overrides=overrides or None)
     tok_path = resolve_tokenizer_path(args.checkpoint, args.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     tokenizer.check_model(model_config)
     log.info("model %s, tokenizer %s", args.checkpoint, tok_path)
     engine = Engine(SamplerGenerator(model, model_config), tokenizer, settings)
-    app = create_app(engine, api_key=api_key)
-    uvicorn.run(
+    return create_app(engine, api_key=api_key)
+
+
+def _serve(app: Any, args: argparse.Namespace, stop: Any) -> int:
+    import uvicorn
+
+    log = logging.getLogger("coda.serve")
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        # uvicorn installs its own SIGTERM/SIGINT handlers while it serves and afterwards restores
+        # ours and re-raises the signal; ours only records it, so the exit status stays 0.
+
+        async def on_tick(self, counter: int) -> bool:
+            # A signal that arrived after the load but before uvicorn took over reached only us.
+            return await super().on_tick(counter) or stop.requested
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            service.begin_shutdown(args.graceful_timeout)
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
-        timeout_graceful_shutdown=args.graceful_timeout,
+        timeout_graceful_shutdown=args.graceful_timeout + SHUTDOWN_MARGIN_S,
     )  # fmt: skip
-    return 0
+    code = 0
+    try:
+        Server(config).run()
+    except SystemExit as e:  # uvicorn's own start-up failures (port in use)
+        code = e.code if isinstance(e.code, int) else 1
+    if service.batcher.model_busy:
+        # A warm-up compile or a batch whose requests already got their answer (or a 503) is still
+        # running on the model thread. XLA cannot cancel it and the interpreter would join that
+        # thread at exit, for up to the whole compile; nothing is left to save, so leave now.
+        log.info("exiting without waiting for the model call in flight")
+        exit_now(code)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    # From here on SIGTERM/SIGINT only record a stop, acted on at the next check: below, or while
+    # the slow start (importing JAX, loading the checkpoint, possibly from gs://) runs on a worker
+    # thread, or by the HTTP server once it runs.
+    stop = StopRequest().install()
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("coda.serve")
+    try:
+        defaults = resolve_sampling_defaults(args, os.environ.get(SAMPLER_DEFAULTS_ENV))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    api_key = args.api_key or os.environ.get(ENV_API_KEY) or None
+    if not api_key and not is_loopback(args.host) and not args.insecure_no_auth:
+        print(
+            f"error: refusing to serve on non-loopback host {args.host!r} without an API key; "
+            "set --api-key or CODA_API_KEY, or pass --insecure-no-auth",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if stop.requested:
+        log.info("received %s before loading the checkpoint: exiting", stop.name)
+        return 0
+    try:
+        app = call_until_stopped(
+            lambda: _build_app(args, defaults, api_key), stop, name="coda-serve-load"
+        )
+    except Stopped:
+        log.info("received %s while loading the checkpoint: exiting", stop.name)
+        exit_now(0)  # the loader thread may be inside native code: do not join it
+    except _Usage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if stop.requested:
+        log.info("received %s while loading the checkpoint: exiting", stop.name)
+        return 0
+    return _serve(app, args, stop)
 
 
 if __name__ == "__main__":

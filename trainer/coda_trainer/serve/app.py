@@ -10,6 +10,11 @@ Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format and
 `data: [DONE]`. A diffusion model fixes text in no particular order, and the sampler returns a
 batch at once, so the stream carries the finalized text (cut at eos/stop/max_tokens) in
 line-sized chunks as soon as the row's batch is done; it is not token-by-token progress.
+
+Stopping (`begin_shutdown`, called by the server as soon as it starts shutting down): new requests
+get 503 `shutting_down`, /readyz turns 503, warm-up stops at its next program boundary, queued and
+running requests keep going for `drain_s` seconds and whatever is still unanswered then gets 503
+`shutting_down` (an in-band error event if its stream had started).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coda_trainer.serve import schemas as S
 from coda_trainer.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
-from coda_trainer.serve.engine import Engine, EngineError, Row
+from coda_trainer.serve.engine import Engine, EngineError, Row, WarmupAbandoned
 from coda_trainer.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
 __all__ = ["create_app"]
@@ -79,6 +84,28 @@ class _Service:
         )
         self.started = time.time()
         self.warmup_error: str | None = None
+        self.stopping = False
+
+    def begin_shutdown(self, drain_s: float) -> None:
+        """Refuse new work now; fail what is still unanswered after `drain_s` seconds. Call it
+        from the event loop's thread; a second call changes nothing."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.metrics.ready.set(0)
+        self.engine.stop_warmup.set()
+        self.batcher.close()
+        log.info("stopping: new requests get 503; unfinished requests get 503 after %gs", drain_s)
+        error = ShuttingDown(
+            f"server is shutting down: this request did not finish within the {drain_s:g}s "
+            "graceful timeout"
+        )
+
+        def abort() -> None:
+            if failed := self.batcher.abort_pending(error):
+                log.warning("graceful timeout: failed %d unfinished request(s) with 503", failed)
+
+        asyncio.get_running_loop().call_later(drain_s, abort)
 
     @property
     def tokenizer(self) -> Any:
@@ -148,6 +175,8 @@ def create_app(
                 else:
                     engine.ready = True
                 svc.metrics.ready.set(1)
+            except WarmupAbandoned as e:
+                log.info("warm-up abandoned, the server is stopping: %s", e)
             except Exception as e:  # the server stays up (healthz) but never turns ready
                 svc.warmup_error = f"{type(e).__name__}: {e}"
                 log.exception("warm-up failed")
@@ -156,9 +185,17 @@ def create_app(
         try:
             yield
         finally:
+            # Warm-up runs on the model thread: cancelling the task frees the event loop, the
+            # event makes the thread give up at its next program boundary.
+            engine.stop_warmup.set()
             task.cancel()
-            await svc.batcher.stop()
-            log.info("coda sampler stopped: queue drained, batcher closed")
+            await svc.batcher.stop(drain_timeout_s=0 if svc.stopping else 30.0)
+            busy = (
+                " (a model call is still running; it is abandoned)"
+                if svc.batcher.model_busy
+                else ""
+            )
+            log.info("coda sampler stopped: queue drained, batcher closed%s", busy)
 
     app = FastAPI(title="coda sampler", lifespan=lifespan)
     app.state.service = svc
@@ -232,11 +269,12 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         body = {
-            "ready": engine.ready,
+            "ready": engine.ready and not svc.stopping,
             "warmup_seconds": engine.warmup_seconds,
             "error": svc.warmup_error,
+            "stopping": svc.stopping,
         }
-        return JSONResponse(body, status_code=200 if engine.ready else 503)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -6,6 +6,12 @@ items with equal keys share a batch. The worker takes the oldest item, waits unt
 within the group; other groups keep their place). Calls run one at a time on a single worker
 thread (the accelerator runs one program at a time anyway), so the event loop stays free to accept
 and validate requests while a batch runs. A call that raises fails only the requests in its batch.
+
+Stopping: `close()` refuses new work (ShuttingDown) while queued work keeps draining;
+`abort_pending()` fails every request still waiting, in the queue or in the running batch, so its
+caller can answer at once; `stop()` does both and lets the worker thread go without joining it. A
+model call cannot be interrupted, so `model_busy` tells the process whether one is still running
+(and must be abandoned) when it exits.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class DynamicBatcher(Generic[P, R]):
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coda-batch")
         self._closing = False
+        self._running: list[_Item] = []  # the batch on the model thread now
+        self._model_busy = False  # written by the model thread only
 
     # ---- lifecycle ----
 
@@ -74,25 +82,55 @@ class DynamicBatcher(Generic[P, R]):
         self._changed = asyncio.Event()
         self._worker = asyncio.create_task(self._loop(), name="coda-batcher")
 
+    def _on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._model_busy = True
+        try:
+            return fn(*args)
+        finally:
+            self._model_busy = False
+
+    @property
+    def model_busy(self) -> bool:
+        """Whether a call (batch or `run_exclusive`) is running on the model thread right now."""
+        return self._model_busy
+
     async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the model thread (e.g. warm-up compiles), serialized with batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._on_model_thread, fn
+        )
+
+    def close(self) -> None:
+        """Take no new work; what is queued or running still completes."""
+        self._closing = True
+
+    def abort_pending(self, error: Exception) -> int:
+        """Fail every request still waiting (queued or in the running batch) with `error`; the
+        running model call itself goes on, its results are dropped. Returns how many failed."""
+        failed = 0
+        for item in [*self._running, *self._queue]:
+            if not item.future.done():
+                item.future.set_exception(error)
+                failed += 1
+        self._queue.clear()
+        self._on_queue_depth(0)
+        return failed
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking work; let queued items finish for up to `drain_timeout_s`, fail the rest."""
-        self._closing = True
+        """Stop taking work; let queued items finish for up to `drain_timeout_s`, fail the rest.
+        Does not wait for a model call still running (see `model_busy`)."""
+        self.close()
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._queue or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # Fail what is left before cancelling the worker: its running batch's requests must not
+        # be left waiting on a result that will never be delivered.
+        self.abort_pending(ShuttingDown("server is shutting down"))
         if self._worker is not None:
-            deadline = time.monotonic() + drain_timeout_s
-            while self._queue and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(ShuttingDown("server is shutting down"))
-        self._queue.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def queue_depth(self) -> int:
@@ -146,10 +184,12 @@ class DynamicBatcher(Generic[P, R]):
             self._queue = [it for it in self._queue if id(it) not in taken]
             self._on_queue_depth(len(self._queue))
             start = time.monotonic()
+            self._running = batch
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._run_batch, oldest.key, [it.payload for it in batch]
-                )
+                    self._executor, self._on_model_thread, self._run_batch, oldest.key,
+                    [it.payload for it in batch],
+                )  # fmt: skip
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"batch runner returned {len(results)} results for {len(batch)} rows"
@@ -160,6 +200,7 @@ class DynamicBatcher(Generic[P, R]):
                         it.future.set_exception(e)
                 continue
             finally:
+                self._running = []
                 self._on_batch(oldest.key, len(batch), time.monotonic() - start)
             for it, result in zip(batch, results, strict=True):
                 if not it.future.done():

@@ -18,6 +18,7 @@ sampling settings compile on first use (numeric knobs like temperature never rec
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal, Protocol
@@ -36,6 +37,7 @@ __all__ = [
     "SamplingDefaults",
     "ServeSettings",
     "Shapes",
+    "WarmupAbandoned",
     "bucket_for",
 ]
 
@@ -47,6 +49,10 @@ class EngineError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class WarmupAbandoned(RuntimeError):
+    """The server began stopping during warm-up; the remaining buckets were not compiled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +164,9 @@ class Engine:
         self.stop_ids = {tokenizer.eos_id, tokenizer.pad_id, *eos_ids}
         self.ready = False
         self.warmup_seconds: float | None = None
+        # Set when the server starts stopping: warm-up checks it between programs (one XLA
+        # compile cannot be interrupted, so a stop waits for at most the program in flight).
+        self.stop_warmup = threading.Event()
         self.on_batch_tokens: Any = lambda rows, seconds, tokens: None
 
     # ---- request → config ----
@@ -272,16 +281,24 @@ class Engine:
         return list(ids[:cut])
 
     def warmup(self) -> float:
-        """Compile every (batch, prompt, gen) bucket for the default settings; returns seconds."""
+        """Compile every (batch, prompt, gen) bucket for the default settings; returns seconds.
+        Raises WarmupAbandoned at the next program boundary once `stop_warmup` is set."""
         start = time.monotonic()
         token = self.tokenizer.encode("def")[:1] or [0]
-        for gen in self.settings.gen_buckets:
+        programs = [
+            (gen, prompt, batch)
+            for gen in self.settings.gen_buckets
+            for prompt in self.settings.prompt_buckets
+            for batch in self.settings.batch_sizes
+        ]
+        for done, (gen, prompt, batch) in enumerate(programs):
+            if self.stop_warmup.is_set():
+                raise WarmupAbandoned(
+                    f"stopped after {done} of {len(programs)} warm-up programs "
+                    f"({time.monotonic() - start:.1f}s)"
+                )
             key = self.generate_key(SamplingParams(), gen)
-            for prompt in self.settings.prompt_buckets:
-                for batch in self.settings.batch_sizes:
-                    self.generator.generate(
-                        [token * prompt] * batch, key[1], Shapes(batch, prompt, gen), 0
-                    )
+            self.generator.generate([token * prompt] * batch, key[1], Shapes(batch, prompt, gen), 0)
         self.warmup_seconds = time.monotonic() - start
         self.ready = True
         return self.warmup_seconds
