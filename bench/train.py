@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
     from coda_trainer.masking import NoiseSpec
     from coda_trainer.metrics import mfu
     from coda_trainer.optimizer import make_optimizer, make_schedule
-    from coda_trainer.sharding import batch_sharding, create_sharded_model, make_mesh
+    from coda_trainer.sharding import (
+        batch_sharding,
+        create_sharded_model,
+        make_mesh,
+        optimizer_state_shardings,
+    )
     from coda_trainer.train import TrainState, make_train_step
     from flax import nnx
 
@@ -79,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = create_sharded_model(cfg, mesh)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         del model
-        state = TrainState(step=jnp.int32(0), params=params, opt_state=jax.jit(tx.init)(params))
+        opt_shardings = optimizer_state_shardings(jax.eval_shape(tx.init, params), mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)  # no replicated copy
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state)
         step_fn = make_train_step(
             graphdef, rest, tx, schedule, spec=NoiseSpec.from_configs(cfg, masking), kind=args.kind,
             loss_norm="tokens", grad_accum=args.grad_accum,

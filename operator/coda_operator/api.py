@@ -27,7 +27,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from coda_operator.topology import TopologyError, TpuSlice, tpu_slice
+from coda_operator import admission
+from coda_operator.topology import TopologyError, TpuSlice, multislice_error, tpu_slice
 
 __all__ = [
     "AcceleratorSpec",
@@ -108,7 +109,12 @@ class TPUSpec(_Wire):
 
     @model_validator(mode="after")
     def _shape(self) -> TPUSpec:
-        tpu_slice(self.type, self.topology)  # raises TopologyError (a ValueError) with a hint
+        one = tpu_slice(
+            self.type, self.topology
+        )  # raises TopologyError (a ValueError), with a hint
+        error = multislice_error(one, self.slices)
+        if error:
+            raise ValueError(f"slices: {error}")
         return self
 
     @property
@@ -333,34 +339,55 @@ class CodaTrainingRunSpec(_Wire):
     @model_validator(mode="after")
     def _resolvable(self, info: ValidationInfo) -> CodaTrainingRunSpec:
         try:
-            model = self.model.resolve()
+            self.model.resolve()
         except ValidationError as e:
             raise ValueError(
                 f"spec.model.overrides: {'; '.join(format_validation_error(e, 'model'))}"
             ) from None
         for i, stage in enumerate(self.stages):
-            if stage.batch.seq_len > model.max_position_embeddings:
-                raise ValueError(
-                    f"spec.stages[{i}].batch.seqLen: {stage.batch.seq_len} exceeds the model's "
-                    f"maxPositionEmbeddings ({model.max_position_embeddings})"
-                )
             acc = self.stage_accelerator(i)
             if acc.tpu is None and acc.gpu is None:
                 raise ValueError(
                     f"spec.stages[{i}].accelerator: stage {stage.name!r} has no accelerator "
                     f"(set spec.accelerator.tpu/gpu or a per-stage override)"
                 )
-        cluster = True if info.context is None else info.context.get("cluster", True)
+        context = info.context or {}
+        cluster = context.get("cluster", True)
         if cluster and not self.checkpoints.uri.startswith("gs://"):
             raise ValueError(
                 f"spec.checkpoints.uri: {self.checkpoints.uri!r} must be a gs:// URI on a cluster "
                 f"(every host of every stage must see the same checkpoints)"
             )
+        if context.get("admission", True):
+            # One line per problem, every stage: a user fixes them all in one go.
+            problems = [p for i in range(len(self.stages)) for p in self.stage_problems(i, cluster)]
+            if problems:
+                raise ValueError("\n".join(problems))
         return self
 
     def stage_accelerator(self, index: int) -> AcceleratorSpec:
         base = self.accelerator or AcceleratorSpec()
         return base.merged(self.stages[index].accelerator)
+
+    def stage_devices(self, index: int) -> admission.StageDevices | None:
+        """The devices and hosts stage `index` runs on (None without an accelerator)."""
+        acc = self.stage_accelerator(index)
+        if acc.tpu is not None:
+            return admission.tpu_devices(acc.tpu.slice, acc.tpu.slices)
+        if acc.gpu is not None:
+            return admission.gpu_devices(acc.gpu.type, acc.gpu.gpus_per_node, acc.gpu.nodes)
+        return None
+
+    def stage_problems(self, index: int, cluster: bool = True) -> list[str]:
+        """The arithmetic admission rules stage `index` breaks (`coda_operator.admission`).
+
+        `cluster=False` (a local run, whose accelerator is ignored) checks the model rules only.
+        """
+        stage = self.stages[index]
+        devices = self.stage_devices(index) if cluster else None
+        return admission.stage_problems(
+            stage, self.model.resolve(), devices, field=f"spec.stages[{index}]"
+        )
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
@@ -373,18 +400,25 @@ def format_validation_error(err: ValidationError, prefix: str = "spec") -> list[
         path = prefix
         for part in e["loc"]:
             path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        msg = e["msg"].removeprefix("Value error, ")
-        # Our own validators already name the field (spec.x.y: ...); do not say it twice.
-        lines.append(msg if msg.startswith(f"{prefix}.") else f"{path}: {msg}")
+        # A validator may report several problems, one per line.
+        for msg in e["msg"].removeprefix("Value error, ").splitlines():
+            # Our own validators already name the field (spec.x.y: ...); do not say it twice.
+            lines.append(msg if msg.startswith(f"{prefix}.") else f"{path}: {msg}")
     return lines
 
 
-def parse_spec(data: Any, *, cluster: bool = True) -> CodaTrainingRunSpec:
-    """Validate a raw spec dict; raises InvalidSpec whose lines name the offending fields."""
+def parse_spec(data: Any, *, cluster: bool = True, admission: bool = True) -> CodaTrainingRunSpec:
+    """Validate a raw spec dict; raises InvalidSpec whose lines name the offending fields.
+
+    `admission=False` leaves out the per-stage shape arithmetic (`stage_problems`), for callers
+    that report it stage by stage themselves (`coda-ctl plan`).
+    """
     if not isinstance(data, dict):
         raise InvalidSpec([f"spec: expected an object, got {type(data).__name__}"])
     try:
-        return CodaTrainingRunSpec.model_validate(data, context={"cluster": cluster})
+        return CodaTrainingRunSpec.model_validate(
+            data, context={"cluster": cluster, "admission": admission}
+        )
     except ValidationError as e:
         raise InvalidSpec(format_validation_error(e)) from None
     except TopologyError as e:  # raised outside pydantic's wrapping (defensive)

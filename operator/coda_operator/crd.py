@@ -48,6 +48,53 @@ _V5E_V6E = "['1x1','2x2','2x4','4x4','4x8','8x8','8x16','16x16']"
 _SMALL_3D = "['2x2x1','2x2x2','2x2x4','2x4x4']"
 _DIMS = "self.topology.split('x')"
 
+_SINGLE_HOST = "['1x1','2x2','2x4','2x2x1']"
+
+
+def _devices_cel(acc: str) -> str:
+    """CEL: the device count (TPU chips over all slices, or GPUs) of accelerator `acc`."""
+    dims = f"{acc}.tpu.topology.split('x')"
+    chips = (
+        f"int({dims}[0]) * int({dims}[1]) * (size({dims}) == 3 ? int({dims}[2]) : 1)"
+        f" * (has({acc}.tpu.slices) ? {acc}.tpu.slices : 1)"
+    )
+    gpus = f"{acc}.gpu.gpusPerNode * (has({acc}.gpu.nodes) ? {acc}.gpu.nodes : 1)"
+    return f"(has({acc}.tpu) ? {chips} : has({acc}.gpu) ? {gpus} : 0)"
+
+
+def _batch_divides_cel(stage: str, acc: str) -> str:
+    """CEL: stage's micro-batch divides over its data-parallel devices (devices / mesh.tensor, or
+    data × fsdp when tensor is the inferred axis) — admission.stage_problems' main rule."""
+
+    def axis(name: str, default: int) -> str:
+        return f"(has({stage}.mesh) && has({stage}.mesh.{name}) ? {stage}.mesh.{name} : {default})"
+
+    tensor = axis("tensor", 1)
+    shards = (
+        f"({tensor} == -1 ? {axis('data', 1)} * {axis('fsdp', -1)} : "
+        f"({tensor} > 0 ? {_devices_cel(acc)} / {tensor} : 0))"
+    )
+    micro = (
+        f"({stage}.batch.sequences / (has({stage}.batch.gradAccum) ? {stage}.batch.gradAccum : 1))"
+    )
+    return f"({shards} <= 0 || {micro} % {shards} == 0)"
+
+
+def _own_accelerator_cel(stage: str) -> str:
+    return f"has({stage}.accelerator) && (has({stage}.accelerator.tpu) || has({stage}.accelerator.gpu))"
+
+
+_BATCH_MESSAGE = (
+    "batch.sequences / batch.gradAccum must divide over the stage's data-parallel devices "
+    "(chips or GPUs / mesh.tensor); `coda-ctl plan -f RUN.yaml` names sizes that do"
+)
+_MULTISLICE = {
+    "rule": f"!has(self.slices) || self.slices == 1 || !(self.topology in {_SINGLE_HOST})",
+    "message": "Multislice (slices > 1) joins multi-host slices only; 1x1, 2x2, 2x4 and 2x2x1 are "
+    "single hosts: use one larger slice",
+    "fieldPath": ".slices",
+}
+
 # path (dotted, [] for list items; "" is the spec root, "/" the object root) → CEL rules.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "/": [
@@ -79,7 +126,22 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "message": "the sft block is only valid in stages of kind sft",
             "fieldPath": ".stages",
         },
+        {  # stages running on spec.accelerator (the others are checked at stages[])
+            "rule": f"!has(self.accelerator) || self.stages.all(s, {_own_accelerator_cel('s')} "
+            f"|| {_batch_divides_cel('s', 'self.accelerator')})",
+            "message": _BATCH_MESSAGE,
+            "fieldPath": ".stages",
+        },
     ],
+    "stages[]": [
+        {
+            "rule": f"!({_own_accelerator_cel('self')}) "
+            f"|| {_batch_divides_cel('self', 'self.accelerator')}",
+            "message": _BATCH_MESSAGE,
+            "fieldPath": ".batch.sequences",
+        },
+    ],
+    "stages[].accelerator.tpu": [_MULTISLICE],
     "accelerator": [
         {
             "rule": "!(has(self.tpu) && has(self.gpu))",
@@ -96,6 +158,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "16x16; v4/v5p take 2x2x1, 2x2x2, 2x2x4, 2x4x4 or AxBxC (A<=B<=C, multiples of 4)",
             "fieldPath": ".topology",
         },
+        _MULTISLICE,
     ],
     "stages[].batch": [
         {

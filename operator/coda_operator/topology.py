@@ -29,6 +29,8 @@ __all__ = [
     "TopologyError",
     "TpuSlice",
     "TpuType",
+    "canonical_topology",
+    "multislice_error",
     "parse_slice_name",
     "tpu_slice",
     "valid_topologies_hint",
@@ -251,3 +253,27 @@ def parse_slice_name(name: str) -> TpuSlice:
     if chips not in table:
         raise TopologyError(f"{name}: no standard {tpu_type} topology has {chips} chips")
     return tpu_slice(tpu_type, table[chips])
+
+
+def canonical_topology(tpu_type: str, chips: int) -> str | None:
+    """The standard topology of a `tpu_type` slice with `chips` chips, if there is one."""
+    table = _CANONICAL_3D if _FAMILIES[tpu_type].dims == 3 else _CANONICAL_2D
+    return table.get(chips)
+
+
+def multislice_error(tpu: TpuSlice, slices: int) -> str | None:
+    """Why `slices` copies of `tpu` cannot form a Multislice, or None when they can.
+
+    GKE runs Multislice on multi-host TPU node pools only: single-host slices (one VM each) are
+    not joined over DCN, so such a JobSet would never start as one job.
+    """
+    if slices <= 1 or tpu.multi_host:
+        return None
+    total = tpu.chips * slices
+    one = canonical_topology(tpu.type, total)
+    instead = f"one {tpu.type} {one} slice ({total} chips)" if one else "one larger slice"
+    return (
+        f"{slices} slices of {tpu.type} {tpu.topology}: Multislice joins multi-host slices only "
+        f"(GKE schedules it on multi-host TPU node pools) and {tpu.topology} is a single host; "
+        f"use {instead}, or a multi-host topology per slice"
+    )

@@ -37,14 +37,14 @@ STAGES = [
         "name": "midtrain",
         "kind": "midtrain",
         "steps": 50000,
-        "batch": {"sequences": 256, "seqLen": 8192},
+        "batch": {"sequences": 512, "seqLen": 8192},
         "data": [{"uri": "gs://acme-data/annealing/*.parquet"}],
     },
     {
         "name": "sft",
         "kind": "sft",
         "steps": 20000,
-        "batch": {"sequences": 176, "seqLen": 1024},
+        "batch": {"sequences": 512, "seqLen": 1024},
         "data": [{"uri": "gs://acme-data/sft/*.jsonl", "format": "chat"}],
     },
 ]

@@ -413,7 +413,9 @@ def run_spec(**overrides: Any) -> dict[str, Any]:
                 "name": "midtrain",
                 "kind": "midtrain",
                 "steps": 50,
-                "batch": {"sequences": 8, "seqLen": 128},
+                # 2 × 16 chips: the batch divides over 32 devices, data parallelism spans slices
+                "batch": {"sequences": 32, "seqLen": 128},
+                "mesh": {"data": 2, "fsdp": -1},
                 "accelerator": {"tpu": {"type": "v6e", "topology": "4x4", "slices": 2}},
                 "data": [{"uri": "gs://coda-data/stdlib-code/*.py", "format": "python"}],
                 "masking": {"curriculum": "paper-table-3"},
@@ -436,6 +438,26 @@ def run_spec(**overrides: Any) -> dict[str, Any]:
         "failurePolicy": {"maxRestarts": 2, "stageRetries": 1},
     }
     spec.update(overrides)
+    return spec
+
+
+def fit_stages_to(spec: dict[str, Any], accelerator: dict[str, Any]) -> dict[str, Any]:
+    """Make every stage of `spec` admissible on `accelerator` (its only accelerator): a batch of
+    one sequence per device where the batch did not divide, data parallelism across the slices.
+    Returns `spec`."""
+    from coda_operator import api
+
+    acc = api.AcceleratorSpec.model_validate(accelerator)
+    if acc.tpu is not None:
+        devices, slices = acc.tpu.slice.chips * acc.tpu.slices, acc.tpu.slices
+    else:
+        devices, slices = acc.gpu.gpus_per_node * acc.gpu.nodes, 1
+    spec["accelerator"] = accelerator
+    for stage in spec["stages"]:
+        stage.pop("accelerator", None)
+        if stage["batch"]["sequences"] % devices:
+            stage["batch"] = {**stage["batch"], "sequences": devices}
+        stage["mesh"] = {"data": slices, "fsdp": -1}
     return spec
 
 

@@ -108,7 +108,23 @@ def test_api_reuses_the_trainer_models() -> None:
     )
 
 
-@pytest.mark.parametrize("spec", [design_example(), run_spec()], ids=["design-sketch", "test-run"])
+def test_design_sketch_sft_is_refused_before_a_slice_is_requested() -> None:
+    """DESIGN.md's sketch runs SFT (176 sequences) on the run's 512-chip slice: no step can start."""
+    spec = design_example()
+    errors = crd_errors(run_doc(spec, "coda-1p7b"))
+    assert len(errors) == 1 and "batch.sequences" in errors[0], errors
+    with pytest.raises(api.InvalidSpec) as exc:
+        api.parse_spec(spec)
+    assert exc.value.errors == [
+        "spec.stages[2].batch.sequences: 176 sequences cannot be split over the 512 data-parallel "
+        "devices (mesh data×fsdp = 1×512 on v5p 8x8x8 (512 chips)); use 512 sequences"
+    ]
+    spec["stages"][2]["accelerator"] = {"tpu": {"type": "v5p", "topology": "2x2x4"}}  # 16 chips
+    assert crd_errors(run_doc(spec, "coda-1p7b")) == []
+    api.parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", [run_spec()], ids=["test-run"])
 def test_good_runs_pass_every_layer(spec: dict[str, Any]) -> None:
     assert crd_errors(run_doc(spec, "coda-1p7b")) == []
     api.parse_spec(spec)  # the operator accepts it too
@@ -195,7 +211,57 @@ BAD_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], str, bool]] = [
         True,
     ),
     ("queue-name-not-dns", _set("queueName", "TPU Team"), "queueName", True),
+    # Arithmetic admission: shapes a slice would refuse at step 0 (coda_operator.admission).
+    (
+        "batch-not-dividing-over-chips",
+        _set("stages.2.batch.sequences", 12),
+        "stages[2].batch.sequences",
+        True,
+    ),
+    (
+        "micro-batch-not-dividing",
+        _set("stages.0.batch", {"sequences": 16, "seqLen": 128, "gradAccum": 4}),
+        "stages[0].batch.sequences",
+        True,
+    ),
+    (
+        "batch-not-dividing-over-stage-slices",
+        _set("stages.1.batch.sequences", 16),
+        "stages[1].batch.sequences",
+        True,
+    ),
+    (
+        "batch-not-dividing-over-gpus",
+        _set("accelerator", {"gpu": {"type": "nvidia-h100-80gb", "gpusPerNode": 8, "nodes": 2}}),
+        "stages[0].batch.sequences",
+        True,
+    ),
+    (
+        "multislice-of-single-hosts",
+        _set("accelerator.tpu", {"type": "v5p", "topology": "2x2x1", "slices": 2}),
+        "accelerator.tpu",
+        True,
+    ),
+    (
+        "stage-multislice-of-single-hosts",
+        _set("stages.1.accelerator.tpu", {"type": "v6e", "topology": "2x2", "slices": 2}),
+        "stages[1].accelerator.tpu",
+        True,
+    ),
     # Only the operator can tell: these need the resolved model or the mesh arithmetic.
+    ("multislice-data-axis", _set("stages.1.mesh", {"data": 1}), "stages[1].mesh.data", False),
+    (
+        "block-size-beyond-seq-len",
+        _set("stages.0.masking", {"blockSizes": [2, 256]}),
+        "stages[0].masking.blockSizes",
+        False,
+    ),
+    (
+        "mesh-not-the-slice",
+        _set("stages.0.mesh", {"data": 1, "fsdp": 4, "tensor": 1}),
+        "stages[0].mesh",
+        False,
+    ),
     ("seq-len-beyond-model", _set("stages.0.batch.seqLen", 1024), "stages[0].batch.seqLen", False),
     (
         "two-inferred-mesh-axes",

@@ -21,17 +21,14 @@ from coda_trainer import contract
 from coda_trainer.config import load_job_config
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 from crd_validation import _strict
-from operator_testkit import jobset_crd_schema, run_spec
+from operator_testkit import fit_stages_to, jobset_crd_schema, run_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
 
 def spec_with(accelerator: dict[str, Any], **extra: Any) -> api.CodaTrainingRunSpec:
-    raw = run_spec(accelerator=accelerator, **extra)
-    for stage in raw["stages"]:
-        stage.pop("accelerator", None)
-    return api.parse_spec(raw)
+    return api.parse_spec(fit_stages_to(run_spec(**extra), accelerator))
 
 
 CASES = {

@@ -281,6 +281,20 @@ def test_attention_impl_resolution():
         resolve_attention_impl("splash", "cpu")
 
 
+@pytest.mark.parametrize(
+    ("platform", "impl"), [("tpu", "splash"), ("gpu", "cudnn"), ("cuda", "cudnn"), ("cpu", "xla")]
+)
+def test_attention_auto_follows_the_mesh_devices_not_the_host(platform: str, impl: str):
+    """A step traced on this CPU host for a TPU mesh (pre-flight) must pick the TPU kernel."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    assert jax.default_backend() == "cpu"
+    device = AbstractDevice(device_kind="some chip", num_cores=None, platform=platform)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((2,), ("fsdp",), abstract_device=device)):
+        assert resolve_attention_impl("auto") == impl
+    assert resolve_attention_impl("auto") == "xla"  # no mesh: the host's backend
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_splash_kernel_matches_reference_attention(causal: bool):
     # The TPU kernel itself, run by the Pallas interpreter on CPU: segments, GQA and a KV past.

@@ -170,6 +170,10 @@ def test_reference_run_learns_and_reports(reference):
     for key in ("loss", "masked_accuracy", "grad_norm", "lr", "tokens_per_second", "tokens"):
         assert key in last and last[key] is not None, key
     assert last["mfu"] is None  # CPU: peak unknown
+    done = [
+        json.loads(x) for x in storage.read_text(f"{stage_dir}/metrics/metrics.jsonl").splitlines()
+    ]
+    assert [d["train_step_compiles"] for d in done if d["event"] == "done"] == [1]
     evals = [
         json.loads(x) for x in storage.read_text(f"{stage_dir}/metrics/metrics.jsonl").splitlines()
     ]
@@ -254,6 +258,8 @@ def test_eight_devices_match_one(tmp_path, corpus, reference):
         _, err = trainer.finish(timeout=400)
     assert trainer.returncode == EXIT_OK, err[-3000:]
     assert "on 8 cpu device(s)" in err
+    out = (tmp_path / "job.stdout").read_text()
+    assert '"train_step_compiles": 1' in out  # sharded state in = sharded state out: one compile
     ours, ref = train_lines(str(tmp_path / "ckpt" / "pretrain")), train_lines(ref_dir)
     assert sorted(ours) == sorted(ref)
     np.testing.assert_allclose(
@@ -282,6 +288,82 @@ def test_gcs_data_checkpoints_and_final(gcs_bucket, corpus, caplog):
 
     config, _ = hf.load_pretrained(f"{stage_dir}/final")
     assert config.hidden_size == TINY["hidden_size"]
+
+
+_STATE_LAYOUT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from coda_trainer import train
+from coda_trainer.config import TrainJobConfig
+from coda_trainer.masking import NoiseSpec
+from coda_trainer.sharding import batch_sharding, create_sharded_model, make_mesh
+
+out = {}
+for opt in ("adamw", "adafactor"):
+    cfg = TrainJobConfig.model_validate({
+        "model": {"preset": "test-micro"}, "tokenizer": "project",
+        "stage": {"name": "p", "kind": "pretrain", "steps": 10, "data": [{"uri": "x"}],
+                  "batch": {"sequences": 8, "seq_len": 32, "grad_accum": 2},
+                  "optimizer": {"name": opt, "weight_decay": 0.1},
+                  "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}})
+    mesh = make_mesh(cfg.stage.mesh)
+    with jax.set_mesh(mesh):
+        layout = train.abstract_train_state(cfg, mesh)
+        graphdef, params, rest = nnx.split(create_sharded_model(layout.model_config, mesh), nnx.Param, ...)
+        state = train.initial_train_state(layout, params)
+        replicated_before = jax.jit(layout.tx.init)(params)  # the old way, for contrast
+        def moments(opt_state):
+            return {jax.tree_util.keystr(p): l for p, l in jax.tree_util.tree_leaves_with_path(opt_state)
+                    if l.shape == (256, 64)}
+        param_specs = {str(l.sharding.spec) for l in jax.tree.leaves(params) if l.ndim == 2 and l.shape[0] == 256}
+        spec = NoiseSpec.from_configs(layout.model_config, cfg.stage.masking)
+        step = train.make_train_step(graphdef, rest, layout.tx, layout.schedule, spec=spec, kind="pretrain",
+                                     loss_norm="tokens", grad_accum=2, state_shardings=layout.shardings)
+        same = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state, layout.shardings)
+        tokens = np.asarray(jax.random.randint(jax.random.key(0), (8, 32), 2, 250), np.int32)
+        data = {"tokens": tokens, "segment_ids": np.ones((8, 32), np.int32),
+                "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
+        losses = []
+        for i in range(3):
+            batch = {**{k: jax.device_put(v, batch_sharding(mesh)) for k, v in data.items()},
+                     **train.stage_knobs(cfg.stage, spec, i)}
+            state, metrics = step(state, batch, jax.random.key(1))
+            losses.append(float(metrics["loss"]))
+    out[opt] = {
+        "state_in_layout": all(jax.tree.leaves(same)),
+        "moment_specs": sorted({str(l.sharding.spec) for l in moments(state.opt_state).values()}),
+        "old_moment_specs": sorted({str(l.sharding.spec) for l in moments(replicated_before).values()}),
+        "param_specs": sorted(param_specs),
+        "compiles": step._cache_size(),
+        "losses": losses,
+        "step": int(state.step),
+    }
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adafactor"])
+def test_optimizer_state_is_sharded_like_params_and_the_step_compiles_once(opt, state_layout):
+    r = state_layout[opt]
+    assert r["state_in_layout"], r  # step 0: every leaf already where the step will put it
+    assert r["step"] == 3 and all(np.isfinite(r["losses"])), r
+    assert r["compiles"] == 1, r  # three steps, one compilation
+    if opt == "adamw":  # mu/nu of the (256, 64) embedding: the embedding's own sharding
+        assert r["moment_specs"] == r["param_specs"] == ["P('tensor', 'fsdp')"], r
+        # without out_shardings jit(tx.init) creates them replicated on every device (the bug)
+        assert r["old_moment_specs"] == ["P()"], r
+
+
+@pytest.fixture(scope="module")
+def state_layout() -> dict:
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _STATE_LAYOUT], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 # ---- bad input: a clear error and EXIT_PERMANENT before any device work ----

@@ -35,13 +35,20 @@ __all__ = ["MetricsWriter", "mfu", "peak_flops_per_device"]
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device (a TPU chip or a GPU), from vendor datasheets.
-_PEAK_FLOPS = (
-    ("v6", 918e12),  # TPU v6e (Trillium)
-    ("v5p", 459e12),
-    ("v5 lite", 197e12),  # TPU v5e reports "TPU v5 lite"
-    ("v5e", 197e12),
-    ("v4", 275e12),
+# Dense bf16 peak FLOP/s per JAX device (a TPU chip — v4/v5p run one megacore device per chip — or
+# a GPU), from vendor datasheets. Keys are `device_kind` as JAX reports it, lower-cased: TPU
+# generations name themselves "TPU v4", "TPU v5" (v5p), "TPU v5 lite" (v5e), "TPU v6 lite" (v6e).
+_PEAK_FLOPS_BY_KIND = {
+    "tpu v4": 275e12,
+    "tpu v5": 459e12,  # v5p
+    "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+}
+# GPUs report marketing names ("NVIDIA H100 80GB HBM3"): matched by substring.
+_PEAK_FLOPS_GPU = (
     ("h200", 989e12),
     ("h100", 989e12),
     ("a100", 312e12),
@@ -50,8 +57,11 @@ _PEAK_FLOPS = (
 
 
 def peak_flops_per_device(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for key, flops in _PEAK_FLOPS:
+    """Dense bf16 peak FLOP/s of one device of this `device_kind`; None where unknown (CPU)."""
+    kind = " ".join(device_kind.lower().split())
+    if kind in _PEAK_FLOPS_BY_KIND:
+        return _PEAK_FLOPS_BY_KIND[kind]
+    for key, flops in _PEAK_FLOPS_GPU:
         if key in kind:
             return flops
     return None

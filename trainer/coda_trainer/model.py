@@ -30,6 +30,7 @@ __all__ = [
     "KVCache",
     "Transformer",
     "attention",
+    "mesh_platform",
     "resolve_attention_impl",
     "rope_cos_sin",
 ]
@@ -265,9 +266,22 @@ class Block(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def mesh_platform() -> str:
+    """The platform the computation being traced runs on: the current mesh's devices' platform
+    (`jax.set_mesh`), else the default backend. A program compiled for TPU devices on a CPU host
+    (`coda_trainer.preflight`) is a TPU program even though the host's backend is the CPU."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
 def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
-    """`auto` → cudnn on GPU, splash on TPU, xla elsewhere; explicit kernels are checked."""
-    backend = backend or jax.default_backend()
+    """`auto` → cudnn on GPU, splash on TPU, xla elsewhere; explicit kernels are checked.
+
+    `backend` defaults to `mesh_platform()`: the mesh's devices decide, not the host's backend.
+    """
+    backend = backend or mesh_platform()
     if impl == "auto":
         return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
     if impl == "cudnn" and backend != "gpu":

@@ -33,6 +33,7 @@ __all__ = [
     "logical_sharding",
     "logical_to_spec",
     "make_mesh",
+    "optimizer_state_shardings",
     "param_logical_axes",
     "shard_model",
     "state_shardings",
@@ -193,6 +194,28 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def optimizer_state_shardings(opt_state: Any, mesh: Mesh) -> Any:
+    """A tree like `opt_state` (optax state over nnx params, abstract or concrete) of NamedShardings.
+
+    Optimiser moments built by mapping over the params (AdamW's mu/nu, Adafactor's unfactored v)
+    keep each parameter's `logical_axes` and get that parameter's sharding: every chip holds only
+    its shard of them. Leaves whose rank no longer matches their axes (Adafactor's factored row and
+    column statistics, a vector per matrix) and plain scalars (step counts) are replicated; they
+    are small. Without explicit shardings `jit(tx.init)` would replicate the zeros it creates.
+    """
+
+    def one(v: Any) -> Any:
+        if _is_variable(v):
+            axes = v.get_metadata().get("logical_axes")
+            shape = v.get_value().shape
+            if axes is not None and len(axes) == len(shape):
+                return v.replace(logical_sharding(mesh, tuple(axes), shape))
+            return v.replace(NamedSharding(mesh, PartitionSpec()))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, opt_state, is_leaf=_is_variable)
 
 
 def create_sharded_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:

@@ -59,11 +59,17 @@ from coda_trainer.contract import (
 __all__ = [
     "ConfigError",
     "Plan",
+    "TrainLayout",
     "TrainState",
+    "abstract_train_state",
+    "initial_train_state",
     "main",
+    "make_eval_step",
     "make_train_step",
     "prepare",
     "run",
+    "stage_knobs",
+    "stage_model_config",
     "train",
 ]
 
@@ -99,6 +105,14 @@ def _final_done(cfg: TrainJobConfig) -> bool:
     return json.loads(storage.read_text(meta_uri)).get("step") == cfg.stage.steps
 
 
+def stage_model_config(cfg: TrainJobConfig) -> Any:
+    """The ModelConfig a stage trains: the run's model, causal for a `causal` stage."""
+    model_config = cfg.model.resolve()
+    if cfg.stage.kind == "causal":  # the same weights, attending only to earlier tokens
+        model_config = model_config.model_copy(update={"causal": True})
+    return model_config
+
+
 def prepare(cfg: TrainJobConfig) -> Plan:
     """Validate everything that can be checked without devices. Raises ConfigError/DataError."""
     from coda_trainer.checkpoint import resolve_init_from
@@ -106,9 +120,7 @@ def prepare(cfg: TrainJobConfig) -> Plan:
     from coda_trainer.tokenizer import load_tokenizer
 
     stage = cfg.stage
-    model_config = cfg.model.resolve()
-    if stage.kind == "causal":  # the same weights, attending only to earlier tokens
-        model_config = model_config.model_copy(update={"causal": True})
+    model_config = stage_model_config(cfg)
     if _final_done(cfg):
         return Plan(cfg, model_config, None, None, already_done=True)
     try:
@@ -182,6 +194,85 @@ class TrainState:
     opt_state: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainLayout:
+    """A stage's train state described without device memory: shapes, dtypes and shardings.
+
+    `train` allocates the state into `shardings`; `coda_trainer.preflight` compiles the same step
+    from `state` (ShapeDtypeStructs carrying those shardings) for devices it does not have.
+    """
+
+    model_config: Any
+    graphdef: Any  # nnx.GraphDef of the Transformer
+    rest: Any  # nnx.State of the model's non-Param variables (empty for the Transformer)
+    tx: Any  # optax.GradientTransformation
+    schedule: Callable[[Any], Any]
+    state: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding
+    shardings: TrainState  # leaves: NamedSharding
+
+
+def abstract_train_state(cfg: TrainJobConfig, mesh: Any) -> TrainLayout:
+    """The stage's model, optimiser and train state on `mesh`, abstract (nothing is allocated).
+
+    Parameter shardings come from the model's logical axes; optimiser moments take their
+    parameter's sharding (never a replicated copy); the step counter is replicated.
+    """
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from coda_trainer.model import Transformer
+    from coda_trainer.optimizer import make_optimizer, make_schedule
+    from coda_trainer.sharding import optimizer_state_shardings, state_shardings
+
+    stage = cfg.stage
+    model_config = stage_model_config(cfg)
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(stage.seed)))
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    tx = make_optimizer(stage.optimizer, stage.steps, grad_accum=1)  # accumulation is in the step
+    schedule = make_schedule(stage.optimizer, stage.steps)
+    opt_state = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(
+        step=replicated,
+        params=state_shardings(params, mesh),
+        opt_state=optimizer_state_shardings(opt_state, mesh),
+    )
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=params,
+                        opt_state=opt_state)  # fmt: skip
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+    return TrainLayout(model_config, graphdef, rest, tx, schedule, state, shardings)
+
+
+def initial_train_state(layout: TrainLayout, params: Any, step: int = 0) -> TrainState:
+    """A fresh TrainState around (sharded) `params`: optimiser state created in its shardings."""
+    import jax
+    import jax.numpy as jnp
+
+    opt_state = jax.jit(layout.tx.init, out_shardings=layout.shardings.opt_state)(params)
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), layout.shardings.step)
+    return TrainState(step=step_array, params=params, opt_state=opt_state)
+
+
+def stage_knobs(stage: Any, spec: Any, step: int) -> dict[str, Any]:
+    """The host-computed per-step values the step reads beside the data (numpy, by step)."""
+    import numpy as np
+
+    from coda_trainer.masking import prompt_keep_frac_at
+
+    p = stage.masking.probs_at(step, stage.steps)
+    ramp = stage.sft_config.prompt_ramp_fraction
+    return {
+        "probs_3": np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
+        "block_weights": spec.block_weights(stage.masking.block_sizes_at(step, stage.steps)),
+        "prompt_keep_frac": np.float32(
+            prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
+        ),
+    }
+
+
 # Host-computed per-step values that travel in the batch dict beside the data arrays.
 _KNOBS = ("probs_3", "prompt_keep_frac", "block_weights")
 
@@ -208,8 +299,13 @@ def make_train_step(
     kind: str,
     loss_norm: str,
     grad_accum: int,
+    state_shardings: Any = None,
 ) -> Callable[..., Any]:
     """`train_step(state, batch, rng) -> (state, metrics)`, jitted, state donated.
+
+    With `state_shardings` (a TrainState of shardings, `TrainLayout.shardings`) the new state is
+    laid out exactly like the old one, so the step compiles once and runs in place; metrics are
+    replicated.
 
     `batch` holds the data arrays (global B×L: tokens, segment_ids, positions[, prompt_mask]) plus
     the host-computed per-step knobs `probs_3` (f32[3]), `prompt_keep_frac` (f32[]) and optionally
@@ -264,7 +360,10 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    replicated = jax.sharding.NamedSharding(state_shardings.step.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
 
 
 def make_eval_step(
@@ -334,7 +433,6 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     from coda_trainer import checkpoint as ckpt_lib
     from coda_trainer.data import Prefetch, make_loader
     from coda_trainer.metrics import MetricsWriter
-    from coda_trainer.optimizer import make_optimizer, make_schedule
     from coda_trainer.sharding import create_sharded_model, make_mesh
 
     cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
@@ -357,9 +455,8 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     # ---- model, optimiser, data ----
     log.info("mesh %s on %d %s device(s), %d process(es)", dict(mesh.shape), jax.device_count(),
              jax.devices()[0].device_kind, pc)  # fmt: skip
+    layout = abstract_train_state(cfg, mesh)
     model = create_sharded_model(model_config, mesh, seed=stage.seed)
-    tx = make_optimizer(stage.optimizer, stage.steps, grad_accum=1)  # accumulation is in the step
-    schedule = make_schedule(stage.optimizer, stage.steps)
     loader = make_loader(
         stage.data, plan.tokenizer, kind=stage.kind, batch_size=B // pc, seq_len=L, seed=stage.seed,
         process_index=pi, process_count=pc, over_length=stage.sft_config.over_length,
@@ -376,7 +473,7 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     )  # fmt: skip
     progress = _progress_reporter() if primary else None
     try:
-        return _fit(plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps, progress)
+        return _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progress)
     except BaseException:
         writer.status(state="failed")
         raise
@@ -406,9 +503,7 @@ def _progress_reporter() -> Any:
     return BackgroundProgress(reporter)
 
 
-def _fit(
-    plan, mesh, model, tx, schedule, data, ckpt, writer, stop_after_steps, progress=None
-) -> int:
+def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progress=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -416,7 +511,7 @@ def _fit(
 
     from coda_trainer import checkpoint as ckpt_lib
     from coda_trainer.data import make_loader
-    from coda_trainer.masking import NoiseSpec, prompt_keep_frac_at
+    from coda_trainer.masking import NoiseSpec
     from coda_trainer.metrics import mfu
     from coda_trainer.sharding import batch_sharding
 
@@ -427,7 +522,8 @@ def _fit(
     over_length, prompt_span = stage.sft_config.over_length, stage.sft_config.prompt_span
     with jax.set_mesh(mesh):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        opt_state = jax.jit(tx.init)(params)
+        # Created in its shardings (as a restore target too): no replicated copy of the moments.
+        opt_state = initial_train_state(layout, params).opt_state
         restored = ckpt.restore_latest(params, opt_state, data)
         if restored is not None:
             params, opt_state, start = restored.params, restored.opt_state, restored.step
@@ -440,7 +536,8 @@ def _fit(
                 log.info("initialised weights from %s", uri)
         del model
         log.info("model and optimiser ready at step %d; compiling the train step", start)
-        state = TrainState(step=jnp.asarray(start, jnp.int32), params=params, opt_state=opt_state)
+        step_array = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings.step)
+        state = TrainState(step=step_array, params=params, opt_state=opt_state)
         del params, opt_state
 
         spec = NoiseSpec.from_configs(model_config, stage.masking)
@@ -448,12 +545,13 @@ def _fit(
         train_step = make_train_step(
             graphdef,
             rest,
-            tx,
-            schedule,
+            layout.tx,
+            layout.schedule,
             spec=spec,
             kind=stage.kind,
             loss_norm=loss_norm,
             grad_accum=A,
+            state_shardings=layout.shardings,
         )
         eval_step = make_eval_step(graphdef, rest, spec=spec, kind=stage.kind, loss_norm=loss_norm)
         sharding = batch_sharding(mesh)
@@ -462,19 +560,9 @@ def _fit(
         eval_rng = jax.random.fold_in(jax.random.PRNGKey(stage.seed), 0x7FFFFFFF)
         flops_per_token = model_config.train_flops_per_token(L)
         device_kind, n_devices = jax.devices()[0].device_kind, jax.device_count()
-        ramp = stage.sft_config.prompt_ramp_fraction
 
         def knobs(step: int) -> dict[str, Any]:
-            p = stage.masking.probs_at(step, stage.steps)
-            return {
-                "probs_3": np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
-                "block_weights": spec.block_weights(
-                    stage.masking.block_sizes_at(step, stage.steps)
-                ),
-                "prompt_keep_frac": np.float32(
-                    prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
-                ),
-            }
+            return stage_knobs(stage, spec, step)
 
         def run_eval(step: int) -> None:
             assert stage.eval is not None
@@ -589,7 +677,9 @@ def _fit(
                 meta={"run": cfg.run, "stage": stage.name, "kind": stage.kind, "step": step,
                       "checkpoint": last_ckpt},
             )  # fmt: skip
-            writer.emit("done", step, {"final": cfg.final_dir})
+            # 1 unless a state's layout changed between steps (each compile costs minutes at scale).
+            compiles = train_step._cache_size()
+            writer.emit("done", step, {"final": cfg.final_dir, "train_step_compiles": compiles})
             writer.status(state="done", step=step, checkpoint=cfg.final_dir)
             if progress is not None:
                 progress.submit(
