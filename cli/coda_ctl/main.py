@@ -397,7 +397,9 @@ def sample(
     ctx: typer.Context,
     run: Annotated[str | None, typer.Argument(help="Run whose sampler Service to use.")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = "",
-    max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 128,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens to generate (default: the server's).")
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="Diffusion steps (default: the server's).")
     ] = None,
