@@ -54,6 +54,7 @@ __all__ = [
     "Prefetch",
     "SFTLoader",
     "Source",
+    "batch_fields",
     "build_sft_example",
     "make_loader",
     "resolve_sources",
@@ -546,6 +547,15 @@ class SFTLoader(_Loader):
 
     def _restore_extra(self, state: dict[str, Any]) -> None:
         self.dropped = state["dropped"]
+
+
+def batch_fields(kind: str) -> dict[str, np.dtype]:
+    """Name → dtype of the (rows, seq_len) arrays a loader of stage `kind` yields per batch."""
+    fields = {"tokens": np.dtype(np.int32), "segment_ids": np.dtype(np.int32),
+              "positions": np.dtype(np.int32)}  # fmt: skip
+    if kind == "sft":
+        fields["prompt_mask"] = np.dtype(bool)
+    return fields
 
 
 def make_loader(
