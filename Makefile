@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := train,gcs,serve,eval,operator,cli,dev
+EXTRAS := train,gcs,serve,eval,operator,cli,dev,preflight
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TOOLS := tools/bin
 

@@ -503,6 +503,53 @@ def render(
 
 @app.command()
 @handles_errors
+def plan(
+    file: Annotated[str, typer.Option("--filename", "-f", help="CodaTrainingRun YAML.")],
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also compile each TPU stage's train/eval step for its slice on this CPU "
+            "(needs the `preflight` extra: libtpu, Linux x86_64) and report peak HBM per chip.",
+        ),
+    ] = False,
+    search: Annotated[
+        bool,
+        typer.Option(
+            "--search", help="With --compile: propose the fastest remat × gradAccum that fits."
+        ),
+    ] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="table | json | yaml")] = "table",
+) -> None:
+    """Will each stage start and fit on its slice? Shape arithmetic always; memory with --compile.
+
+    Offline, no cluster. Exit 7 when any stage would fail (the report says why)."""
+    from coda_ctl import plan as planner
+
+    if output not in ("table", "json", "yaml"):
+        raise CtlError(f"--output: {output!r} is not one of table, json, yaml", Exit.USAGE)
+    if search and not compile_:
+        raise CtlError(
+            "--search needs --compile (it compiles every combination it tries)", Exit.USAGE
+        )
+    plans = [
+        planner.plan_run(doc, compile=compile_, search=search)
+        for doc in planner.load_spec_docs(file)
+    ]
+    if output == "table":
+        _print_table(planner.TABLE_HEADERS, [r for p in plans for r in planner.table_rows(p)])
+        for p in plans:
+            for s in p["stages"]:
+                for problem in s["problems"]:
+                    typer.echo(f"{p['name']}/{s['name']}: {problem}")
+    else:
+        typer.echo(views.dump(plans[0] if len(plans) == 1 else {"runs": plans}, output))
+    if not all(planner.runnable(p) for p in plans):
+        raise typer.Exit(int(Exit.WONT_RUN))
+
+
+@app.command()
+@handles_errors
 def crd(
     output: Annotated[str, typer.Option("--output", "-o", help="yaml | json")] = "yaml",
 ) -> None:

@@ -637,6 +637,14 @@ class StageConfig(StrictModel):
         description="Weights to start from: a previous stage's final, an orbax step dir, or an HF folder.",
     )
     mesh: MeshConfig = Field(default_factory=MeshConfig)
+    remat: RematPolicy | None = Field(
+        default=None,
+        description=(
+            "Rematerialisation for this stage, overriding the model's (memory vs recompute: "
+            "long-sequence stages may need it where SFT does not). `coda-ctl plan --compile "
+            "--search` proposes the fastest policy that fits the slice."
+        ),
+    )
     seed: int = 0
     log_every: int = Field(default=10, gt=0)
 

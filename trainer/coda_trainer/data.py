@@ -61,6 +61,7 @@ __all__ = [
     "ReaderGroup",
     "SFTLoader",
     "Source",
+    "batch_fields",
     "build_sft_example",
     "make_loader",
     "resolve_sources",
@@ -607,6 +608,15 @@ class ReaderGroup:
 
     def start_prefetch(self) -> None:  # grain's CheckpointHandler calls this after restoring
         pass
+
+
+def batch_fields(kind: str) -> dict[str, np.dtype]:
+    """Name → dtype of the (rows, seq_len) arrays a loader of stage `kind` yields per batch."""
+    fields = {"tokens": np.dtype(np.int32), "segment_ids": np.dtype(np.int32),
+              "positions": np.dtype(np.int32)}  # fmt: skip
+    if kind == "sft":
+        fields["prompt_mask"] = np.dtype(bool)
+    return fields
 
 
 def make_loader(

@@ -114,10 +114,13 @@ def _final_done(cfg: TrainJobConfig) -> bool:
 
 
 def stage_model_config(cfg: TrainJobConfig) -> Any:
-    """The ModelConfig a stage trains: the run's model, causal for a `causal` stage."""
+    """The ModelConfig a stage trains: the run's model, causal for a `causal` stage, with the
+    stage's own remat policy if it sets one."""
     model_config = cfg.model.resolve()
     if cfg.stage.kind == "causal":  # the same weights, attending only to earlier tokens
         model_config = model_config.model_copy(update={"causal": True})
+    if cfg.stage.remat is not None:
+        model_config = model_config.model_copy(update={"remat": cfg.stage.remat})
     return model_config
 
 
