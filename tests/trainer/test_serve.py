@@ -232,6 +232,46 @@ def test_streamed_chat_equals_the_plain_one(client: openai.OpenAI) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Per-request randomness
+# --------------------------------------------------------------------------------------------------
+
+SEEDED = {"prompt": "def add(a, b):", "max_tokens": 16, "temperature": 1.0, "seed": 7}
+
+
+def _texts(responses: list[httpx.Response]) -> list[str]:
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json()["choices"][0]["text"] for r in responses]
+
+
+def test_a_seeded_request_gets_the_same_text_alone_in_copies_and_in_a_mixed_batch(
+    server: Server,
+) -> None:
+    async def batch(bodies: list[dict]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return list(await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies)))
+
+    alone = _texts([httpx.post(server.url + "/v1/completions", json=SEEDED, timeout=60)])[0]
+    copies = _texts(asyncio.run(batch([SEEDED] * 8)))
+    # Other prompts and seeds around it, the seeded request at row 5 of the batch.
+    others = [{**SEEDED, "prompt": f"import m{i}", "seed": 100 + i} for i in range(7)]
+    mixed = _texts(asyncio.run(batch([*others[:5], SEEDED, *others[5:]])))
+    assert copies == [alone] * 8
+    assert mixed[5] == alone
+    assert len(set(mixed)) > 1  # the batch-mates did draw their own text
+
+
+def test_unseeded_requests_draw_fresh_randomness_and_n_choices_differ(server: Server) -> None:
+    unseeded = {k: v for k, v in SEEDED.items() if k != "seed"}
+    texts = _texts(
+        [httpx.post(server.url + "/v1/completions", json=unseeded, timeout=60) for _ in range(2)]
+    )
+    assert texts[0] != texts[1]
+    r = httpx.post(server.url + "/v1/completions", json={**SEEDED, "n": 2}, timeout=60)
+    a, b = (c["text"] for c in r.json()["choices"])
+    assert a != b  # each choice draws from its own stream of the request's seed
+
+
 def test_raw_sse_ends_with_done(server: Server) -> None:
     with httpx.stream(
         "POST",
@@ -600,7 +640,7 @@ def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_t
 
     async def scenario() -> tuple[list, float, float, BaseException | None]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            # Distinct seeds: no two requests share a batch. The first one streams.
+            # One row per model call (max batch 1). The first one streams.
             bodies = [
                 {"prompt": f"def f{i}():", "max_tokens": 64, "seed": i, "stream": i == 0}
                 for i in range(n)
@@ -706,10 +746,10 @@ def test_batcher_queue_limit_and_cancelled_requests() -> None:
 class _FailingGenerator:
     """A model call that breaks after the stream's headers are out (e.g. a device error)."""
 
-    def generate(self, prompts, config, shapes, seed):
+    def generate(self, prompts, config, shapes, seeds):
         raise RuntimeError("device fell over")
 
-    def infill(self, prefixes, suffixes, config, shapes, seed):
+    def infill(self, prefixes, suffixes, config, shapes, seeds):
         raise RuntimeError("device fell over")
 
 

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coda_trainer.serve import schemas as S
 from coda_trainer.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
-from coda_trainer.serve.engine import Engine, EngineError, Row, WarmupAbandoned
+from coda_trainer.serve.engine import Engine, EngineError, Row, WarmupAbandoned, request_seed
 from coda_trainer.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
 __all__ = ["create_app"]
@@ -294,7 +294,8 @@ def create_app(
         key = engine.generate_key(req, max_tokens)
         prompts = req.prompts()
         ids = [svc.encode_prompt(p, "prompt") for p in prompts]
-        rows = [Row(p) for p in ids for _ in range(req.n)]
+        seed = request_seed(req.seed)
+        rows = [Row(p, seed=(seed, i * req.n + j)) for i, p in enumerate(ids) for j in range(req.n)]
         svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
         cid, created = S.new_id("cmpl"), S.now()
         echo = [
@@ -374,7 +375,8 @@ def create_app(
         except ValueError as e:
             raise EngineError(str(e), "messages") from e
         engine.check_prompt(ids, "messages")
-        rows = [Row(ids) for _ in range(req.n)]
+        seed = request_seed(req.seed)
+        rows = [Row(ids, seed=(seed, j)) for j in range(req.n)]
         svc.metrics.prompt_tokens.inc(len(ids) * req.n)
         cid, created = S.new_id("chatcmpl"), S.now()
 
@@ -440,7 +442,8 @@ def create_app(
         engine.check_prompt(prefix, "prefix")
         if suffix:
             engine.check_prompt(suffix, "suffix")
-        rows = [Row(prefix, suffix) for _ in range(req.n)]
+        seed = request_seed(req.seed)
+        rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
         outs = await svc.run_rows(key, rows)
         choices = []
         generated = 0
