@@ -294,6 +294,12 @@ def test_stop_sequence_cuts_the_text(client: openai.OpenAI) -> None:
     r = client.completions.create(model="final", prompt="for i in", max_tokens=16, stop=[stop])
     assert r.choices[0].text == text[: text.find(stop)]
     assert r.choices[0].finish_reason == "stop"
+    # Usage counts the generated tokens that make up the text returned (the fewest whose text
+    # covers it), not those generated before the cut.
+    full = client.completions.create(model="final", prompt="for i in", max_tokens=16)
+    assert (1 if r.choices[0].text else 0) <= r.usage.completion_tokens
+    assert r.usage.completion_tokens < full.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_eval_harness_scores_the_endpoint(server: Server) -> None:
@@ -340,24 +346,52 @@ BAD_REQUESTS = [
     # (route, body, status, param)
     ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "steps": 0}, 422, "steps"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "steps": 0}, 400, "steps"),
     ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "x", "temperature": 9.0}, 422, "temperature"),
-    ("/v1/completions", {"prompt": 5}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 9.0}, 400, "temperature"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], [999999]]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ""}, 422, "prompt"),
-    ("/v1/completions", {"max_tokens": 4}, 422, "prompt"),
-    ("/v1/completions", {"prompt": "x", "n": 1000}, 422, "n"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 422, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "alg": "magic"}, 422, "alg"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "alg": "magic"}, 400, "alg"),
     ("/v1/completions", {"prompt": "x", "block_length": 5}, 400, "block_length"),
-    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
     ("/v1/infill", {"prefix": "a", "suffix": "b", "max_tokens": 100_000}, 400, "max_tokens"),
-    ("/v1/infill", {"prefix": "a"}, 422, "suffix"),
+    ("/v1/infill", {"prefix": "a"}, 400, "suffix"),
+    # Strict types, unsupported OpenAI parameters named.
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
+    ),
+    # A model this server does not serve.
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "model": "x"},
+        404,
+        "model",
+    ),
+    ("/v1/infill", {"prefix": "a", "suffix": "b", "model": "x"}, 404, "model"),
 ]
 
 
@@ -378,7 +412,7 @@ def test_malformed_json_and_unknown_routes(server: Server) -> None:
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    assert r.status_code == 422 and "error" in r.json()
+    assert r.status_code == 400 and "error" in r.json()
     r = httpx.get(server.url + "/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 

@@ -35,7 +35,7 @@ import os
 import sys
 from typing import Any
 
-from coda_trainer.contract import ENV_API_KEY, ENV_SAMPLER_DEFAULTS
+from coda_trainer.contract import ENV_API_KEY, ENV_RUN_NAME, ENV_SAMPLER_DEFAULTS
 from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
 
 EXIT_USAGE = 2
@@ -229,6 +229,7 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     try:
         settings = ServeSettings(
             model_name=args.model_name or args.checkpoint.rstrip("/").split("/")[-1] or "coda",
+            model_aliases=("coda", *filter(None, [os.environ.get(ENV_RUN_NAME)])),
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,

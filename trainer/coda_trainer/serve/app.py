@@ -1,10 +1,13 @@
 """The HTTP API: OpenAI-compatible completions and chat, infilling, health, readiness, metrics.
 
-Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`:
-422 for malformed bodies (wrong types, out-of-range fields), 400 for requests this model cannot
-serve (prompt too long, max_tokens beyond the largest bucket), 401 without a valid bearer token,
-503 while the queue is full or the server is stopping, 500 if a model call fails — which fails
-only the requests in that batch.
+Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
+OpenAI's (and vLLM's) statuses: 400 for any invalid request (malformed body, wrong type, out of
+range, an unsupported parameter, a prompt too long for this server), 404 for a `model` this server
+does not serve, 401 without a valid bearer token, 503 while the queue is full or the server is
+stopping, 500 if a model call fails — which fails only the requests in that batch.
+
+Usage counts the tokens of the text returned: after the eos/max_tokens cut and after a stop
+string's cut (the fewest generated tokens whose text covers what is returned).
 
 Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format and ends with
 `data: [DONE]`. A diffusion model fixes text in no particular order, and the sampler returns a
@@ -61,7 +64,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
         for e in errors
     )
-    return _error(422, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+    return _error(400, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+
+
+class UnknownModel(EngineError):
+    """`model` names something this server does not serve (HTTP 404, as OpenAI and vLLM)."""
 
 
 class _Service:
@@ -118,6 +125,14 @@ class _Service:
         self.engine.check_prompt(ids, param)
         return ids
 
+    def check_model(self, model: str | None) -> None:
+        names = self.engine.settings.served_names
+        if model is not None and model not in names:
+            raise UnknownModel(
+                f"the model {model!r} does not exist on this server; it serves {sorted(names)}",
+                "model", "model_not_found",
+            )  # fmt: skip
+
     def finish(
         self, ids: Sequence[int], max_tokens: int, stops: list[str] | None
     ) -> tuple[str, str, int]:
@@ -126,10 +141,21 @@ class _Service:
         kept = self.engine.cut_at_stop(ids)
         reason = "stop" if len(kept) < len(ids) else "length"
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        for s in stops or ():
-            if (i := text.find(s)) >= 0:
-                text, reason = text[:i], "stop"
-        return text, reason, len(kept)
+        cut = min((i for s in stops or () if (i := text.find(s)) >= 0), default=None)
+        if cut is None:
+            return text, reason, len(kept)
+        return text[:cut], "stop", self._tokens_covering(kept, cut)
+
+    def _tokens_covering(self, ids: list[int], n_chars: int) -> int:
+        """The fewest leading tokens of `ids` whose text is at least `n_chars` long."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= n_chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     async def run_rows(self, key: Any, rows: list[Row]) -> list[list[int]]:
         return list(await asyncio.gather(*(self.batcher.submit(key, r) for r in rows)))
@@ -208,7 +234,8 @@ def create_app(
 
     @app.exception_handler(EngineError)
     async def _on_engine(request: Request, exc: EngineError) -> JSONResponse:
-        return _error(400, str(exc), "invalid_request_error", exc.param, exc.code)
+        status = 404 if isinstance(exc, UnknownModel) else 400
+        return _error(status, str(exc), "invalid_request_error", exc.param, exc.code)
 
     @app.exception_handler(QueueFull)
     async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -290,6 +317,7 @@ def create_app(
     async def completions(req: S.CompletionRequest) -> Any:
         if req.suffix is not None:
             raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
+        svc.check_model(req.model)
         max_tokens = req.max_tokens or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
         prompts = req.prompts()
@@ -364,6 +392,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatCompletionRequest) -> Any:
+        svc.check_model(req.model)
         max_tokens = req.max_new or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
         messages = [
@@ -433,6 +462,7 @@ def create_app(
 
     @app.post("/v1/infill")
     async def infill(req: S.InfillRequest) -> S.InfillResponse:
+        svc.check_model(req.model)
         key = engine.infill_key(req, req.max_tokens)
         prefix = svc.tokenizer.encode(req.prefix) if req.prefix else []
         # The first hole token is predicted from the column before it (logit shift): an empty

@@ -115,6 +115,9 @@ def _powers_of_two_upto(n: int) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     model_name: str = "coda"
+    # Other names a request's `model` may use (the project's own clients send "coda" by default;
+    # in a cluster the run's name, which `coda-ctl sample` sends, is added).
+    model_aliases: tuple[str, ...] = ("coda",)
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 1024
@@ -135,6 +138,10 @@ class ServeSettings:
             raise ValueError("the largest batch bucket must equal max_batch")
         if not 1 <= self.default_max_tokens <= self.gen_buckets[-1]:
             raise ValueError("default_max_tokens must lie within the largest gen bucket")
+
+    @property
+    def served_names(self) -> frozenset[str]:
+        return frozenset((self.model_name, *self.model_aliases))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
