@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -415,6 +416,110 @@ def test_malformed_json_and_unknown_routes(server: Server) -> None:
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.get(server.url + "/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def _healthz_while(server: Server, send: Any) -> tuple[Any, list[float]]:
+    """Run `send()` on a thread while timing /healthz every 0.1 s; (its result, probe seconds)."""
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(send()))
+    probes: list[float] = []
+    thread.start()
+    while thread.is_alive() or not probes:
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        probes.append(time.monotonic() - t0)
+        time.sleep(0.1)
+    thread.join()
+    return out[0], probes
+
+
+def test_a_10_mb_body_gets_413_at_once_and_probes_stay_answered(server: Server) -> None:
+    body = json.dumps({"prompt": "x" * 10_000_000, "max_tokens": 4}).encode()
+    t0 = time.monotonic()
+    r, probes = _healthz_while(
+        server,
+        lambda: httpx.post(
+            server.url + "/v1/completions", content=body,
+            headers={"content-type": "application/json"}, timeout=30,
+        ),
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert seconds < 3.0, f"413 after {seconds:.1f}s"
+    assert max(probes) < 1.0, probes
+
+    def chunks():  # no Content-Length: the limit counts the bytes as they arrive
+        for _ in range(10):
+            yield b" " * 1_000_000
+
+    r = httpx.post(
+        server.url + "/v1/completions", content=chunks(),
+        headers={"content-type": "application/json"}, timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 413, r.text
+
+
+def test_a_long_prompt_under_the_body_cap_is_refused_before_tokenizing(server: Server) -> None:
+    body = {"prompt": "def f(x): return x\n" * 150_000, "max_tokens": 4}  # 3 MB of text
+    t0 = time.monotonic()
+    r, probes = _healthz_while(
+        server, lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    )
+    seconds = time.monotonic() - t0
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert seconds < 3.0 and max(probes) < 1.0, (seconds, probes)
+
+
+def test_prompts_times_n_is_capped(server: Server) -> None:
+    r = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["x"] * 5000, "max_tokens": 4}, timeout=30
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "at most 64" in r.json()["error"]["message"]
+
+
+class _CountingGenerator:
+    """Answers every row with the same tokens and records how many rows it ran."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def generate(self, prompts, config, shapes, seeds):
+        self.rows += len(prompts)
+        return [[5] * shapes.gen for _ in prompts]
+
+    infill = None
+
+
+def test_a_rejected_requests_rows_never_run() -> None:
+    from coda_trainer.serve.app import create_app
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.tokenizer import load_tokenizer
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(
+        prompt_buckets=(64,), gen_buckets=(16,), default_max_tokens=16, max_batch=1, max_queue=4
+    )
+    generator = _CountingGenerator()
+    engine = Engine(generator, load_tokenizer("project"), settings)
+    with TestClient(create_app(engine, warmup=False)) as client:
+        r = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
+    assert generator.rows == 1  # only the accepted request's row ran
+
+
+def test_buckets_beyond_the_models_positions_fail_at_start(checkpoint: Path) -> None:
+    args = ["--prompt-buckets", "512", "--gen-buckets", "64", "--dtype", "float32"]
+    srv = Server(checkpoint, base_args=args)
+    try:
+        rc = srv.proc.wait(timeout=90)
+    finally:
+        srv.terminate(timeout=5)
+    log = srv.log.read_text()
+    assert rc != 0 and "576 positions; the model has 512" in log, log
 
 
 def test_openai_client_raises_on_bad_request(client: openai.OpenAI) -> None:

@@ -104,6 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     g.add_argument("--max-steps", type=int, default=1024)
     g.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024,
+        help="larger request bodies get 413 (default 4 MiB)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-request-rows", type=int, default=64,
+        help="most generations one request may ask for, prompts × n (default 64)",
+    )  # fmt: skip
+    g.add_argument(
         "--no-warmup", action="store_true", help="mark ready without compiling the buckets first"
     )
     s = p.add_argument_group(
@@ -238,6 +246,8 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
             batch_buckets=args.batch_buckets,
             default_max_tokens=min(max_tokens, args.gen_buckets[-1]),
             max_steps=args.max_steps,
+            max_body_bytes=args.max_body_bytes,
+            max_request_rows=args.max_request_rows,
             warmup=not args.no_warmup,
             defaults=SamplingDefaults(
                 steps=defaults["steps"],
@@ -262,8 +272,15 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     tok_path = resolve_tokenizer_path(args.checkpoint, args.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     tokenizer.check_model(model_config)
+    try:  # fail fast: a bucket the model cannot hold would never be ready
+        settings.check_positions(model_config.max_position_embeddings)
+    except ValueError as e:
+        raise _Usage(str(e)) from e
     log.info("model %s, tokenizer %s", args.checkpoint, tok_path)
-    engine = Engine(SamplerGenerator(model, model_config), tokenizer, settings)
+    engine = Engine(
+        SamplerGenerator(model, model_config), tokenizer, settings,
+        max_positions=model_config.max_position_embeddings,
+    )  # fmt: skip
     return create_app(engine, api_key=api_key)
 
 

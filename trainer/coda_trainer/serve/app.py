@@ -120,8 +120,14 @@ class _Service:
 
     # ---- generation helpers ----
 
-    def encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    async def encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt, tokenized off the event loop (probes stay answered) once its
+        length shows it can fit."""
+        if isinstance(prompt, str):
+            self.engine.check_prompt_text(prompt, param)
+            ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        else:
+            ids = list(prompt)
         self.engine.check_prompt(ids, param)
         return ids
 
@@ -158,7 +164,68 @@ class _Service:
         return lo
 
     async def run_rows(self, key: Any, rows: list[Row]) -> list[list[int]]:
-        return list(await asyncio.gather(*(self.batcher.submit(key, r) for r in rows)))
+        """Queue every row of a request, all or none; if one fails or the request is cancelled,
+        its other rows leave the queue unrun."""
+        self.batcher.check_room(len(rows))
+        tasks = [asyncio.ensure_future(self.batcher.submit(key, r)) for r in rows]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # no-op for finished ones; cancelled rows are never run
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 — at once when its
+    Content-Length says so (the body is never read), else as soon as the bytes received pass it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return _error(
+            413, _too_large_message(self.max_bytes), "invalid_request_error", None,
+            "request_too_large",
+        )  # fmt: skip
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing unchanged: the app's handler
+                    # answers 413.
+                    raise StarletteHTTPException(413, _too_large_message(self.max_bytes))
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except StarletteHTTPException as e:  # read outside a route (none today): answer here
+            if e.status_code != 413 or started:
+                raise
+            await self._too_large()(scope, receive, send)
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f"the request body is larger than this server's limit, {max_bytes} bytes"
 
 
 def _sse(obj: Any) -> str:
@@ -225,6 +292,7 @@ def create_app(
 
     app = FastAPI(title="coda sampler", lifespan=lifespan)
     app.state.service = svc
+    app.add_middleware(BodyLimit, max_bytes=engine.settings.max_body_bytes)
 
     # ---- errors ----
 
@@ -248,7 +316,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), type_)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error(exc.status_code, str(exc.detail), type_, None, code)
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
@@ -321,7 +390,8 @@ def create_app(
         max_tokens = req.max_tokens or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
         prompts = req.prompts()
-        ids = [svc.encode_prompt(p, "prompt") for p in prompts]
+        engine.check_rows(len(prompts) * req.n)
+        ids = [await svc.encode_prompt(p, "prompt") for p in prompts]
         seed = request_seed(req.seed)
         rows = [Row(p, seed=(seed, i * req.n + j)) for i, p in enumerate(ids) for j in range(req.n)]
         svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
@@ -399,8 +469,12 @@ def create_app(
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
+        engine.check_rows(req.n)
+        engine.check_prompt_text("".join(m["content"] for m in messages), "messages")
         try:
-            ids = svc.tokenizer.chat_ids(messages, add_generation_prompt=True)
+            ids = await asyncio.to_thread(
+                svc.tokenizer.chat_ids, messages, add_generation_prompt=True
+            )
         except ValueError as e:
             raise EngineError(str(e), "messages") from e
         engine.check_prompt(ids, "messages")
@@ -464,14 +538,13 @@ def create_app(
     async def infill(req: S.InfillRequest) -> S.InfillResponse:
         svc.check_model(req.model)
         key = engine.infill_key(req, req.max_tokens)
-        prefix = svc.tokenizer.encode(req.prefix) if req.prefix else []
+        engine.check_rows(req.n)
         # The first hole token is predicted from the column before it (logit shift): an empty
         # prefix gets a bos to stand on.
+        prefix = await svc.encode_prompt(req.prefix, "prefix") if req.prefix else []
         prefix = prefix or [svc.tokenizer.bos_id]
-        suffix = svc.tokenizer.encode(req.suffix) if req.suffix else []
-        engine.check_prompt(prefix, "prefix")
-        if suffix:
-            engine.check_prompt(suffix, "suffix")
+        suffix = await svc.encode_prompt(req.suffix, "suffix") if req.suffix else []
+        engine.check_infill_fits(prefix, suffix, req.max_tokens)
         seed = request_seed(req.seed)
         rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
         outs = await svc.run_rows(key, rows)

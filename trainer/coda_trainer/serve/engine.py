@@ -23,6 +23,7 @@ sampling settings compile on first use (numeric knobs like temperature never rec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import threading
 import time
@@ -128,6 +129,10 @@ class ServeSettings:
     max_steps: int = 1024
     defaults: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
     warmup: bool = True
+    # Bounds on what one request may ask for (denial of service): the request body's size (413)
+    # and its rows, prompts × n (400).
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_request_rows: int = 64
 
     def __post_init__(self) -> None:
         for name in ("prompt_buckets", "gen_buckets"):
@@ -138,6 +143,18 @@ class ServeSettings:
             raise ValueError("the largest batch bucket must equal max_batch")
         if not 1 <= self.default_max_tokens <= self.gen_buckets[-1]:
             raise ValueError("default_max_tokens must lie within the largest gen bucket")
+
+    def check_positions(self, max_positions: int) -> None:
+        """Every generation canvas (largest prompt bucket + largest gen bucket) must fit the
+        model's positions; raises ValueError saying which flags to change."""
+        longest = self.prompt_buckets[-1] + self.gen_buckets[-1]
+        if longest > max_positions:
+            raise ValueError(
+                f"the largest prompt bucket ({self.prompt_buckets[-1]}) plus the largest "
+                f"generation bucket ({self.gen_buckets[-1]}) is {longest} positions; the model has "
+                f"{max_positions} (max_position_embeddings): lower --prompt-buckets or "
+                "--gen-buckets"
+            )
 
     @property
     def served_names(self) -> frozenset[str]:
@@ -182,8 +199,10 @@ class Engine:
         settings: ServeSettings,
         *,
         eos_ids: Sequence[int] = (),
+        max_positions: int | None = None,
     ):
         self.generator = generator
+        self.max_positions = max_positions
         self.tokenizer = tokenizer
         self.settings = settings
         self.stop_ids = {tokenizer.eos_id, tokenizer.pad_id, *eos_ids}
@@ -203,6 +222,28 @@ class Engine:
     @property
     def max_new_tokens(self) -> int:
         return self.settings.gen_buckets[-1]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest token's text (byte-level tokens: one character per byte, so a text of c
+        characters has at least c / this many tokens)."""
+        tok = self.tokenizer
+        return max(len(tok.id_to_token(i) or "") for i in range(tok.vocab_size)) or 1
+
+    def check_prompt_text(self, text: str, param: str = "prompt") -> None:
+        """Reject a text that cannot fit before tokenizing it (tokenizing megabytes takes seconds)."""
+        if len(text) > self.max_prompt_tokens * self.max_chars_per_token:
+            raise EngineError(
+                f"the prompt has {len(text)} characters, so more than {self.max_prompt_tokens} "
+                f"tokens, the most this server accepts", param, "context_length_exceeded",
+            )  # fmt: skip
+
+    def check_rows(self, rows: int) -> None:
+        if rows > self.settings.max_request_rows:
+            raise EngineError(
+                f"this request asks for {rows} generations (prompts × n); this server accepts "
+                f"at most {self.settings.max_request_rows} per request", "n",
+            )  # fmt: skip
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
         if not ids:
@@ -273,6 +314,21 @@ class Engine:
         if n_tokens > self.max_new_tokens:
             raise EngineError(f"max_tokens must be <= {self.max_new_tokens}", "max_tokens")
         return ("infill", self.sampling_config(p, n_tokens, infill=True))
+
+    def check_infill_fits(self, prefix: list[int], suffix: list[int], n_tokens: int) -> None:
+        """An infill canvas is [bucket | hole | bucket], the bucket of the longer of prefix and
+        suffix (a batch-mate's suffix pads a suffix-less row's too): it may pass the model's
+        positions where a generation of the same prompt does not."""
+        if self.max_positions is None:
+            return
+        bucket = bucket_for(max(len(prefix), len(suffix)), self.settings.prompt_buckets) or 0
+        total = 2 * bucket + n_tokens
+        if total > self.max_positions:
+            raise EngineError(
+                f"prefix and suffix (each padded to {bucket} tokens) plus {n_tokens} new tokens "
+                f"need {total} positions; the model has {self.max_positions}",
+                "suffix", "context_length_exceeded",
+            )  # fmt: skip
 
     # ---- batches (worker thread) ----
 
