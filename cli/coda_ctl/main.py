@@ -53,8 +53,8 @@ def handles_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except CtlError as e:
             _fail(e.message, int(e.code))
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C: 130; localrun.RunnerStopped: 128 + its signal
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except BrokenPipeError:  # `coda-ctl logs ... | head`
             raise typer.Exit(0) from None
 
