@@ -7,6 +7,7 @@ exit code (`errors.Exit`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -21,7 +22,7 @@ import typer
 
 from coda_ctl import runspec, samplerclient, views
 from coda_ctl.errors import EXIT_CODES_HELP, CtlError, Exit
-from coda_ctl.kube import Cluster, Target
+from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, Cluster, Target
 
 app = typer.Typer(
     name="coda-ctl",
@@ -101,24 +102,37 @@ def _globals(
     ctx: typer.Context,
     kubeconfig: Annotated[
         str | None,
-        typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Path to the kubeconfig file."),
+        typer.Option(
+            "--kubeconfig",
+            envvar="KUBECONFIG",
+            help="kubeconfig file, or a list of files separated by ':' merged as kubectl merges "
+            "them (first definition wins).",
+        ),
     ] = None,
     context: Annotated[
         str | None, typer.Option("--context", help="kubeconfig context to use.")
     ] = None,
     namespace: Namespace = None,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            help="Seconds to wait for each answer of the API server (one attempt, no retries); "
+            "connecting gives up after 5 s.",
+        ),
+    ] = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> None:
-    # KUBECONFIG may hold a path list; the first file decides, as in kube.Cluster.
-    if kubeconfig and ":" in kubeconfig and not Path(kubeconfig).exists():
-        kubeconfig = kubeconfig.split(":")[0]
-    ctx.obj = Target(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    ctx.obj = Target(
+        kubeconfig=kubeconfig, context=context, namespace=namespace, request_timeout=request_timeout
+    )
 
 
 def _with_ns(ctx: typer.Context, namespace: str | None) -> None:
     """Accept -n after the verb too (`coda-ctl get -n ml`), as kubectl does."""
     if namespace:
         t: Target = ctx.obj
-        ctx.obj = Target(kubeconfig=t.kubeconfig, context=t.context, namespace=namespace)
+        ctx.obj = dataclasses.replace(t, namespace=namespace)
 
 
 # --------------------------------------------------------------------------------------- verbs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -49,7 +50,8 @@ def kubectl_binary() -> str:
 class Emulator:
     """kmock's stateful Kubernetes emulator served from a background thread's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, crd: bool = True) -> None:
+        self.crd = crd  # False: a cluster without the CodaTrainingRun CRD
         self.url = ""
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -63,13 +65,19 @@ class Emulator:
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         async with kmock.KubernetesEmulator() as k, kmock.Server(k) as server:
-            k.resources["coda.dev/v1alpha1/codatrainingruns"] = kmock.ResourceInfo(
-                kind="CodaTrainingRun",
-                namespaced=True,
-                shortnames={"ctr"},
-                subresources={"status"},
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
-            )
+            if self.crd:
+                k.resources["coda.dev/v1alpha1/codatrainingruns"] = kmock.ResourceInfo(
+                    kind="CodaTrainingRun",
+                    namespaced=True,
+                    shortnames={"ctr"},
+                    subresources={"status"},
+                    verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+                )
+            else:
+                # A real API server 404s everything under an unserved group; kmock would store a
+                # POST and then list the group in discovery, so say it by path (naming the
+                # resource in a reaction would declare it).
+                k[kmock.path(re.compile(r"/apis/coda\.dev(/.*)?"))] << self._no_crd
             for plural, kind in [
                 ("pods", "Pod"), ("events", "Event"), ("services", "Service"), ("secrets", "Secret")
             ]:  # fmt: skip
@@ -81,6 +89,9 @@ class Emulator:
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def _no_crd(self, request: Any) -> Any:
+        raise kmock.KubernetesResourceNotFoundError()
 
     def _serve_log(self, request: Any) -> bytes:
         self.requests.append(("log", request.name))
@@ -106,6 +117,15 @@ class Emulator:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def serve_emulator_forever(url_file: str, crd: bool) -> None:
+    """Entry point of an emulator in its own process (kmock patches aiohttp's resolver per
+    process, so two emulators in one process cannot stop in any order): writes its URL, then waits
+    to be killed."""
+    emu = Emulator(crd=crd).start()
+    Path(url_file).write_text(emu.url)
+    threading.Event().wait()
 
 
 def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Path:
