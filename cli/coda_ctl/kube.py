@@ -295,7 +295,10 @@ class Cluster:
 
     # ---------------------------------------------------------------- CodaTrainingRuns
 
-    def list_runs(self, all_namespaces: bool = False) -> list[dict[str, Any]]:
+    def list_runs(
+        self, all_namespaces: bool = False, selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        extra: dict[str, Any] = {"label_selector": selector} if selector else {}
         with self._errors("codatrainingruns", custom=True):
             if all_namespaces:
                 out = _json(
@@ -305,6 +308,7 @@ class Cluster:
                         PLURAL,
                         _request_timeout=self._timeout(),
                         _preload_content=False,
+                        **extra,
                     )
                 )
             else:
@@ -316,9 +320,13 @@ class Cluster:
                         PLURAL,
                         _request_timeout=self._timeout(),
                         _preload_content=False,
+                        **extra,
                     )
                 )
         items = list(out.get("items", []))
+        if selector:  # the selector is a server-side optimisation; the answer is checked here
+            match = label_matcher(selector)
+            items = [i for i in items if match((i.get("metadata") or {}).get("labels") or {})]
         return sorted(
             items, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])
         )
@@ -337,7 +345,9 @@ class Cluster:
                 )
             )
 
-    def create_run(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_run(self, body: dict[str, Any], *, server_dry_run: bool = False) -> dict[str, Any]:
+        """Create a run with strict server-side field validation: a field this CLI knows and the
+        cluster's (older) CRD does not is an error, never silently pruned."""
         name = body.get("metadata", {}).get("name", "?")
         namespace = body.get("metadata", {}).get("namespace") or self.namespace
         body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
@@ -349,8 +359,10 @@ class Cluster:
                     namespace,
                     PLURAL,
                     body,
+                    field_validation="Strict",
                     _request_timeout=self._timeout(),
                     _preload_content=False,
+                    **({"dry_run": "All"} if server_dry_run else {}),
                 )
             )
 
@@ -374,6 +386,21 @@ class Cluster:
             self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self._timeout()
             )
+
+    def served_versions(self) -> tuple[list[str], str | None]:
+        """The coda.dev versions this cluster serves and its preferred one (API discovery)."""
+        status, group = self._get_path(f"/apis/{GROUP}")
+        if status == 0:
+            raise CtlError(f"cannot reach the API server at {self.server}", Exit.NO_CLUSTER)
+        if status != 200 or not isinstance(group, dict):
+            return [], None
+        versions = [v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)]
+        preferred = (group.get("preferredVersion") or {}).get("version")
+        return [str(v) for v in versions if v], preferred
+
+    def server_version(self) -> str | None:
+        status, body = self._get_path("/version")
+        return body.get("gitVersion") if status == 200 and isinstance(body, dict) else None
 
     # ---------------------------------------------------------------- events, pods, logs
 
@@ -485,6 +512,29 @@ def _json(resp: Any) -> dict[str, Any]:
     """Decode a raw (unpreloaded) response: the client's typed decoding depends on exact status
     codes (201 vs 200 on create), the JSON body does not."""
     return json.loads(resp.data or b"{}")
+
+
+def label_matcher(selector: str) -> Any:
+    """A predicate over a labels dict for kubectl's equality-based selectors:
+    `k=v`, `k==v`, `k!=v`, `k` (exists), `!k` (absent), comma-separated (all must hold)."""
+    tests = []
+    for term in (t.strip() for t in selector.split(",")):
+        if not term:
+            continue
+        if "!=" in term:
+            k, v = (x.strip() for x in term.split("!=", 1))
+            tests.append(lambda labels, k=k, v=v: labels.get(k) != v)
+        elif "=" in term:
+            k, v = (x.strip() for x in term.replace("==", "=").split("=", 1))
+            tests.append(lambda labels, k=k, v=v: labels.get(k) == v)
+        elif term.startswith("!"):
+            absent = term[1:].strip()
+            tests.append(lambda labels, k=absent: k not in labels)
+        elif " " in term or "(" in term:
+            raise CtlError(f"unsupported selector {term!r}: use k=v, k!=v, k or !k", Exit.USAGE)
+        else:
+            tests.append(lambda labels, k=term: k in labels)
+    return lambda labels: all(t(labels) for t in tests)
 
 
 def _context_namespace(files: list[str], context: str) -> str | None:

@@ -73,6 +73,15 @@ class Emulator:
                     subresources={"status"},
                     verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
                 )
+                # A server-side dry run is answered, never stored (kmock would store it).
+                (
+                    k[
+                        "post",
+                        kmock.resource("coda.dev/v1alpha1/codatrainingruns"),
+                        kmock.params(dryRun="All"),
+                    ]
+                    << self._dry_run
+                )
             else:
                 # A real API server 404s everything under an unserved group; kmock would store a
                 # POST and then list the group in discovery, so say it by path (naming the
@@ -86,9 +95,19 @@ class Emulator:
             # The emulator knows no subresources beyond status: serve pod logs and the service proxy.
             k["get", kmock.resource("v1/pods"), kmock.subresource("log")] << self._serve_log
             k["post", kmock.resource("v1/services")] << self._serve_proxy
+            self._k = k
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def _dry_run(self, request: Any) -> Any:
+        self.requests.append(
+            ("dry-run", "&".join(f"{k}={v}" for k, v in sorted(request.params.items())))
+        )
+        # kmock stores every create before any reaction runs; a dry run must leave nothing behind.
+        key = (request.resource, request.namespace, request.data["metadata"]["name"])
+        self._k._objects[key].delete()
+        return request.data
 
     def _no_crd(self, request: Any) -> Any:
         raise kmock.KubernetesResourceNotFoundError()
