@@ -238,13 +238,17 @@ class Cluster:
     def _timeout(self, read: float | None = None) -> tuple[float, float]:
         return (CONNECT_TIMEOUT_S, self.request_timeout if read is None else read)
 
-    def _get_path(self, path: str) -> tuple[int, Any]:
+    def _get_path(self, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
         """GET a raw API path; (status, decoded JSON or None). Never raises for an HTTP status."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         method, url, headers, _, _ = self.api.param_serialize(
-            "GET", path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
+            "GET",
+            path,
+            query_params=list((query or {}).items()),
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
         )
         try:
             resp = self.api.call_api(method, url, headers, _request_timeout=self._timeout())
@@ -386,6 +390,86 @@ class Cluster:
             self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self._timeout()
             )
+
+    def _optional_list(
+        self, path: str, kind: str, unavailable: dict[str, str], selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Items of a list that may not exist here (JobSet or Kueue not installed) or may not be
+        readable (RBAC): the reason goes into `unavailable` instead of failing the command."""
+        status, body = self._get_path(path, {"labelSelector": selector} if selector else None)
+        if status == 0:
+            raise CtlError(f"cannot reach the API server at {self.server}", Exit.NO_CLUSTER)
+        if status == 404:
+            unavailable[kind] = "API not installed in this cluster"
+            return []
+        if status in (401, 403):
+            unavailable[kind] = f"not allowed to list {kind} ({status})"
+            return []
+        if status != 200 or not isinstance(body, dict):
+            unavailable[kind] = f"API server answered {status}"
+            return []
+        items = [i for i in body.get("items") or [] if isinstance(i, dict)]
+        if selector:  # the selector is a server-side optimisation; the answer is checked here
+            match = label_matcher(selector)
+            items = [i for i in items if match((i.get("metadata") or {}).get("labels") or {})]
+        return sorted(items, key=lambda i: (i.get("metadata") or {}).get("name", ""))
+
+    def snapshot(self, run: dict[str, Any]) -> Any:
+        """The run with its JobSets, Jobs, trainer pods, their events and Kueue Workloads."""
+        from coda_trainer.contract import LABEL_RUN
+
+        from coda_ctl.diagnose import Snapshot
+
+        ns, name = self.namespace, run["metadata"]["name"]
+        selector = f"{LABEL_RUN}={name}"
+        missing: dict[str, str] = {}
+        jobsets = self._optional_list(
+            f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{ns}/jobsets", "jobsets", missing, selector
+        )
+        jobs = self._optional_list(
+            f"/apis/batch/v1/namespaces/{ns}/jobs", "jobs", missing, selector
+        )
+        pods = [
+            p
+            for p in self._optional_list(f"/api/v1/namespaces/{ns}/pods", "pods", missing, selector)
+            if (p.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/component")
+            != "sampler"
+        ]
+        jobset_names = {j["metadata"]["name"] for j in jobsets} | {
+            s.get("jobSet")
+            for s in (run.get("status") or {}).get("stages") or []
+            if s.get("jobSet")
+        }
+        workloads = [
+            w
+            for w in self._optional_list(
+                f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{ns}/workloads", "workloads", missing
+            )
+            if any(
+                o.get("name") in jobset_names
+                for o in (w.get("metadata") or {}).get("ownerReferences") or []
+            )
+        ]
+        involved = {
+            (kind, o["metadata"]["name"])
+            for kind, objs in (
+                ("Pod", pods),
+                ("Job", jobs),
+                ("JobSet", jobsets),
+                ("Workload", workloads),
+            )
+            for o in objs
+        }
+        events = [
+            e
+            for e in self._optional_list(f"/api/v1/namespaces/{ns}/events", "events", missing)
+            if (
+                (e.get("involvedObject") or {}).get("kind"),
+                (e.get("involvedObject") or {}).get("name"),
+            )
+            in involved
+        ]
+        return Snapshot(run, jobsets, jobs, pods, events, workloads, missing)
 
     def served_versions(self) -> tuple[list[str], str | None]:
         """The coda.dev versions this cluster serves and its preferred one (API discovery)."""

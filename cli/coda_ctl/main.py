@@ -311,14 +311,43 @@ def describe(
     runs_named: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run names.")],
     namespace: Namespace = None,
 ) -> None:
-    """Stages, checkpoints, conditions, events and the sampler endpoint of runs."""
+    """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
+    JobSets, Jobs, pods (phase, reason, host, node selector), pod events, Kueue admission, and
+    the first thing blocking each run."""
+    from coda_ctl import diagnose
+
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
     texts = []
     for run in runs_named:
         obj = cluster.get_run(run)
-        texts.append(views.describe_text(obj, cluster.events_for(obj), _now()))
+        now = _now()
+        texts.append(
+            views.describe_text(obj, cluster.events_for(obj), now)
+            + "\n"
+            + diagnose.workloads_text(cluster.snapshot(obj), now)
+        )
     typer.echo("\n\n".join(texts))
+
+
+@app.command()
+@handles_errors
+def doctor(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run name.")],
+    namespace: Namespace = None,
+) -> None:
+    """Name the first thing blocking a run (operator not acting, missing ServiceAccount, Kueue not
+    admitting, image pull, no accelerator capacity, a failing host) and how to fix it. Exit 0 when
+    nothing blocks it, 1 when something does."""
+    from coda_ctl import diagnose
+
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    snap = cluster.snapshot(cluster.get_run(run))
+    typer.echo(diagnose.doctor_text(snap))
+    if diagnose.findings(snap):
+        raise typer.Exit(int(Exit.ERROR))
 
 
 @app.command()

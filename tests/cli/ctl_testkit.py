@@ -92,6 +92,12 @@ class Emulator:
             ]:  # fmt: skip
                 k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True)
             k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+            for resource, kind in [
+                ("jobset.x-k8s.io/v1alpha2/jobsets", "JobSet"),
+                ("batch/v1/jobs", "Job"),
+                ("kueue.x-k8s.io/v1beta1/workloads", "Workload"),
+            ]:
+                k.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=True)
             # The emulator knows no subresources beyond status: serve pod logs and the service proxy.
             k["get", kmock.resource("v1/pods"), kmock.subresource("log")] << self._serve_log
             k["post", kmock.resource("v1/services")] << self._serve_proxy

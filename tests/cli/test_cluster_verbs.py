@@ -227,6 +227,22 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
         ("coda-1p7b-pretrain-slice-0-0-zzzzz", "coda-1p7b-pretrain", 0, 0),
     ]:
         core.create_namespaced_pod(NAMESPACE, _pod(name, jobset, j, c))
+    # The JobSet of the running stage, as the JobSet controller leaves it.
+    custom.create_namespaced_custom_object(
+        "jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets",
+        {
+            "apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet",
+            "metadata": {
+                "name": "coda-1p7b-midtrain-r1",
+                "namespace": NAMESPACE,
+                "creationTimestamp": ago(minutes=29),
+                "labels": {"coda.dev/run": "coda-1p7b", "coda.dev/stage": "midtrain"},
+            },
+            "spec": {"suspend": False},
+            "status": {"restarts": 2},
+        },
+    )  # fmt: skip
     # The key the operator generates for sft-done's sampler (render.render_sampler_key).
     key = base64.b64encode(b"k3y").decode()
     core.create_namespaced_secret(
@@ -555,6 +571,8 @@ def test_help_documents_exit_codes() -> None:
         "crd",
         "train",
         "local",
+        "doctor",
+        "version",
     ):
         assert verb in res.stdout
 
