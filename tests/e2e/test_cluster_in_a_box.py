@@ -64,8 +64,14 @@ def run_spec(bucket: str, corpus: dict[str, Path], **overrides: Any) -> dict[str
             _stage("pretrain", "pretrain", 4, corpus["pretrain"]),
             _stage("midtrain", "midtrain", 16, corpus["midtrain"]),
             # chat rows are longer than 32 tokens: keep their first 64 rather than drop them all
-            _stage("sft", "sft", 4, corpus["sft"], sft={"overLength": "truncate"},
-                   batch={"sequences": 4, "seqLen": 64}),  # fmt: skip
+            _stage(
+                "sft",
+                "sft",
+                4,
+                corpus["sft"],
+                sft={"overLength": "truncate"},
+                batch={"sequences": 4, "seqLen": 64},
+            ),
         ],
         "sampler": {"replicas": 1, "defaults": {"maxNewTokens": 8, "steps": 8}},
     }

@@ -61,7 +61,10 @@ def main():
     for failure in failures:
         print("FAIL", failure)
     if not failures:
-        print("ok: CodaTrainingRun API served and readable" + (", operator metrics up" if metrics else ""))
+        print(
+            "ok: CodaTrainingRun API served and readable"
+            + (", operator metrics up" if metrics else "")
+        )
     return 1 if failures else 0
 
 
