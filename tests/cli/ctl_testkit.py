@@ -182,8 +182,22 @@ def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Pat
     return path
 
 
+# The clock of the golden outputs: ages are computed against it (see `frozen_clock`), so a test that
+# runs minutes after its fixtures were built (a loaded machine, a long suite) prints the same ages.
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
 def ago(**delta: float) -> str:
-    return (dt.datetime.now(dt.UTC) - dt.timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (NOW - dt.timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> dt.datetime:
+    """coda-ctl's notion of now pinned to NOW for in-process invocations."""
+    import coda_ctl.main
+
+    monkeypatch.setattr(coda_ctl.main, "_now", lambda: NOW)
+    return NOW
 
 
 # ---------------------------------------------------------------------------------- schemas

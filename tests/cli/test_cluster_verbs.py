@@ -20,10 +20,11 @@ import pytest
 import yaml
 from coda_ctl.errors import Exit
 from coda_ctl.main import app
-from ctl_testkit import NAMESPACE, REPO, ago, write_kubeconfig
+from ctl_testkit import NAMESPACE, REPO, ago, frozen_clock, write_kubeconfig
 from typer.testing import CliRunner
 
 GOLDEN = Path(__file__).parent / "golden"
+__all__ = ["frozen_clock"]  # a fixture used by name
 
 STAGES = [
     {
@@ -292,7 +293,7 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
 
 
 @pytest.fixture()
-def ctl(kubeconfig: Path, cluster_state: Any) -> Any:
+def ctl(kubeconfig: Path, cluster_state: Any, frozen_clock: Any) -> Any:
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None) -> Any:

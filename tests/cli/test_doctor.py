@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 from coda_ctl.errors import Exit
 from coda_ctl.main import app
-from ctl_testkit import ago
+from ctl_testkit import ago, frozen_clock
 from typer.testing import CliRunner
+
+# ages in the goldens are against ctl_testkit.NOW
+pytestmark = pytest.mark.usefixtures(frozen_clock.__name__)
 
 GOLDEN = Path(__file__).parent / "golden"
 NS = "stuck"
