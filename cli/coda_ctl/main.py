@@ -23,7 +23,7 @@ import typer
 
 from coda_ctl import runspec, samplerclient, views
 from coda_ctl.errors import EXIT_CODES_HELP, CtlError, Exit
-from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, Cluster, Target
+from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, JOBSET_NAME_LABEL, Cluster, Target
 
 app = typer.Typer(
     name="coda-ctl",
@@ -360,29 +360,65 @@ def logs(
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
     tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    container: Annotated[
+        str | None, typer.Option("--container", "-c", help="Container (default: trainer).")
+    ] = None,
+    previous: Annotated[
+        bool,
+        typer.Option(
+            "--previous", "-p", help="The previous (crashed) instance's logs, as kubectl."
+        ),
+    ] = False,
+    all_hosts: Annotated[
+        bool,
+        typer.Option(
+            "--all-hosts",
+            help="Every host of the stage, each line prefixed with [slice J host C] (no -f).",
+        ),
+    ] = False,
     namespace: Namespace = None,
 ) -> None:
-    """Logs of a stage's leader pod (JobSet job 0, completion index 0)."""
+    """Logs of a stage's leader pod (JobSet job 0, completion index 0), or of every host."""
+    from coda_ctl.diagnose import host_of
+
     _with_ns(ctx, namespace)
+    if all_hosts and follow:
+        raise CtlError("--all-hosts reads each host's log once: use it without -f", Exit.USAGE)
     cluster = _cluster(ctx)
     obj = cluster.get_run(run)
     stage_name, jobset = views.stage_jobset(obj, stage)
-    pods = cluster.pods(views.leader_labels(jobset))
+    labels = {JOBSET_NAME_LABEL: jobset} if all_hosts else views.leader_labels(jobset)
+    pods = cluster.pods(labels)
     if not pods:
+        what = "pods" if all_hosts else "leader pod"
         raise CtlError(
-            f'stage "{stage_name}" of run "{run}" has no leader pod yet (JobSet {jobset})',
+            f'stage "{stage_name}" of run "{run}" has no {what} yet (JobSet {jobset})',
             Exit.NOT_FOUND,
         )
-    pod = pods[0]
-    containers = [c.get("name") for c in pod.get("spec", {}).get("containers", [])]
-    container = (
-        "trainer" if "trainer" in containers else (containers[0] if len(containers) > 1 else None)
-    )
+    if all_hosts:  # slice by slice, host by host
+        pods.sort(
+            key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in host_of(p).split()[1::2])
+        )
     out = sys.stdout.buffer
-    for chunk in cluster.stream_logs(
-        pod["metadata"]["name"], container=container, follow=follow, tail=tail
-    ):
-        out.write(chunk)
+    for pod in pods if all_hosts else pods[:1]:
+        containers = [c.get("name") for c in pod.get("spec", {}).get("containers", [])]
+        chosen = container or (
+            "trainer"
+            if "trainer" in containers
+            else (containers[0] if len(containers) > 1 else None)
+        )
+        chunks = cluster.stream_logs(
+            pod["metadata"]["name"], container=chosen, follow=follow, tail=tail, previous=previous
+        )
+        if not all_hosts:
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+            continue
+        prefix = f"[{host_of(pod)}] ".encode()
+        text = b"".join(chunks)
+        for line in text.splitlines(keepends=True):
+            out.write(prefix + line + (b"" if line.endswith(b"\n") else b"\n"))
         out.flush()
 
 
