@@ -136,6 +136,44 @@ def _with_ns(ctx: typer.Context, namespace: str | None) -> None:
         ctx.obj = dataclasses.replace(t, namespace=namespace)
 
 
+# --------------------------------------------------------------------------------------- completion
+
+
+def _completion_target(ctx: typer.Context) -> Target:
+    """The cluster a completion asks: global flags already typed on the line (the group's
+    callback does not run while completing), -n after the verb included."""
+    root = ctx.find_root().params
+    return Target(
+        kubeconfig=root.get("kubeconfig"),
+        context=root.get("context"),
+        namespace=ctx.params.get("namespace") or root.get("namespace"),
+        request_timeout=min(float(root.get("request_timeout") or 5.0), 5.0),
+    )
+
+
+def _complete_runs(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run names in the namespace for shell completion; nothing (never an error) without a cluster."""
+    try:
+        runs = Cluster(_completion_target(ctx)).list_runs()
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [r["metadata"]["name"] for r in runs if r["metadata"]["name"].startswith(incomplete)]
+
+
+def _complete_stages(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Stage names of the run already on the line (`logs RUN --stage <TAB>`)."""
+    # While an option is completed, click leaves the positional arguments unparsed in ctx.args.
+    run = ctx.params.get("run") or next(iter(ctx.args), None)
+    if not run:
+        return []
+    try:
+        obj = Cluster(_completion_target(ctx)).get_run(run)
+    except Exception:  # as above
+        return []
+    names = [s.get("name", "") for s in (obj.get("spec") or {}).get("stages") or []]
+    return [n for n in names if n.startswith(incomplete)]
+
+
 # --------------------------------------------------------------------------------------- verbs
 
 
@@ -207,7 +245,11 @@ def get(
     ctx: typer.Context,
     runs_named: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[RUN]...", help="Run names; all runs in the namespace if omitted."),
+        typer.Argument(
+            metavar="[RUN]...",
+            help="Run names; all runs in the namespace if omitted.",
+            autocompletion=_complete_runs,
+        ),
     ] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help=GET_FORMATS)] = None,
     selector: Annotated[
@@ -308,7 +350,10 @@ def _key(run: dict[str, Any]) -> tuple[str, str]:
 @handles_errors
 def describe(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run names.")],
+    runs_named: Annotated[
+        list[str],
+        typer.Argument(metavar="RUN...", help="Run names.", autocompletion=_complete_runs),
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
@@ -334,7 +379,7 @@ def describe(
 @handles_errors
 def doctor(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     namespace: Namespace = None,
 ) -> None:
     """Name the first thing blocking a run (operator not acting, missing ServiceAccount, Kueue not
@@ -354,9 +399,15 @@ def doctor(
 @handles_errors
 def logs(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     stage: Annotated[
-        str | None, typer.Option("--stage", "-s", help="Stage (default: the current one).")
+        str | None,
+        typer.Option(
+            "--stage",
+            "-s",
+            help="Stage (default: the current one).",
+            autocompletion=_complete_stages,
+        ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
     tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
@@ -426,7 +477,7 @@ def logs(
 @handles_errors
 def watch(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 5.0,
     timeout: Annotated[
         float | None, typer.Option(help="Give up after this many seconds (exit 1).")
@@ -506,7 +557,9 @@ def _watch_done(obj: dict[str, Any], deadline: float | None) -> bool:
 @handles_errors
 def suspend(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Suspend a run: its JobSets are suspended (pods stop, checkpoints stay), not deleted."""
@@ -521,7 +574,9 @@ def suspend(
 @handles_errors
 def resume(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Resume a suspended run; the trainer continues from its newest checkpoint."""
@@ -535,7 +590,9 @@ def resume(
 @app.command()
 @handles_errors
 def retry(
-    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(autocompletion=_complete_runs)],
+    namespace: Namespace = None,
 ) -> None:
     """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
     from coda_trainer.contract import RETRY_ANNOTATION
@@ -557,7 +614,9 @@ def retry(
 @handles_errors
 def delete(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Delete a run (its JobSets, ConfigMaps and sampler go with it; checkpoints stay in storage)."""

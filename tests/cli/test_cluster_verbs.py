@@ -738,3 +738,26 @@ def test_delete_several(ctl: Any, cluster_state: Any) -> None:
         'codatrainingrun.coda.dev "gone-1" deleted',
         'codatrainingrun.coda.dev "gone-2" deleted',
     ]
+
+
+def test_run_and_stage_names_complete_in_bash(kubeconfig: Path, cluster_state: Any) -> None:
+    """What bash gets when the user presses TAB (click's completion protocol, the console script)."""
+    exe = Path(sys.executable).with_name("coda-ctl")
+
+    def complete(words: str, cword: int, config: str = str(kubeconfig)) -> list[str]:
+        env = {
+            **os.environ,
+            "KUBECONFIG": config,
+            "_CODA_CTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+        }
+        res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        return [w for w in res.stdout.splitlines() if w]
+
+    assert complete("coda-ctl describe s", 2) == ["sft-done"]
+    assert complete("coda-ctl get q", 2) == ["queued-run"]
+    assert complete("coda-ctl logs coda-1p7b --stage ", 4) == ["pretrain", "midtrain", "sft"]
+    assert complete("coda-ctl -n elsewhere describe ", 4) == []  # another namespace: no runs
+    assert complete("coda-ctl describe ", 2, config="/nonexistent") == []  # no cluster: quiet
