@@ -56,7 +56,7 @@ def render_chart(helm: str, *extra: str) -> list[dict[str, Any]]:
             "template",
             RELEASE,
             str(CHART),
-            "--namespace",
+            "-n",
             NAMESPACE,
             "--skip-crds",
             "--skip-tests",

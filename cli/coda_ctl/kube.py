@@ -531,8 +531,11 @@ class Cluster:
         container: str | None = None,
         follow: bool = False,
         tail: int | None = None,
+        previous: bool = False,
     ) -> Iterator[bytes]:
         kwargs: dict[str, Any] = {"follow": follow, "_preload_content": False}
+        if previous:
+            kwargs["previous"] = True
         if container:
             kwargs["container"] = container
         if tail is not None:

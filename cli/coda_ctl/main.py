@@ -23,7 +23,7 @@ import typer
 
 from coda_ctl import runspec, samplerclient, views
 from coda_ctl.errors import EXIT_CODES_HELP, CtlError, Exit
-from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, Cluster, Target
+from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, JOBSET_NAME_LABEL, Cluster, Target
 
 app = typer.Typer(
     name="coda-ctl",
@@ -136,6 +136,44 @@ def _with_ns(ctx: typer.Context, namespace: str | None) -> None:
         ctx.obj = dataclasses.replace(t, namespace=namespace)
 
 
+# --------------------------------------------------------------------------------------- completion
+
+
+def _completion_target(ctx: typer.Context) -> Target:
+    """The cluster a completion asks: global flags already typed on the line (the group's
+    callback does not run while completing), -n after the verb included."""
+    root = ctx.find_root().params
+    return Target(
+        kubeconfig=root.get("kubeconfig"),
+        context=root.get("context"),
+        namespace=ctx.params.get("namespace") or root.get("namespace"),
+        request_timeout=min(float(root.get("request_timeout") or 5.0), 5.0),
+    )
+
+
+def _complete_runs(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run names in the namespace for shell completion; nothing (never an error) without a cluster."""
+    try:
+        runs = Cluster(_completion_target(ctx)).list_runs()
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [r["metadata"]["name"] for r in runs if r["metadata"]["name"].startswith(incomplete)]
+
+
+def _complete_stages(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Stage names of the run already on the line (`logs RUN --stage <TAB>`)."""
+    # While an option is completed, click leaves the positional arguments unparsed in ctx.args.
+    run = ctx.params.get("run") or next(iter(ctx.args), None)
+    if not run:
+        return []
+    try:
+        obj = Cluster(_completion_target(ctx)).get_run(run)
+    except Exception:  # as above
+        return []
+    names = [s.get("name", "") for s in (obj.get("spec") or {}).get("stages") or []]
+    return [n for n in names if n.startswith(incomplete)]
+
+
 # --------------------------------------------------------------------------------------- verbs
 
 
@@ -207,7 +245,11 @@ def get(
     ctx: typer.Context,
     runs_named: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[RUN]...", help="Run names; all runs in the namespace if omitted."),
+        typer.Argument(
+            metavar="[RUN]...",
+            help="Run names; all runs in the namespace if omitted.",
+            autocompletion=_complete_runs,
+        ),
     ] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help=GET_FORMATS)] = None,
     selector: Annotated[
@@ -308,7 +350,10 @@ def _key(run: dict[str, Any]) -> tuple[str, str]:
 @handles_errors
 def describe(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run names.")],
+    runs_named: Annotated[
+        list[str],
+        typer.Argument(metavar="RUN...", help="Run names.", autocompletion=_complete_runs),
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
@@ -334,7 +379,7 @@ def describe(
 @handles_errors
 def doctor(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     namespace: Namespace = None,
 ) -> None:
     """Name the first thing blocking a run (operator not acting, missing ServiceAccount, Kueue not
@@ -354,35 +399,77 @@ def doctor(
 @handles_errors
 def logs(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     stage: Annotated[
-        str | None, typer.Option("--stage", "-s", help="Stage (default: the current one).")
+        str | None,
+        typer.Option(
+            "--stage",
+            "-s",
+            help="Stage (default: the current one).",
+            autocompletion=_complete_stages,
+        ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
     tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    container: Annotated[
+        str | None, typer.Option("--container", "-c", help="Container (default: trainer).")
+    ] = None,
+    previous: Annotated[
+        bool,
+        typer.Option(
+            "--previous", "-p", help="The previous (crashed) instance's logs, as kubectl."
+        ),
+    ] = False,
+    all_hosts: Annotated[
+        bool,
+        typer.Option(
+            "--all-hosts",
+            help="Every host of the stage, each line prefixed with [slice J host C] (no -f).",
+        ),
+    ] = False,
     namespace: Namespace = None,
 ) -> None:
-    """Logs of a stage's leader pod (JobSet job 0, completion index 0)."""
+    """Logs of a stage's leader pod (JobSet job 0, completion index 0), or of every host."""
+    from coda_ctl.diagnose import host_of
+
     _with_ns(ctx, namespace)
+    if all_hosts and follow:
+        raise CtlError("--all-hosts reads each host's log once: use it without -f", Exit.USAGE)
     cluster = _cluster(ctx)
     obj = cluster.get_run(run)
     stage_name, jobset = views.stage_jobset(obj, stage)
-    pods = cluster.pods(views.leader_labels(jobset))
+    labels = {JOBSET_NAME_LABEL: jobset} if all_hosts else views.leader_labels(jobset)
+    pods = cluster.pods(labels)
     if not pods:
+        what = "pods" if all_hosts else "leader pod"
         raise CtlError(
-            f'stage "{stage_name}" of run "{run}" has no leader pod yet (JobSet {jobset})',
+            f'stage "{stage_name}" of run "{run}" has no {what} yet (JobSet {jobset})',
             Exit.NOT_FOUND,
         )
-    pod = pods[0]
-    containers = [c.get("name") for c in pod.get("spec", {}).get("containers", [])]
-    container = (
-        "trainer" if "trainer" in containers else (containers[0] if len(containers) > 1 else None)
-    )
+    if all_hosts:  # slice by slice, host by host
+        pods.sort(
+            key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in host_of(p).split()[1::2])
+        )
     out = sys.stdout.buffer
-    for chunk in cluster.stream_logs(
-        pod["metadata"]["name"], container=container, follow=follow, tail=tail
-    ):
-        out.write(chunk)
+    for pod in pods if all_hosts else pods[:1]:
+        containers = [c.get("name") for c in pod.get("spec", {}).get("containers", [])]
+        chosen = container or (
+            "trainer"
+            if "trainer" in containers
+            else (containers[0] if len(containers) > 1 else None)
+        )
+        chunks = cluster.stream_logs(
+            pod["metadata"]["name"], container=chosen, follow=follow, tail=tail, previous=previous
+        )
+        if not all_hosts:
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+            continue
+        prefix = f"[{host_of(pod)}] ".encode()
+        text = b"".join(chunks)
+        for line in text.splitlines(keepends=True):
+            out.write(prefix + line + (b"" if line.endswith(b"\n") else b"\n"))
         out.flush()
 
 
@@ -390,7 +477,7 @@ def logs(
 @handles_errors
 def watch(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="Run name.")],
+    run: Annotated[str, typer.Argument(help="Run name.", autocompletion=_complete_runs)],
     interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 5.0,
     timeout: Annotated[
         float | None, typer.Option(help="Give up after this many seconds (exit 1).")
@@ -470,7 +557,9 @@ def _watch_done(obj: dict[str, Any], deadline: float | None) -> bool:
 @handles_errors
 def suspend(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Suspend a run: its JobSets are suspended (pods stop, checkpoints stay), not deleted."""
@@ -485,7 +574,9 @@ def suspend(
 @handles_errors
 def resume(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Resume a suspended run; the trainer continues from its newest checkpoint."""
@@ -499,7 +590,9 @@ def resume(
 @app.command()
 @handles_errors
 def retry(
-    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(autocompletion=_complete_runs)],
+    namespace: Namespace = None,
 ) -> None:
     """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
     from coda_trainer.contract import RETRY_ANNOTATION
@@ -521,7 +614,9 @@ def retry(
 @handles_errors
 def delete(
     ctx: typer.Context,
-    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    runs_named: Annotated[
+        list[str], typer.Argument(metavar="RUN...", autocompletion=_complete_runs)
+    ],
     namespace: Namespace = None,
 ) -> None:
     """Delete a run (its JobSets, ConfigMaps and sampler go with it; checkpoints stay in storage)."""

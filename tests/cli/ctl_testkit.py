@@ -60,6 +60,7 @@ class Emulator:
         self.logs: dict[str, bytes] = {}  # pod name → log text served by pods/<name>/log
         self.proxy: Callable[[Any], Any] | None = None  # service proxy handler (set by tests)
         self.requests: list[tuple[str, str]] = []
+        self.log_params: list[dict[str, str]] = []  # query of every pods/<name>/log request
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
@@ -120,6 +121,7 @@ class Emulator:
 
     def _serve_log(self, request: Any) -> bytes:
         self.requests.append(("log", request.name))
+        self.log_params.append(dict(request.params))
         if request.name not in self.logs:
             raise kmock.KubernetesObjectNotFoundError()
         return self.logs[request.name]

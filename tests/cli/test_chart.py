@@ -337,7 +337,11 @@ def test_notes_render() -> None:
     assert 'ServiceAccount "coda-trainer", created in: ml, research.' in res.stdout
     # every command names the namespace where the trainer's ServiceAccount exists
     commands = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("coda-ctl ")]
-    assert [c.split()[1] for c in commands] == ["submit", "get", "watch", "sample"]
+    assert [c.split()[1] for c in commands] == ["submit", "get", "watch", "doctor", "sample"]
+    assert "helm test coda -n coda-system" in res.stdout
+    assert (
+        "kubectl apply --server-side --force-conflicts -f charts/coda-operator/crds/" in res.stdout
+    )
     assert all(" -n ml" in c for c in commands), commands
 
 

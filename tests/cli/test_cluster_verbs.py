@@ -52,8 +52,10 @@ STAGES = [
 
 
 def _run(
-    name: str, created: str, status: dict[str, Any] | None, suspend: bool = False
+    name: str, created: dict[str, float], status: dict[str, Any] | None, suspend: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`created`: how long ago, as timedelta arguments; turned into a timestamp when the fixture
+    creates the run (not at import: other modules may run first, and ages in goldens would drift)."""
     body = {
         "apiVersion": "coda.dev/v1alpha1",
         "kind": "CodaTrainingRun",
@@ -89,7 +91,7 @@ def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
 RUNS = [
     _run(
         "coda-1p7b",
-        ago(hours=5, minutes=10),
+        {"hours": 5, "minutes": 10},
         {
             "phase": "Running",
             "stage": "midtrain",
@@ -120,10 +122,10 @@ RUNS = [
             ],
         },
     ),
-    _run("queued-run", ago(minutes=20), None),
+    _run("queued-run", {"minutes": 20}, None),
     _run(
         "sft-done",
-        ago(days=3, hours=1),
+        {"days": 3, "hours": 1},
         {
             "phase": "Succeeded",
             "stage": "sft",
@@ -146,7 +148,7 @@ RUNS = [
     ),
     _run(
         "broken",
-        ago(hours=30),
+        {"hours": 30},
         {
             "phase": "Failed",
             "stage": "pretrain",
@@ -171,7 +173,7 @@ RUNS = [
     ),
     _run(
         "paused",
-        ago(minutes=90),
+        {"minutes": 90},
         {
             "phase": "Suspended",
             "stage": "pretrain",
@@ -207,6 +209,10 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
     from kubernetes import client
 
     custom, core = client.CustomObjectsApi(kube_api), client.CoreV1Api(kube_api)
+    for body, _ in RUNS:
+        created = body["metadata"]["creationTimestamp"]
+        if isinstance(created, dict):
+            body["metadata"]["creationTimestamp"] = ago(**created)
     for body, status in RUNS:
         custom.create_namespaced_custom_object(
             "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
@@ -430,6 +436,22 @@ def test_logs_reads_the_leader_pod_of_the_current_stage(ctl: Any) -> None:
     assert res.stdout == '{"step": 12000, "loss": 1.83}\nleader log line\n'
     res = ctl("logs", "coda-1p7b", "--stage", "pretrain", "-f")
     assert res.exit_code == 0 and res.stdout == "pretrain leader log\n"
+
+
+def test_logs_all_hosts_previous_and_container(ctl: Any, emulator: Any) -> None:
+    res = ctl("logs", "coda-1p7b", "--all-hosts")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        '[slice 0 host 0] {"step": 12000, "loss": 1.83}',
+        "[slice 0 host 0] leader log line",
+        "[slice 0 host 1] worker 1 log",
+    ]
+    res = ctl("logs", "coda-1p7b", "--previous", "-c", "sidecar")
+    assert res.exit_code == 0, res.output
+    assert emulator.log_params[-1].get("previous") == "true"
+    assert emulator.log_params[-1].get("container") == "sidecar"
+    res = ctl("logs", "coda-1p7b", "--all-hosts", "-f")
+    assert res.exit_code == Exit.USAGE and "without -f" in res.stderr
 
 
 def test_logs_errors(ctl: Any) -> None:
@@ -717,3 +739,26 @@ def test_delete_several(ctl: Any, cluster_state: Any) -> None:
         'codatrainingrun.coda.dev "gone-1" deleted',
         'codatrainingrun.coda.dev "gone-2" deleted',
     ]
+
+
+def test_run_and_stage_names_complete_in_bash(kubeconfig: Path, cluster_state: Any) -> None:
+    """What bash gets when the user presses TAB (click's completion protocol, the console script)."""
+    exe = Path(sys.executable).with_name("coda-ctl")
+
+    def complete(words: str, cword: int, config: str = str(kubeconfig)) -> list[str]:
+        env = {
+            **os.environ,
+            "KUBECONFIG": config,
+            "_CODA_CTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+        }
+        res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        return [w for w in res.stdout.splitlines() if w]
+
+    assert complete("coda-ctl describe s", 2) == ["sft-done"]
+    assert complete("coda-ctl get q", 2) == ["queued-run"]
+    assert complete("coda-ctl logs coda-1p7b --stage ", 4) == ["pretrain", "midtrain", "sft"]
+    assert complete("coda-ctl -n elsewhere describe ", 4) == []  # another namespace: no runs
+    assert complete("coda-ctl describe ", 2, config="/nonexistent") == []  # no cluster: quiet
