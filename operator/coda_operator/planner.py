@@ -43,6 +43,7 @@ __all__ = [
     "Observed",
     "PatchChild",
     "Plan",
+    "gate_misses",
     "isoformat",
     "parse_time",
     "phase_from_conditions",
@@ -773,17 +774,22 @@ def _fail_evaluation(ctx: _Ctx, stage: str, ev: EvaluationStatus, msg: str) -> N
     ctx.st.completion_time = ctx.now_s
 
 
+def gate_misses(min_pass_at1: Mapping[str, float], pass_at1: Mapping[str, float]) -> list[str]:
+    """One line per benchmark below its `minPassAt1` (the operator's gate and `local run`'s)."""
+    return [
+        f"{b} pass@1 {100 * pass_at1[b]:.1f}% < minPassAt1 {100 * need:.1f}% "
+        f"(missed by {100 * (need - pass_at1[b]):.1f} points)"
+        for b, need in min_pass_at1.items()
+        if pass_at1[b] < need
+    ]
+
+
 def _gate(ctx: _Ctx, spec: CodaTrainingRunSpec, stage: str) -> bool:
     """`minPassAt1` against the last evaluated stage (the checkpoint the sampler would serve when
     it is the last stage). A miss fails the run: phase Failed, reason QualityGateFailed."""
     assert spec.evaluation is not None and ctx.st.evaluation is not None
     results = ctx.st.evaluation[stage].results or {}
-    misses = [
-        f"{b} pass@1 {100 * results[b].pass_at1:.1f}% < minPassAt1 {100 * need:.1f}% "
-        f"(missed by {100 * (need - results[b].pass_at1):.1f} points)"
-        for b, need in spec.evaluation.min_pass_at1.items()
-        if results[b].pass_at1 < need
-    ]
+    misses = gate_misses(spec.evaluation.min_pass_at1, {b: r.pass_at1 for b, r in results.items()})
     if not spec.evaluation.min_pass_at1:
         return True
     if misses:

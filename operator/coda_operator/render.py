@@ -42,6 +42,7 @@ __all__ = [
     "SAMPLER_PORT",
     "StageObjects",
     "configmap_name",
+    "eval_command",
     "eval_job_name",
     "fingerprint",
     "jobset_name",
@@ -606,6 +607,23 @@ _EVAL_FLAGS = {
 }  # fmt: skip
 
 
+def eval_command(spec: CodaTrainingRunSpec, stage: str) -> list[str]:
+    """`python -m coda_trainer.evaluate …` for `stage`'s final checkpoint, reports into
+    `<uri>/<stage>/eval/` (the evaluation Job's command; `coda-ctl local run` runs the same)."""
+    evaluation = spec.evaluation
+    assert evaluation is not None
+    index = spec.stage_names().index(stage)
+    command = ["python", "-m", "coda_trainer.evaluate", "--checkpoint", stage_final(spec, index)]
+    for bench in evaluation.benchmarks:
+        command += ["--benchmark", bench]
+    command += ["--n-samples", str(evaluation.n_samples)]
+    if evaluation.limit is not None:
+        command += ["--limit", str(evaluation.limit)]
+    for key, value in evaluation.sampler.model_dump(mode="json", exclude_none=True).items():
+        command += [_EVAL_FLAGS[key], str(value)]
+    return [*command, "--report-dir", contract.eval_uri(spec.checkpoints.uri, stage)]
+
+
 def render_eval_job(
     run: str, namespace: str, spec: CodaTrainingRunSpec, stage: str, attempt: int = 0
 ) -> dict[str, Any]:
@@ -618,20 +636,9 @@ def render_eval_job(
     (75 transient, a crash) ends it with BackoffLimitExceeded, which the operator retries as a new
     Job up to spec.failurePolicy.stageRetries.
     """
-    evaluation = spec.evaluation
-    assert evaluation is not None
-    index = spec.stage_names().index(stage)
     name = eval_job_name(run, stage, attempt)
     labels = _labels(run, "evaluation", **{LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)})
-    command = ["python", "-m", "coda_trainer.evaluate", "--checkpoint", stage_final(spec, index)]
-    for bench in evaluation.benchmarks:
-        command += ["--benchmark", bench]
-    command += ["--n-samples", str(evaluation.n_samples)]
-    if evaluation.limit is not None:
-        command += ["--limit", str(evaluation.limit)]
-    for key, value in evaluation.sampler.model_dump(mode="json", exclude_none=True).items():
-        command += [_EVAL_FLAGS[key], str(value)]
-    command += ["--report-dir", contract.eval_uri(spec.checkpoints.uri, stage)]
+    command = eval_command(spec, stage)
     pl = _placement(spec.sampler.accelerator or AcceleratorSpec())
     container: dict[str, Any] = {
         "name": CONTAINER,
