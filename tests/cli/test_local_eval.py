@@ -60,3 +60,27 @@ def test_evaluate_all_prints_the_table_beside_the_paper_and_applies_the_gate(
         assert misses == ["humaneval pass@1 0.0% < minPassAt1 25.0% (missed by 25.0 points)"]
     else:
         assert misses == []
+
+
+def test_describe_and_get_wide_show_the_evaluation() -> None:
+    import datetime as dt
+
+    from coda_ctl import views
+
+    spec = {"benchmarks": ["humaneval", "mbpp"], "minPassAt1": {"humaneval": 0.3}}
+    status = {
+        "sft": {"phase": "Succeeded", "job": "demo-sft-eval", "report": "gs://b/demo/sft/eval",
+                "results": {"humaneval": {"passAt1": 0.25, "problems": 164, "failures": 123},
+                            "mbpp": {"passAt1": 0.5, "problems": 500, "failures": 250}}},
+    }  # fmt: skip
+    text = "\n".join(views._evaluation_lines(spec, status))
+    assert "Gate:        humaneval >= 30.0%" in text
+    assert "sft: Succeeded (Job demo-sft-eval)  report: gs://b/demo/sft/eval" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[4:]}
+    assert rows["humaneval"] == ["25.0", "164", "123", "30.0"] and rows["mbpp"][-1] == "-"
+    assert views._evaluation_lines(None, {}) == []  # a run without evaluation: no section
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    run = {"metadata": {"name": "demo"}, "status": {"score": "sft: humaneval 25.0, mbpp 50.0"}}
+    assert views.run_row(run, now, wide=True)[-1] == "sft: humaneval 25.0, mbpp 50.0"
+    headers, _ = views.get_table([run], now, wide=True)
+    assert headers[-1] == "PASS@1"
