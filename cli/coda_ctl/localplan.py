@@ -46,6 +46,10 @@ class LocalPlan:
     run: str
     root: Path  # <workdir>/<run>
     stages: tuple[StagePlan, ...]
+    # spec.evaluation: (stage, the evaluation Job's command with this machine's paths) in stage
+    # order, and the gate; empty without `evaluation`.
+    evaluations: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    min_pass_at1: tuple[tuple[str, float], ...] = ()
 
     @property
     def final(self) -> Path:
@@ -92,7 +96,7 @@ def plan_local_run(run: dict[str, Any], workdir: Path, *, steps_scale: float = 1
     stage i−1's `final` unless it names its own `initFrom` (the same handoff the operator makes).
     """
     from coda_operator.api import parse_spec
-    from coda_operator.render import stage_job_config
+    from coda_operator.render import eval_command, stage_job_config
 
     name, raw_spec = _run_parts(run)
     spec = parse_spec(raw_spec, cluster=False)  # InvalidSpec (a ValueError) names the field
@@ -124,7 +128,11 @@ def plan_local_run(run: dict[str, Any], workdir: Path, *, steps_scale: float = 1
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ValueError(f"run {name!r} has duplicate stage names: {names}")
-    return LocalPlan(run=name, root=root, stages=tuple(plans))
+    evaluations = tuple((s, tuple(eval_command(spec, s))) for s in spec.evaluated_stages())
+    gate = tuple(spec.evaluation.min_pass_at1.items()) if spec.evaluation else ()
+    return LocalPlan(
+        run=name, root=root, stages=tuple(plans), evaluations=evaluations, min_pass_at1=gate
+    )
 
 
 def job_yaml(plan: StagePlan) -> str:

@@ -17,7 +17,7 @@ import yaml
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 GET_COLUMNS = ("NAME", "PHASE", "STAGE", "STEP", "LOSS", "AGE")
-WIDE_COLUMNS = (*GET_COLUMNS, "TOKENS/S", "CHECKPOINT", "SAMPLER")
+WIDE_COLUMNS = (*GET_COLUMNS, "TOKENS/S", "CHECKPOINT", "SAMPLER", "PASS@1")
 
 
 def parse_time(value: str | None) -> dt.datetime | None:
@@ -89,6 +89,7 @@ def run_row(run: dict[str, Any], now: dt.datetime, *, wide: bool = False) -> lis
             _num(progress.get("tokensPerSecond"), ".3g"),
             progress.get("checkpoint") or "-",
             (sampler.get("endpoint") or "-") + (" (ready)" if sampler.get("ready") else ""),
+            status.get("score") or "-",  # the newest finished evaluation (spec.evaluation)
         ]
     return row
 
@@ -371,6 +372,42 @@ def _accelerator_text(acc: dict[str, Any] | None) -> str:
     return ", ".join(parts) or "-"
 
 
+def _evaluation_lines(spec: dict[str, Any] | None, status: dict[str, Any]) -> list[str]:
+    """`Evaluation:` of describe: per evaluated stage its Job and pass@1 per benchmark, with the
+    gate. Nothing for a run without spec.evaluation."""
+    if not spec and not status:
+        return []
+    out = ["Evaluation:"]
+    gate = (spec or {}).get("minPassAt1") or {}
+    if spec:
+        out.append(f"  Benchmarks:  {', '.join(spec.get('benchmarks') or [])}")
+        if gate:
+            out.append(
+                "  Gate:        " + ", ".join(f"{b} >= {100 * v:.1f}%" for b, v in gate.items())
+            )
+    if not status:
+        out.append("  <not started>")
+    for stage, ev in status.items():
+        line = f"  {stage}: {ev.get('phase', 'Pending')}"
+        line += f" (Job {ev['job']})" if ev.get("job") else ""
+        line += f"  report: {ev['report']}" if ev.get("report") else ""
+        out.append(line)
+        if ev.get("message"):
+            out.append(f"    {ev['message']}")
+        results = ev.get("results") or {}
+        if results:
+            rows = [
+                [b, f"{100 * r.get('passAt1', 0):.1f}", str(r.get("problems", "-")),
+                 str(r.get("failures", "-")),
+                 f"{100 * gate[b]:.1f}" if b in gate else "-"]
+                for b, r in results.items()
+            ]  # fmt: skip
+            out.append(
+                plain_table(["BENCHMARK", "PASS@1", "PROBLEMS", "FAILED", "MIN"], rows, "    ")
+            )
+    return out
+
+
 def describe_text(run: dict[str, Any], events: Sequence[dict[str, Any]], now: dt.datetime) -> str:
     meta, spec = run["metadata"], run.get("spec") or {}
     status = run.get("status") or {}
@@ -450,6 +487,8 @@ def describe_text(run: dict[str, Any], events: Sequence[dict[str, Any]], now: dt
         out.append(plain_table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows, indent="  "))
     else:
         out.append("  <none>")
+
+    out += _evaluation_lines(spec.get("evaluation"), status.get("evaluation") or {})
 
     sampler = status.get("sampler") or {}
     sampler_spec = spec.get("sampler") or {}

@@ -216,6 +216,57 @@ class SamplerDefaults(_Wire):
     threshold: float | None = Field(default=None, gt=0, le=1)
 
 
+EvalBenchmark = Literal["humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized"]
+
+
+class EvaluationSpec(_Wire):
+    """Score the run's checkpoints on code benchmarks as part of the run (pass@1 into status)."""
+
+    benchmarks: list[EvalBenchmark] = Field(
+        min_length=1,
+        max_length=4,
+        description="Benchmarks, as the harness names them (python -m coda_trainer.evaluate).",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=1000, description="Only the first N problems of each benchmark."
+    )
+    n_samples: int = Field(default=1, ge=1, le=20, description="Samples per problem (pass@1 mean).")
+    sampler: SamplerDefaults = Field(
+        default_factory=SamplerDefaults,
+        description="Sampler settings for the evaluation (the harness's defaults where unset).",
+    )
+    after: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Stages whose final checkpoint is evaluated (default: the last stage).",
+    )
+    min_pass_at1: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Quality gate: benchmark → minimum pass@1 (a fraction, 0–1) of the last evaluated "
+            "stage. A miss fails the run (reason QualityGateFailed) and no sampler is deployed."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _gate_names(self) -> EvaluationSpec:
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ValueError(f"spec.evaluation.benchmarks: duplicates in {self.benchmarks}")
+        for bench, value in self.min_pass_at1.items():
+            if bench not in self.benchmarks:
+                raise ValueError(
+                    f"spec.evaluation.minPassAt1.{bench}: not one of the evaluated benchmarks "
+                    f"({', '.join(self.benchmarks)})"
+                )
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"spec.evaluation.minPassAt1.{bench}: {value} is not a fraction in [0, 1] "
+                    f"(pass@1 of 30% is 0.3)"
+                )
+        return self
+
+
 class ResourcesSpec(_Wire):
     """Container requests/limits as Kubernetes quantities (strings), e.g. {cpu: "4", memory: 32Gi}."""
 
@@ -303,6 +354,10 @@ class CodaTrainingRunSpec(_Wire):
     )
     stages: list[RunStage] = Field(min_length=1, max_length=16)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="Evaluate checkpoints as a step of the run (a Job per evaluated stage).",
+    )
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
@@ -351,6 +406,14 @@ class CodaTrainingRunSpec(_Wire):
                     f"spec.stages[{i}].accelerator: stage {stage.name!r} has no accelerator "
                     f"(set spec.accelerator.tpu/gpu or a per-stage override)"
                 )
+        if self.evaluation is not None and self.evaluation.after is not None:
+            names = self.stage_names()
+            for j, after in enumerate(self.evaluation.after):
+                if after not in names:
+                    raise ValueError(
+                        f"spec.evaluation.after[{j}]: {after!r} is not a stage "
+                        f"(stages: {', '.join(names)})"
+                    )
         context = info.context or {}
         cluster = context.get("cluster", True)
         if cluster and not self.checkpoints.uri.startswith("gs://"):
@@ -391,6 +454,13 @@ class CodaTrainingRunSpec(_Wire):
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
+
+    def evaluated_stages(self) -> list[str]:
+        """Stages whose final checkpoint is evaluated, in stage order (none without evaluation)."""
+        if self.evaluation is None:
+            return []
+        wanted = set(self.evaluation.after or [self.stages[-1].name])
+        return [n for n in self.stage_names() if n in wanted]
 
 
 def format_validation_error(err: ValidationError, prefix: str = "spec") -> list[str]:
@@ -472,6 +542,35 @@ class SamplerStatus(_StatusWire):
     ready_replicas: int = 0
 
 
+class BenchmarkScore(_StatusWire):
+    """One benchmark's result, written by the evaluation Job."""
+
+    pass_at1: float = Field(description="pass@1 as a fraction (0–1).")
+    problems: int
+    samples: int = 1
+    failures: int = Field(default=0, description="Samples that did not pass.")
+    reasons: dict[str, int] = Field(
+        default_factory=dict, description="Sample outcomes by status (passed, failed, timeout, …)."
+    )
+    duration_s: float | None = None
+
+
+class EvaluationStatus(_StatusWire):
+    """One evaluated stage. The operator owns phase/job/retries/times/message; the evaluation Job
+    merge-patches `results`, `report` and `settings` when it finishes."""
+
+    phase: StagePhase = "Pending"
+    job: str | None = None
+    retries: int = Field(default=0, ge=0)
+    checkpoint: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+    report: str | None = Field(default=None, description="The JSON report's URI.")
+    settings: dict[str, Any] | None = None
+    results: dict[str, BenchmarkScore] | None = None
+
+
 class CodaTrainingRunStatus(_StatusWire):
     phase: Phase = "Pending"
     stage: str | None = Field(default=None, description="The current (or last) stage.")
@@ -480,6 +579,13 @@ class CodaTrainingRunStatus(_StatusWire):
     stages: list[StageStatus] = Field(default_factory=list)
     progress: Progress | None = None
     sampler: SamplerStatus | None = None
+    evaluation: dict[str, EvaluationStatus] | None = Field(
+        default=None, description="Per evaluated stage: the evaluation Job and its scores."
+    )
+    score: str | None = Field(
+        default=None,
+        description='Headline pass@1 (%) of the newest finished evaluation: "sft: humaneval 12.2".',
+    )
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
     start_time: str | None = None

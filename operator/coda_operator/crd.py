@@ -313,6 +313,8 @@ PRINTER_COLUMNS = [
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # The newest finished evaluation, e.g. "sft: humaneval 12.2, mbpp 4.0" (pass@1, %).
+    {"name": "Pass@1", "type": "string", "jsonPath": ".status.score"},
     {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]

@@ -42,6 +42,8 @@ registry = kopf.OperatorRegistry()
 RUNS = (contract.GROUP, contract.VERSION, contract.PLURAL)
 JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 DEPLOYMENTS = ("apps", "v1", "deployments")
+JOBS = ("batch", "v1", "jobs")
+_EVAL_JOB_LABELS = {render.LABEL_RUN: kopf.PRESENT, render.LABEL_COMPONENT: "evaluation"}
 RESYNC_SECONDS = float(os.environ.get("CODA_OPERATOR_RESYNC_SECONDS", "60"))
 _API_ERRORS = (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -73,12 +75,14 @@ class _State:
         self.phases = metrics.PhaseTracker()
         self.jobsets: Any = None  # kopf.Index, bound from the handler kwargs
         self.samplers: Any = None
+        self.eval_jobs: Any = None
         # (namespace, name) of ServiceAccounts seen to exist (deleting one later is not noticed)
         self.service_accounts_seen: set[tuple[str, str]] = set()
 
     def bind(self, kwargs: dict[str, Any]) -> _State:
         self.jobsets = kwargs.get("coda_jobsets", self.jobsets)
         self.samplers = kwargs.get("coda_samplers", self.samplers)
+        self.eval_jobs = kwargs.get("coda_eval_jobs", self.eval_jobs)
         return self
 
     def client(self) -> Kube:
@@ -96,7 +100,10 @@ class _State:
     def observe(self, key: Key) -> planner.Observed:
         jobsets = {obs.name: obs for obs in (self.jobsets or {}).get(key, [])}
         samplers = list((self.samplers or {}).get(key, []))
-        return planner.Observed(jobsets=jobsets, sampler=samplers[0] if samplers else None)
+        jobs = {obs.name: obs for obs in (self.eval_jobs or {}).get(key, [])}
+        return planner.Observed(
+            jobsets=jobsets, sampler=samplers[0] if samplers else None, jobs=jobs
+        )
 
     def wake_in(self, key: Key, delay: float, trigger: str) -> None:
         old = self.wakeups.pop(key, None)
@@ -239,6 +246,11 @@ def coda_samplers(
     return {(namespace, labels[render.LABEL_RUN]): planner.DeploymentObs.from_body(body)}
 
 
+@kopf.index(*JOBS, labels=_EVAL_JOB_LABELS, registry=registry)
+def coda_eval_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, planner.JobObs]:
+    return {(namespace, labels[render.LABEL_RUN]): planner.JobObs.from_body(body)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Triggers
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +282,11 @@ async def resync(namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
 @kopf.on.event(*JOBSETS, labels={render.LABEL_RUN: kopf.PRESENT}, registry=registry)
 async def jobset_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -> None:
     await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="jobset")
+
+
+@kopf.on.event(*JOBS, labels=_EVAL_JOB_LABELS, registry=registry)
+async def eval_job_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -> None:
+    await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="evaljob")
 
 
 @kopf.on.event(

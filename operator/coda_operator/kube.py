@@ -26,6 +26,7 @@ _PLURALS = {
     "Event": "events",
     "Deployment": "deployments",
     "JobSet": "jobsets",
+    "Job": "jobs",
     "CodaTrainingRun": "codatrainingruns",
     "CustomResourceDefinition": "customresourcedefinitions",
 }

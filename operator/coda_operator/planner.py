@@ -23,6 +23,7 @@ from coda_operator.api import (
     CodaTrainingRunSpec,
     CodaTrainingRunStatus,
     Condition,
+    EvaluationStatus,
     InvalidSpec,
     Progress,
     SamplerStatus,
@@ -37,10 +38,12 @@ __all__ = [
     "DeleteRun",
     "DeploymentObs",
     "Event",
+    "JobObs",
     "JobSetObs",
     "Observed",
     "PatchChild",
     "Plan",
+    "gate_misses",
     "isoformat",
     "parse_time",
     "phase_from_conditions",
@@ -64,10 +67,17 @@ CONDITION_TYPES = (
     "Complete",
     "Failed",
     "SamplerReady",
+    "QualityGate",
     "SpecChangeRejected",
     "Invalid",
 )
 _WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
+# The reason Kubernetes gives a Job failed by a FailJob podFailurePolicy rule (the evaluation's
+# exit 78); any other failed Job (exit 75, a crash, BackoffLimitExceeded) may be retried.
+JOB_POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
+# An evaluation Job that completed without its scores in status (its patch was lost): wait this
+# long for them before failing the evaluation.
+EVAL_SCORES_GRACE_S = 60.0
 # `coda-ctl retry RUN` sets this annotation to a new value (a timestamp); a value the status has not
 # recorded as handled asks for one more attempt of a Failed run's failed stage.
 
@@ -129,6 +139,35 @@ class JobSetObs:
 
 
 @dataclass(frozen=True)
+class JobObs:
+    """A batch/v1 Job (the evaluation's), reduced to what the planner needs."""
+
+    name: str
+    state: Literal["Active", "Completed", "Failed"]
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> JobObs:
+        state: Literal["Active", "Completed", "Failed"] = "Active"
+        reason = message = ""
+        for cond in (body.get("status") or {}).get("conditions") or []:
+            if cond.get("status") != "True":
+                continue
+            if cond.get("type") == "Complete":
+                state = "Completed"
+            elif cond.get("type") == "Failed":
+                state = "Failed"
+                reason, message = cond.get("reason") or "", cond.get("message") or ""
+        return cls(
+            name=(body.get("metadata") or {}).get("name", ""),
+            state=state,
+            reason=reason,
+            message=message,
+        )
+
+
+@dataclass(frozen=True)
 class DeploymentObs:
     name: str
     replicas: int
@@ -148,6 +187,7 @@ class DeploymentObs:
 class Observed:
     jobsets: Mapping[str, JobSetObs] = field(default_factory=dict)
     sampler: DeploymentObs | None = None
+    jobs: Mapping[str, JobObs] = field(default_factory=dict)  # evaluation Jobs by name
     # spec.serviceAccountName when the handler found no such ServiceAccount in the namespace
     missing_service_account: str | None = None
 
@@ -290,7 +330,9 @@ def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
         ctx.clear("Invalid", "SpecValid")
         _retry_request(ctx, name, retry, spec)
         if not ctx.terminal():
-            _advance(ctx, name, namespace, spec, observed)
+            trained = _advance(ctx, name, namespace, spec, observed)
+            if not ctx.terminal() and _evaluations(ctx, name, namespace, spec, observed, trained):
+                _complete(ctx, len(spec.stages))
         if st.is_true("Complete"):
             _sampler(ctx, name, namespace, spec, observed)
         _timers(ctx, spec)
@@ -375,23 +417,25 @@ def _sync_stage_list(ctx: _Ctx, spec: CodaTrainingRunSpec) -> str | None:
 
 def _advance(
     ctx: _Ctx, name: str, namespace: str, spec: CodaTrainingRunSpec, observed: Observed
-) -> None:
+) -> bool:
+    """Drive the stages; True when every stage has succeeded."""
     st = ctx.st
     refused = _sync_stage_list(ctx, spec)
     if refused:
         ctx.cond("SpecChangeRejected", True, "StagesReordered", refused)
-        return
+        return False
 
     deadline = spec.active_deadline_seconds
     if deadline is not None and st.start_time is not None:
         elapsed = (ctx.now - parse_time(st.start_time)).total_seconds()
         if elapsed >= deadline:
             _fail_deadline(ctx, name, spec, observed, deadline)
-            return
+            return False
 
     rejected: list[str] = []
     n = len(spec.stages)
     i = 0
+    all_done = False
     while i < n:
         ss = st.stages[i]
         if ss.phase == "Succeeded":
@@ -459,7 +503,7 @@ def _advance(
             ctx.cond("Running", False, "StageFailed", msg)
             st.message = msg
             st.completion_time = ctx.now_s
-            return
+            return False
 
         # Active JobSet: honour suspend, tell Kueue's hold from a user suspend.
         if changed:
@@ -471,12 +515,13 @@ def _advance(
         _active_stage(ctx, spec, ss, obs)
         break
     else:
-        _complete(ctx, n)
+        all_done = True
 
     if rejected:
         ctx.cond("SpecChangeRejected", True, "RunningStageImmutable", "; ".join(rejected))
     else:
         ctx.clear("SpecChangeRejected", "SpecAccepted")
+    return all_done
 
 
 # The reason JobSet (>= v0.5) gives a JobSet failed by a FailJobSet failure-policy rule.
@@ -595,6 +640,172 @@ def _stage_conditions(ctx: _Ctx, spec: CodaTrainingRunSpec, ss: StageStatus) -> 
         f"stage {ss.name}: {phase.lower()}",
     )
     ctx.cond("Complete", False, "StagesRemaining", f"stage {ss.name} is {phase.lower()}")
+
+
+def _evaluations(
+    ctx: _Ctx,
+    name: str,
+    namespace: str,
+    spec: CodaTrainingRunSpec,
+    observed: Observed,
+    trained: bool,
+) -> bool:
+    """Evaluate each listed stage once its final checkpoint exists (stage Succeeded), in parallel
+    with later stages; True when the run may complete: all evaluations succeeded and every
+    `minPassAt1` is met. A permanent or exhausted evaluation failure, or a missed gate, fails the
+    run (so no sampler is rolled out). A run without `spec.evaluation` returns `trained`."""
+    stages = spec.evaluated_stages()
+    if not stages:
+        return trained
+    assert spec.evaluation is not None
+    st = ctx.st
+    st.evaluation = st.evaluation or {}
+    phases = {ss.name: ss.phase for ss in st.stages}
+    done = True
+    for stage in stages:
+        ev = st.evaluation.setdefault(stage, EvaluationStatus())
+        if phases.get(stage) != "Succeeded":
+            done = False
+            continue
+        if ev.phase == "Succeeded":
+            continue
+        job = render.eval_job_name(name, stage, ev.retries)
+        obs = observed.jobs.get(job)
+        index = spec.stage_names().index(stage)
+        if obs is None:
+            # Create is create-if-absent: repeating it while the Job is not yet observed is safe.
+            ctx.actions.append(
+                Create(render.render_eval_job(name, namespace, spec, stage, ev.retries))
+            )
+            if ev.job != job or ev.phase == "Pending":
+                ev.job, ev.phase = job, "Running"
+                ev.checkpoint = render.stage_final(spec, index)
+                ev.start_time = ev.start_time or ctx.now_s
+                ev.completion_time, ev.message = None, f"Job {job} created"
+                ctx.event(
+                    "Normal",
+                    "EvaluationStarted",
+                    f"Evaluating stage {stage} ({ev.checkpoint}) on "
+                    f"{', '.join(spec.evaluation.benchmarks)}: Job {job}",
+                )
+            done = False
+            continue
+        if obs.state == "Active":
+            ev.phase, ev.message = "Running", f"Job {job} running"
+            done = False
+            continue
+        if obs.state == "Completed":
+            missing = [b for b in spec.evaluation.benchmarks if b not in (ev.results or {})]
+            if missing:
+                first_seen = ev.completion_time or ctx.now_s
+                ev.completion_time = first_seen
+                waited = (ctx.now - parse_time(first_seen)).total_seconds()
+                if waited < EVAL_SCORES_GRACE_S:
+                    ev.message = (
+                        f"Job {job} completed; waiting for its scores ({', '.join(missing)})"
+                    )
+                    ctx.requeue_in(EVAL_SCORES_GRACE_S - waited)
+                    done = False
+                    continue
+                _fail_evaluation(
+                    ctx, stage, ev,
+                    f"Job {job} completed but reported no scores for {', '.join(missing)} into "
+                    f"status.evaluation.{stage} (see the Job's log)",
+                )  # fmt: skip
+                return False
+            ev.phase, ev.completion_time = "Succeeded", ev.completion_time or ctx.now_s
+            ev.message = None
+            scores = ", ".join(
+                f"{b} {100 * ev.results[b].pass_at1:.1f}"  # type: ignore[index]
+                for b in spec.evaluation.benchmarks
+            )
+            ctx.event("Normal", "EvaluationSucceeded", f"Stage {stage} pass@1: {scores}")
+            st.score = f"{stage}: {scores}"
+            continue
+        # Failed
+        why = obs.message or obs.reason or "Job failed"
+        permanent = obs.reason == JOB_POD_FAILURE_POLICY_REASON
+        if not permanent and ev.retries < spec.failure_policy.stage_retries:
+            ev.retries += 1
+            ev.phase, ev.job = "Pending", None
+            ev.message = f"retry {ev.retries}/{spec.failure_policy.stage_retries} after: {why}"
+            ctx.event(
+                "Warning",
+                "EvaluationRetrying",
+                f"Evaluation of stage {stage}: Job {job} failed ({why}); starting retry "
+                f"{ev.retries}/{spec.failure_policy.stage_retries}",
+            )
+            # Create the next attempt in this same pass.
+            ctx.actions.append(
+                Create(render.render_eval_job(name, namespace, spec, stage, ev.retries))
+            )
+            ev.job, ev.phase = render.eval_job_name(name, stage, ev.retries), "Running"
+            done = False
+            continue
+        if permanent:
+            why = (
+                f"permanent failure, not retried (evaluation exit {EXIT_PERMANENT}: bad checkpoint "
+                f"or arguments; see the Job's log): {why}"
+            )
+        attempts = ev.retries + 1
+        _fail_evaluation(
+            ctx, stage, ev,
+            f"evaluation of stage {stage} failed after {attempts} attempt"
+            f"{'s' * (attempts > 1)}: {why}",
+        )  # fmt: skip
+        return False
+    if not (done and trained):
+        if trained:
+            running = [s for s in stages if st.evaluation[s].phase != "Succeeded"]
+            msg = f"all {len(spec.stages)} stages succeeded; evaluating {', '.join(running)}"
+            ctx.cond("Running", True, "Evaluating", msg)
+            ctx.cond("Complete", False, "EvaluationRunning", msg)
+            st.message = msg
+        return False
+    return _gate(ctx, spec, stages[-1])
+
+
+def _fail_evaluation(ctx: _Ctx, stage: str, ev: EvaluationStatus, msg: str) -> None:
+    ev.phase, ev.message = "Failed", msg
+    ev.completion_time = ev.completion_time or ctx.now_s
+    ctx.cond("Failed", True, "EvaluationFailed", msg)
+    ctx.cond("Running", False, "EvaluationFailed", msg)
+    ctx.st.message = msg
+    ctx.st.completion_time = ctx.now_s
+
+
+def gate_misses(min_pass_at1: Mapping[str, float], pass_at1: Mapping[str, float]) -> list[str]:
+    """One line per benchmark below its `minPassAt1` (the operator's gate and `local run`'s)."""
+    return [
+        f"{b} pass@1 {100 * pass_at1[b]:.1f}% < minPassAt1 {100 * need:.1f}% "
+        f"(missed by {100 * (need - pass_at1[b]):.1f} points)"
+        for b, need in min_pass_at1.items()
+        if pass_at1[b] < need
+    ]
+
+
+def _gate(ctx: _Ctx, spec: CodaTrainingRunSpec, stage: str) -> bool:
+    """`minPassAt1` against the last evaluated stage (the checkpoint the sampler would serve when
+    it is the last stage). A miss fails the run: phase Failed, reason QualityGateFailed."""
+    assert spec.evaluation is not None and ctx.st.evaluation is not None
+    results = ctx.st.evaluation[stage].results or {}
+    misses = gate_misses(spec.evaluation.min_pass_at1, {b: r.pass_at1 for b, r in results.items()})
+    if not spec.evaluation.min_pass_at1:
+        return True
+    if misses:
+        msg = f"quality gate failed after stage {stage}: {'; '.join(misses)}; no sampler deployed"
+        ctx.cond("QualityGate", False, "QualityGateFailed", msg)
+        ctx.cond("Failed", True, "QualityGateFailed", msg)
+        ctx.cond("Running", False, "QualityGateFailed", msg)
+        ctx.st.message = msg
+        ctx.st.completion_time = ctx.now_s
+        return False
+    passed = ", ".join(
+        f"{b} {100 * results[b].pass_at1:.1f}% >= {100 * need:.1f}%"
+        for b, need in spec.evaluation.min_pass_at1.items()
+    )
+    ctx.cond("QualityGate", True, "QualityGatePassed", f"stage {stage}: {passed}")
+    return True
 
 
 def _complete(ctx: _Ctx, n: int) -> None:

@@ -42,9 +42,12 @@ __all__ = [
     "SAMPLER_PORT",
     "StageObjects",
     "configmap_name",
+    "eval_command",
+    "eval_job_name",
     "fingerprint",
     "jobset_name",
     "render_all",
+    "render_eval_job",
     "render_sampler",
     "render_sampler_key",
     "render_stage",
@@ -89,6 +92,10 @@ _LAUNCH = (
 
 def jobset_name(run: str, stage: str, attempt: int = 0) -> str:
     return f"{run}-{stage}" + (f"-r{attempt}" if attempt else "")
+
+
+def eval_job_name(run: str, stage: str, attempt: int = 0) -> str:
+    return f"{run}-{stage}-eval" + (f"-r{attempt}" if attempt else "")
 
 
 def configmap_name(run: str, stage: str, attempt: int = 0) -> str:
@@ -592,6 +599,103 @@ def render_sampler_key(
     }
 
 
+# Sampler settings (spec.evaluation.sampler, snake_case) → the harness's flags.
+_EVAL_FLAGS = {
+    "steps": "--steps", "max_new_tokens": "--max-new-tokens", "alg": "--alg",
+    "alg_temp": "--alg-temp", "temperature": "--temperature", "top_p": "--top-p",
+    "top_k": "--top-k", "block_length": "--block-length", "threshold": "--threshold",
+}  # fmt: skip
+
+
+def eval_command(spec: CodaTrainingRunSpec, stage: str) -> list[str]:
+    """`python -m coda_trainer.evaluate …` for `stage`'s final checkpoint, reports into
+    `<uri>/<stage>/eval/` (the evaluation Job's command; `coda-ctl local run` runs the same)."""
+    evaluation = spec.evaluation
+    assert evaluation is not None
+    index = spec.stage_names().index(stage)
+    command = ["python", "-m", "coda_trainer.evaluate", "--checkpoint", stage_final(spec, index)]
+    for bench in evaluation.benchmarks:
+        command += ["--benchmark", bench]
+    command += ["--n-samples", str(evaluation.n_samples)]
+    if evaluation.limit is not None:
+        command += ["--limit", str(evaluation.limit)]
+    for key, value in evaluation.sampler.model_dump(mode="json", exclude_none=True).items():
+        command += [_EVAL_FLAGS[key], str(value)]
+    return [*command, "--report-dir", contract.eval_uri(spec.checkpoints.uri, stage)]
+
+
+def render_eval_job(
+    run: str, namespace: str, spec: CodaTrainingRunSpec, stage: str, attempt: int = 0
+) -> dict[str, Any]:
+    """The evaluation of `stage`'s final checkpoint: one pod (the sampler's accelerator, or CPU)
+    running the in-process harness; it writes `<uri>/<stage>/eval/<benchmark>.json` and
+    merge-patches `status.evaluation.<stage>` with the scores.
+
+    Exit codes as for training: 78 (bad checkpoint or arguments) fails the Job at once through the
+    podFailurePolicy (reason PodFailurePolicy, which the operator does not retry); any other failure
+    (75 transient, a crash) ends it with BackoffLimitExceeded, which the operator retries as a new
+    Job up to spec.failurePolicy.stageRetries.
+    """
+    name = eval_job_name(run, stage, attempt)
+    labels = _labels(run, "evaluation", **{LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)})
+    command = eval_command(spec, stage)
+    pl = _placement(spec.sampler.accelerator or AcceleratorSpec())
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "command": command,
+        "env": [
+            {"name": contract.ENV_RUN_NAME, "value": run},
+            _field_env(contract.ENV_RUN_NAMESPACE, "metadata.namespace"),
+            {"name": contract.ENV_STAGE, "value": stage},
+            {"name": contract.ENV_ATTEMPT, "value": str(attempt)},
+            {"name": contract.ENV_PROGRESS, "value": contract.PROGRESS_TO_STATUS},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        # Candidate programs run in the harness's sandbox (rlimits, own session, no network where
+        # the kernel allows): the pod adds a read-only root, no capabilities, a non-root uid.
+        "securityContext": _container_security(read_only_root=True),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if pl.limits:
+        container["resources"] = {"limits": dict(pl.limits), "requests": dict(pl.limits)}
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if pl.node_selector:
+        pod_spec["nodeSelector"] = dict(pl.node_selector)
+    if pl.tolerations:
+        pod_spec["tolerations"] = list(pl.tolerations)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_PERMANENT],
+                        },
+                    }
+                ]
+            },
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+
+
 def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, Any]]:
     """Every object the operator would create for a CodaTrainingRun (first attempts; sampler last).
 
@@ -605,6 +709,7 @@ def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, A
     objects: list[dict[str, Any]] = []
     for i in range(len(spec.stages)):
         objects += render_stage(name, namespace, spec, i, suspend=spec.suspend).all()
+    objects += [render_eval_job(name, namespace, spec, s) for s in spec.evaluated_stages()]
     if spec.sampler.enabled:
         key = render_sampler_key(name, namespace, spec)
         objects += [*([key] if key else []), *render_sampler(name, namespace, spec)]

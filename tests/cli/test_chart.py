@@ -68,6 +68,7 @@ OPERATOR_NAMESPACED = (
         for v in ("get", "list", "watch", "create", "patch", "update", "delete")
     }
     | {("", "pods", v) for v in ("get", "list", "watch")}
+    | {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")}  # evaluation
     | {("", "secrets", "create")}  # the sampler's generated API key
     | {("", "serviceaccounts", "get")}  # does the trainer's ServiceAccount exist?
     | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}

@@ -58,6 +58,12 @@ RESOURCES: dict[str, dict[str, Any]] = {
         verbs={"list", "watch", "get", "create", "patch", "delete"},
         subresources={"status"},
     ),
+    "batch/v1/jobs": dict(
+        kind="Job",
+        namespaced=True,
+        verbs={"list", "watch", "get", "create", "patch", "delete"},
+        subresources={"status"},
+    ),
     "v1/configmaps": dict(
         kind="ConfigMap",
         namespaced=True,
@@ -72,7 +78,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 # The ServiceAccount run_spec() names, as the chart creates it in each namespace runs use.
 TRAINER_SERVICE_ACCOUNT = "coda-trainer"
-_WITH_STATUS = {"codatrainingruns", "jobsets", "deployments"}
+_WITH_STATUS = {"codatrainingruns", "jobsets", "deployments", "jobs"}
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -212,6 +218,7 @@ class Cluster:
             "codatrainingruns": "/apis/coda.dev/v1alpha1",
             "jobsets": "/apis/jobset.x-k8s.io/v1alpha2",
             "deployments": "/apis/apps/v1",
+            "jobs": "/apis/batch/v1",
         }.get(plural, "/api/v1")
         p = f"{group}/namespaces/{ns}/{plural}"
         return p + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")

@@ -206,6 +206,7 @@ async def test_progress_reported_by_the_trainer_reaches_printer_columns(
         "Step": 40,
         "Loss": 2.5,
         "Age": None,
+        "Pass@1": None,  # no spec.evaluation
         "Total": 100,
         "Message": "stage pretrain running (JobSet prog-pretrain)",
     }

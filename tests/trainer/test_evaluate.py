@@ -17,6 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from coda_trainer.evaluate import prompts
@@ -586,3 +587,91 @@ def test_sigterm_while_candidates_run_kills_them_and_exits_143(tmp_path: Path, p
     assert rc == 128 + signal.SIGTERM and seconds < EVAL_STOP_BOUND_S, (rc, seconds, log)
     assert not left, f"candidate programs outlived the harness: {left}"
     assert "killed 2 running candidate program(s)" in log, log
+
+
+# --------------------------------------------------------------------------------------------------
+# As the operator's evaluation Job: reports next to the checkpoint, scores into the run's status
+# --------------------------------------------------------------------------------------------------
+
+
+class _StatusServer(BaseHTTPRequestHandler):
+    """The API server's status subresource: records merge patches, answers `code`."""
+
+    patches: ClassVar[list[tuple[str, dict]]] = []
+    code = 200
+
+    def do_PATCH(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).patches.append((self.path, body))
+        self.send_response(self.code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server():
+    _StatusServer.patches, _StatusServer.code = [], 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _eval_job(tmp_path: Path, server: str, *args: str) -> tuple[int, str]:
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO / "trainer"), "JAX_PLATFORMS": "cpu",
+        "CODA_PROGRESS": "status", "CODA_RUN_NAME": "demo", "CODA_RUN_NAMESPACE": "ml",
+        "CODA_STAGE": "sft", "CODA_PROGRESS_SERVER": server,
+    }  # fmt: skip
+    log = tmp_path / "job.log"
+    with log.open("wb") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "coda_trainer.evaluate", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300,
+        )  # fmt: skip
+    return proc.returncode, log.read_text()
+
+
+def test_eval_job_writes_reports_and_patches_status_evaluation(
+    tmp_path: Path, status_server: str
+) -> None:
+    from coda_operator.api import EvaluationStatus
+
+    report_dir = tmp_path / "runs" / "demo" / "sft" / "eval"
+    rc, log = _eval_job(
+        tmp_path, status_server, "--reference", "--benchmark", "humaneval", "--benchmark", "mbpp",
+        "--limit", "3", "--report-dir", str(report_dir),
+    )  # fmt: skip
+    assert rc == 0, log
+    assert json.loads((report_dir / "humaneval.json").read_text())["n_problems"] == 3
+    assert json.loads((report_dir / "mbpp.json").read_text())["pass_at_k"] == {"pass@1": 1.0}
+    ((path, body),) = _StatusServer.patches
+    assert path == "/apis/coda.dev/v1alpha1/namespaces/ml/codatrainingruns/demo/status"
+    ev = EvaluationStatus.model_validate(body["status"]["evaluation"]["sft"])  # the operator's view
+    assert ev.report == str(report_dir)
+    assert ev.results is not None and set(ev.results) == {"humaneval", "mbpp"}
+    assert ev.results["humaneval"].pass_at1 == 1.0 and ev.results["mbpp"].problems == 3
+    assert ev.results["mbpp"].failures == 0 and ev.results["mbpp"].reasons == {"passed": 3}
+
+
+def test_eval_job_exit_codes_follow_the_contract(tmp_path: Path, status_server: str) -> None:
+    # The scores cannot be reported: retryable (75), the operator starts another Job.
+    _StatusServer.code = 500
+    rc, log = _eval_job(
+        tmp_path, status_server, "--reference", "--benchmark", "humaneval", "--limit", "1",
+        "--report-dir", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert rc == 75 and "could not report the scores" in log, log
+    # No checkpoint there: permanent (78), no retry can help.
+    rc, log = _eval_job(
+        tmp_path, status_server, "--checkpoint", str(tmp_path / "missing"), "--benchmark",
+        "humaneval", "--limit", "1",
+    )  # fmt: skip
+    assert rc == 78, log

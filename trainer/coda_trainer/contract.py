@@ -37,6 +37,7 @@ __all__ = [
     "ENV_SLICE_ID",
     "ENV_STAGE",
     "ENV_STAGE_INDEX",
+    "EVAL_DIR",
     "EXIT_OK",
     "EXIT_PERMANENT",
     "EXIT_RETRYABLE",
@@ -55,6 +56,8 @@ __all__ = [
     "VERSION",
     "PermanentError",
     "Progress",
+    "eval_report_uri",
+    "eval_uri",
     "final_uri",
     "metrics_uri",
     "stage_uri",
@@ -137,10 +140,12 @@ ENV_SAMPLER_DEFAULTS = "CODA_SAMPLER_DEFAULTS"
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoint layout: <uri>/<stage>/<step>/ (orbax), <uri>/<stage>/final/ (Hugging Face folder),
-# <uri>/<stage>/status.json (latest progress), <uri>/<stage>/metrics/ (metrics.jsonl, TensorBoard)
+# <uri>/<stage>/status.json (latest progress), <uri>/<stage>/metrics/ (metrics.jsonl, TensorBoard),
+# <uri>/<stage>/eval/<benchmark>.json (the evaluation's reports of <stage>/final)
 # --------------------------------------------------------------------------------------------------
 
 FINAL_DIR = "final"
+EVAL_DIR = "eval"
 STATUS_FILE = "status.json"
 METRICS_DIR = "metrics"
 
@@ -160,6 +165,15 @@ def status_uri(root: str, stage: str) -> str:
 
 def metrics_uri(root: str, stage: str) -> str:
     return f"{stage_uri(root, stage)}/{METRICS_DIR}"
+
+
+def eval_uri(root: str, stage: str) -> str:
+    """Where the evaluation of a stage's final checkpoint writes its reports."""
+    return f"{stage_uri(root, stage)}/{EVAL_DIR}"
+
+
+def eval_report_uri(root: str, stage: str, benchmark: str) -> str:
+    return f"{eval_uri(root, stage)}/{benchmark}.json"
 
 
 # --------------------------------------------------------------------------------------------------

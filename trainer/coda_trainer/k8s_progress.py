@@ -151,7 +151,17 @@ class ProgressReporter:
             else round(float(tokens_per_second), 1),
             checkpoint=checkpoint,
         )
-        body = json.dumps({"status": {"progress": progress.to_wire()}}).encode()
+        sent = self._send({"progress": progress.to_wire()})
+        self._last = now  # a failed attempt also waits out the interval (see _send)
+        return sent
+
+    def patch_status(self, status: dict[str, Any]) -> bool:
+        """Merge-patch `status` into the run's status now (no rate limit); True if it was sent.
+        The evaluation Job reports its scores with it."""
+        return self._send(status)
+
+    def _send(self, status: dict[str, Any]) -> bool:
+        body = json.dumps({"status": status}).encode()
         req = urllib.request.Request(self.url, data=body, method="PATCH")
         req.add_header("Content-Type", "application/merge-patch+json")
         token = self._bearer()
@@ -161,14 +171,12 @@ class ProgressReporter:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as rsp:
                 rsp.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
-            # A failed attempt also waits out the interval: a down API server costs one timeout
-            # per interval, not one per step.
-            self._last = now
+            # Never raises: a down API server must not stop training (`report` then waits out
+            # the interval, so it costs one timeout per interval, not one per step).
             if not self._warned:
                 log.warning("could not report progress to %s: %s (training continues)", self.url, e)
                 self._warned = True
             return False
-        self._last = now
         return True
 
 

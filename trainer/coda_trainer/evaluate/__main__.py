@@ -11,6 +11,13 @@ run goes on. Exit status 0 when the run completed (whatever the score), 1 when n
 benchmark could be generated (the report is still written; the first reason is printed), 2 for bad
 arguments, 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped.
 
+As a step of a CodaTrainingRun (the operator's evaluation Job): `--report-dir <uri>/<stage>/eval`
+writes `<benchmark>.json` there (any fsspec URI, gs:// included) and, when the pod env asks for
+status reports (CODA_PROGRESS=status, CODA_RUN_NAME, CODA_STAGE), merge-patches
+`status.evaluation.<stage>` with the scores. Exit codes follow the trainer's contract: 78 when
+retrying cannot help (no checkpoint, a checkpoint of the wrong shape), 75 when it may (I/O errors,
+the scores could not be reported).
+
 Stopping: SIGTERM or SIGINT stops the harness in every state (importing JAX and loading a
 checkpoint, generating, waiting on a server, executing candidates) within about a second. The work
 runs on a worker thread that is abandoned (an XLA compile or an HTTP request cannot be cut short);
@@ -62,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-program wall timeout (s); default 10, 120 for humaneval-plus",
     )
     p.add_argument("--memory-mb", type=int, default=1024)
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="write <dir>/<benchmark>.json (local or fsspec URI) and report scores into the "
+        "run's status when the pod env asks for it",
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -166,18 +179,74 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     print(format_table(reports))
+    if args.report_dir:
+        code = publish(reports, args.report_dir, settings)
+        if code:
+            return code
     return 1 if failed else 0
+
+
+def stage_scores(reports: list, report_dir: str, settings: dict) -> dict:
+    """`status.evaluation.<stage>` as the evaluation Job reports it (the operator's
+    `EvaluationStatus` fields that the Job owns: report, settings, results)."""
+    results = {}
+    for r in reports:
+        samples = [s for p in r.problems for s in p.samples]
+        results[r.benchmark] = {
+            "passAt1": round(r.pass_at_k.get("pass@1", 0.0), 6),
+            "problems": r.n_problems,
+            "samples": r.n_samples,
+            "failures": sum(s.status != "passed" for s in samples),
+            "reasons": dict(r.status_counts),
+            "durationS": round(r.generation_s + r.execution_s, 3),
+        }
+    return {"report": report_dir, "settings": settings, "results": results}
+
+
+def publish(reports: list, report_dir: str, settings: dict) -> int:
+    """Write each report to `<report_dir>/<benchmark>.json` and the scores into the run's status
+    (in a pod whose env asks for it). Returns an exit code: 0, or 75 when either failed."""
+    from coda_trainer import storage
+    from coda_trainer.contract import EXIT_RETRYABLE
+    from coda_trainer.k8s_progress import ProgressReporter
+
+    try:
+        for r in reports:
+            storage.write_text(
+                storage.join(report_dir, f"{r.benchmark}.json"), r.model_dump_json(indent=2)
+            )
+    except OSError as e:
+        print(f"error: could not write the reports to {report_dir}: {e}", file=sys.stderr)
+        return EXIT_RETRYABLE
+    print(f"wrote {len(reports)} report(s) to {report_dir}", file=sys.stderr)
+    reporter = ProgressReporter.from_env()
+    if reporter is None:
+        return 0
+    scores = stage_scores(reports, report_dir, settings)
+    if not reporter.patch_status({"evaluation": {reporter.stage: scores}}):
+        print(f"error: could not report the scores to {reporter.url}", file=sys.stderr)
+        return EXIT_RETRYABLE
+    print(f"reported scores into status.evaluation.{reporter.stage}", file=sys.stderr)
+    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`main` as a process: stops promptly on SIGTERM/SIGINT (see the module docstring). Embedding
     callers (`coda-ctl eval`) call `main` and handle their own signals."""
+    from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
     from coda_trainer.evaluate import sandbox
     from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
 
     stop = StopRequest().install()
     try:
         return call_until_stopped(lambda: main(argv), stop, name="coda-eval")
+    except (PermanentError, FileNotFoundError) as e:
+        # No checkpoint, one of the wrong shape, bad data: another attempt fails the same way.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except OSError as e:  # storage or network trouble: may work on the next attempt
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RETRYABLE
     except Stopped:
         killed = sandbox.abort_all()
         print(
