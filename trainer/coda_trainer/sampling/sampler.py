@@ -142,7 +142,7 @@ def _plan(
     return Plan(
         alg=config.alg,
         greedy=config.greedy,
-        top_k=config.top_k,
+        use_top_k=config.top_k is not None,
         use_top_p=config.top_p is not None and config.top_p < 1.0,
         sample_positions=config.sample_positions,
         use_threshold=config.threshold is not None,
@@ -170,6 +170,7 @@ def _knobs(config: SamplingConfig) -> Knobs:
         top_p=jnp.asarray(config.top_p or 1.0, f32),
         alg_temp=jnp.asarray(config.alg_temp or 1.0, f32),
         threshold=jnp.asarray(config.threshold or 1.0, f32),
+        top_k=jnp.asarray(config.top_k or 1, jnp.int32),
     )
 
 

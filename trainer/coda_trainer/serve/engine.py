@@ -13,6 +13,11 @@ names none) and its choice index, and draws only from the key those two make
 (`sampling.row_keys`); so a seeded request gets the same text alone, among any batch-mates, at any
 row. Different shape buckets compile different programs, whose float rounding may differ: a
 near-tie between two tokens can then break differently (greedy or sampled alike).
+Compile keys. A program is compiled per (kind, Plan, shapes). Everything numeric a request sets is
+traced (temperature, top_p, top_k, alg_temp, threshold, seed), so the request-controlled part of a
+Plan is a finite set: alg (4) × greedy or sampled × top_p on/off × top_k on/off × alg_temp on/off ×
+threshold on/off × block_length (a divisor of the gen bucket) × steps per block (a power of two up
+to the block's tokens: a request's steps are rounded up to it, never down) — times the buckets.
 `warmup()` compiles every (batch, prompt, gen) bucket for the default settings; requests with other
 sampling settings compile on first use (numeric knobs like temperature never recompile).
 
@@ -278,9 +283,12 @@ class Engine:
             raise EngineError(f"steps must be <= {self.settings.max_steps}", "steps")
         # A step reveals at least one token per block at the schedule's end, so more steps than
         # masks only repeat forwards; and steps must split evenly across blocks.
-        steps = max(1, min(steps, n_tokens))
         num_blocks = n_tokens // (block or n_tokens)
-        steps = -(-steps // num_blocks) * num_blocks
+        per_block = -(-max(1, min(steps, n_tokens)) // num_blocks)
+        # Steps per block are compiled in: rounded up to a power of two (capped at the block's
+        # tokens) they take few values, so no client can force a compile per step count.
+        per_block = min(1 << (per_block - 1).bit_length(), n_tokens // num_blocks)
+        steps = per_block * num_blocks
         cache = d.cache
         if infill and cache == "prefix":
             cache = "dual"
