@@ -169,6 +169,10 @@ def test_readyz_is_false_until_the_buckets_are_compiled(server: Server) -> None:
     assert server.readyz_before_ready == 503
     body = httpx.get(server.url + "/readyz").json()
     assert body["ready"] is True and body["warmup_seconds"] > 0
+    # Ready once the default shape (gen 16) is compiled; gen 32 follows in the background.
+    server.wait_for_log("warm-up compiled all 2 shape buckets")
+    log = server.log.read_text()
+    assert "ready: 1 default shape bucket(s) compiled" in log, log
 
 
 def test_models_lists_the_checkpoint(client: openai.OpenAI) -> None:

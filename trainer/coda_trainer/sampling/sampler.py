@@ -15,7 +15,15 @@ from coda_trainer.sampling.config import SamplingConfig
 from coda_trainer.sampling.decode import Knobs, Plan, decode
 from coda_trainer.sampling.schedule import transfer_ratios
 
-__all__ = ["Canvas", "GenerateOutput", "build_canvas", "generate", "infill", "row_keys"]
+__all__ = [
+    "Canvas",
+    "GenerateOutput",
+    "build_canvas",
+    "compile_generate",
+    "generate",
+    "infill",
+    "row_keys",
+]
 
 TokenRows = Sequence[Sequence[int]] | np.ndarray | jax.Array
 
@@ -253,6 +261,30 @@ def _model_config(model: nnx.Module, model_config: ModelConfig | None) -> ModelC
     if not isinstance(mc, ModelConfig):
         raise TypeError("pass model_config= (the model carries no ModelConfig in .config)")
     return mc
+
+
+def compile_generate(
+    model: nnx.Module,
+    config: SamplingConfig,
+    batch: int,
+    prompt_len: int,
+    *,
+    model_config: ModelConfig | None = None,
+) -> None:
+    """Compile (without running) the program `generate` uses for `batch` prompts padded to
+    `prompt_len` columns: a later call with those shapes finds it compiled."""
+    mc = _model_config(model, model_config)
+    canvas = build_canvas(
+        [[mc.pad_token_id] * prompt_len] * batch, config.max_new_tokens, model_config=mc,
+        pad_to_multiple_of=prompt_len,
+    )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    plan = _plan(config, canvas, mc, stop_at_eos=config.stop_at_eos)
+    decode.lower(
+        graphdef, plan, state, jnp.asarray(canvas.tokens_BxT),
+        jnp.asarray(canvas.segment_ids_BxT), jnp.asarray(canvas.positions_BxT), _knobs(config),
+        _as_row_keys(0, batch),
+    ).compile()  # fmt: skip
 
 
 def generate(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -257,24 +258,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.batcher.start()
 
-        async def warm() -> None:
-            try:
-                if do_warmup:
-                    seconds = await svc.batcher.run_exclusive(engine.warmup)
-                    svc.metrics.compile_seconds.set(seconds)
-                    log.info(
-                        "warm-up compiled %d shape buckets in %.1fs", _n_buckets(engine), seconds
-                    )
-                else:
-                    engine.ready = True
-                svc.metrics.ready.set(1)
-            except WarmupAbandoned as e:
-                log.info("warm-up abandoned, the server is stopping: %s", e)
-            except Exception as e:  # the server stays up (healthz) but never turns ready
-                svc.warmup_error = f"{type(e).__name__}: {e}"
-                log.exception("warm-up failed")
-
-        task = asyncio.create_task(warm())
+        task = asyncio.create_task(_warm_up(svc, do_warmup))
         try:
             yield
         finally:
@@ -567,6 +551,38 @@ def create_app(
     return app
 
 
-def _n_buckets(engine: Engine) -> int:
-    s = engine.settings
-    return len(s.gen_buckets) * len(s.prompt_buckets) * len(s.batch_sizes)
+async def _warm_up(svc: _Service, do_warmup: bool) -> None:
+    """Compile the default shapes, turn ready, then compile the other buckets in the background
+    (one program per model-thread call, so batches run between them)."""
+    engine = svc.engine
+    if not do_warmup:
+        engine.ready = True
+        svc.metrics.ready.set(1)
+        return
+    first, rest = engine.warmup_programs()
+    start = time.monotonic()
+    try:
+        for shapes in first:
+            await svc.batcher.run_exclusive(functools.partial(engine.compile_program, shapes))
+        engine.warmup_seconds = time.monotonic() - start
+        engine.ready = True
+        svc.metrics.ready.set(1)
+        svc.metrics.compile_seconds.set(engine.warmup_seconds)
+        log.info(
+            "ready: %d default shape bucket(s) compiled in %.1fs; compiling %d more in the "
+            "background", len(first), engine.warmup_seconds, len(rest),
+        )  # fmt: skip
+        for shapes in rest:
+            await svc.batcher.run_exclusive(functools.partial(engine.compile_program, shapes))
+        log.info(
+            "warm-up compiled all %d shape buckets in %.1fs",
+            len(first) + len(rest), time.monotonic() - start,
+        )  # fmt: skip
+    except WarmupAbandoned as e:
+        log.info("warm-up abandoned, the server is stopping: %s", e)
+    except Exception as e:
+        if engine.ready:  # a background compile: the bucket compiles on first use instead
+            log.exception("background compile failed")
+            return
+        svc.warmup_error = f"{type(e).__name__}: {e}"  # up (healthz) but never ready
+        log.exception("warm-up failed")
