@@ -972,3 +972,34 @@ def test_random_top_k_and_steps_do_not_add_compiles(checkpoint: Path) -> None:
     for _ in range(4):
         run(top_k=rnd.randint(1, 4000), steps=rnd.randint(9, 16))
     assert decode._cache_size() == compiled
+
+
+@pytest.mark.slow
+def test_a_disconnected_clients_queued_rows_never_run(checkpoint: Path) -> None:
+    """Batch 1, 64 steps: a 4-row request keeps the model busy while a second client gives up
+    waiting; its row leaves the queue unrun."""
+    srv = Server(checkpoint, base_args=LOAD_ARGS)
+
+    def batches() -> float:
+        return _metric(httpx.get(srv.url + "/metrics").text, "coda_batch_size_count")
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+            busy = asyncio.create_task(
+                client.post("/v1/completions", json={"prompt": "def f():", "n": 4})
+            )
+            await asyncio.sleep(0.3)
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json={"prompt": "x = "}, timeout=0.5)
+            assert (await busy).status_code == 200
+
+    try:
+        srv.wait_healthy()
+        srv.wait_ready()
+        before = batches()
+        asyncio.run(scenario())
+        time.sleep(2.0)  # time for the abandoned row to run, were it still queued
+        ran = batches() - before
+    finally:
+        srv.terminate(timeout=30)
+    assert ran == 4, f"{ran} model calls: the abandoned request's row ran"
