@@ -169,6 +169,10 @@ def test_readyz_is_false_until_the_buckets_are_compiled(server: Server) -> None:
     assert server.readyz_before_ready == 503
     body = httpx.get(server.url + "/readyz").json()
     assert body["ready"] is True and body["warmup_seconds"] > 0
+    # Ready once the default shape (gen 16) is compiled; gen 32 follows in the background.
+    server.wait_for_log("warm-up compiled all 2 shape buckets")
+    log = server.log.read_text()
+    assert "ready: 1 default shape bucket(s) compiled" in log, log
 
 
 def test_models_lists_the_checkpoint(client: openai.OpenAI) -> None:
@@ -913,3 +917,89 @@ def test_stream_reports_a_failed_batch_in_band_and_the_server_stays_up(route):
         error = json.loads(events[-2].removeprefix("data: "))["error"]
         assert error["type"] == "server_error" and "device fell over" in error["message"]
         assert client.get("/healthz").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile keys: a finite set, whatever clients send
+# --------------------------------------------------------------------------------------------------
+
+
+def test_requests_steps_map_to_few_compiled_step_counts() -> None:
+    import random
+
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.serve.schemas import SamplingParams
+    from coda_trainer.tokenizer import load_tokenizer
+
+    engine = Engine(None, load_tokenizer("project"), ServeSettings(gen_buckets=(64, 256)))
+    rnd = random.Random(0)
+    seen = set()
+    for _ in range(500):
+        gen = rnd.choice((64, 256))
+        block = rnd.choice((None, 8, 32))
+        p = SamplingParams(
+            steps=rnd.randint(1, 1024), top_k=rnd.randint(1, 5000), block_length=block
+        )
+        c = engine.sampling_config(p, gen)
+        assert c.steps >= min(p.steps, gen)  # rounded up, never down (up to one per token)
+        seen.add((gen, block, c.steps_per_block))
+    # steps per block: powers of two up to the block's tokens (1..64, 1..256, 1..8, 1..32)
+    assert len(seen) <= 7 + 9 + 2 * (4 + 6), sorted(seen)
+
+
+def test_random_top_k_and_steps_do_not_add_compiles(checkpoint: Path) -> None:
+    import random
+
+    from coda_trainer import hf
+    from coda_trainer.sampling.decode import decode
+    from coda_trainer.serve.engine import Engine, Row, SamplerGenerator, ServeSettings
+    from coda_trainer.serve.schemas import SamplingParams
+    from coda_trainer.tokenizer import load_tokenizer
+
+    model_config, model = hf.load_pretrained(str(checkpoint))
+    settings = ServeSettings(
+        prompt_buckets=(16,), gen_buckets=(16,), max_batch=1, default_max_tokens=16
+    )
+    engine = Engine(SamplerGenerator(model, model_config), load_tokenizer("project"), settings)
+    rnd = random.Random(1)
+
+    def run(top_k: int, steps: int) -> None:
+        p = SamplingParams(temperature=1.0, top_k=top_k, steps=steps)
+        engine.run_batch(engine.generate_key(p, 16), [Row([5, 6, 7], seed=(1, 0))])
+
+    run(top_k=3, steps=9)  # 9 steps → 16 per block: one compile
+    compiled = decode._cache_size()
+    for _ in range(4):
+        run(top_k=rnd.randint(1, 4000), steps=rnd.randint(9, 16))
+    assert decode._cache_size() == compiled
+
+
+@pytest.mark.slow
+def test_a_disconnected_clients_queued_rows_never_run(checkpoint: Path) -> None:
+    """Batch 1, 64 steps: a 4-row request keeps the model busy while a second client gives up
+    waiting; its row leaves the queue unrun."""
+    srv = Server(checkpoint, base_args=LOAD_ARGS)
+
+    def batches() -> float:
+        return _metric(httpx.get(srv.url + "/metrics").text, "coda_batch_size_count")
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+            busy = asyncio.create_task(
+                client.post("/v1/completions", json={"prompt": "def f():", "n": 4})
+            )
+            await asyncio.sleep(0.3)
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json={"prompt": "x = "}, timeout=0.5)
+            assert (await busy).status_code == 200
+
+    try:
+        srv.wait_healthy()
+        srv.wait_ready()
+        before = batches()
+        asyncio.run(scenario())
+        time.sleep(2.0)  # time for the abandoned row to run, were it still queued
+        ran = batches() - before
+    finally:
+        srv.terminate(timeout=30)
+    assert ran == 4, f"{ran} model calls: the abandoned request's row ran"

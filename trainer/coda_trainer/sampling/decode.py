@@ -35,7 +35,7 @@ class Plan:
 
     alg: str
     greedy: bool
-    top_k: int | None
+    use_top_k: bool
     use_top_p: bool
     sample_positions: bool
     use_threshold: bool
@@ -60,6 +60,7 @@ class Knobs(NamedTuple):
     top_p: jax.Array
     alg_temp: jax.Array
     threshold: jax.Array
+    top_k: jax.Array  # int32
 
 
 class _Carry(NamedTuple):
@@ -123,7 +124,7 @@ def _update(
         greedy=plan.greedy,
         temperature=knobs.temperature,
         top_p=knobs.top_p if plan.use_top_p else None,
-        top_k=plan.top_k,
+        top_k=knobs.top_k if plan.use_top_k else None,
         mask_token_id=plan.mask_token_id,
     )
     if plan.alg == "origin":

@@ -15,7 +15,15 @@ from coda_trainer.sampling.config import SamplingConfig
 from coda_trainer.sampling.decode import Knobs, Plan, decode
 from coda_trainer.sampling.schedule import transfer_ratios
 
-__all__ = ["Canvas", "GenerateOutput", "build_canvas", "generate", "infill", "row_keys"]
+__all__ = [
+    "Canvas",
+    "GenerateOutput",
+    "build_canvas",
+    "compile_generate",
+    "generate",
+    "infill",
+    "row_keys",
+]
 
 TokenRows = Sequence[Sequence[int]] | np.ndarray | jax.Array
 
@@ -142,7 +150,7 @@ def _plan(
     return Plan(
         alg=config.alg,
         greedy=config.greedy,
-        top_k=config.top_k,
+        use_top_k=config.top_k is not None,
         use_top_p=config.top_p is not None and config.top_p < 1.0,
         sample_positions=config.sample_positions,
         use_threshold=config.threshold is not None,
@@ -170,6 +178,7 @@ def _knobs(config: SamplingConfig) -> Knobs:
         top_p=jnp.asarray(config.top_p or 1.0, f32),
         alg_temp=jnp.asarray(config.alg_temp or 1.0, f32),
         threshold=jnp.asarray(config.threshold or 1.0, f32),
+        top_k=jnp.asarray(config.top_k or 1, jnp.int32),
     )
 
 
@@ -252,6 +261,30 @@ def _model_config(model: nnx.Module, model_config: ModelConfig | None) -> ModelC
     if not isinstance(mc, ModelConfig):
         raise TypeError("pass model_config= (the model carries no ModelConfig in .config)")
     return mc
+
+
+def compile_generate(
+    model: nnx.Module,
+    config: SamplingConfig,
+    batch: int,
+    prompt_len: int,
+    *,
+    model_config: ModelConfig | None = None,
+) -> None:
+    """Compile (without running) the program `generate` uses for `batch` prompts padded to
+    `prompt_len` columns: a later call with those shapes finds it compiled."""
+    mc = _model_config(model, model_config)
+    canvas = build_canvas(
+        [[mc.pad_token_id] * prompt_len] * batch, config.max_new_tokens, model_config=mc,
+        pad_to_multiple_of=prompt_len,
+    )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    plan = _plan(config, canvas, mc, stop_at_eos=config.stop_at_eos)
+    decode.lower(
+        graphdef, plan, state, jnp.asarray(canvas.tokens_BxT),
+        jnp.asarray(canvas.segment_ids_BxT), jnp.asarray(canvas.positions_BxT), _knobs(config),
+        _as_row_keys(0, batch),
+    ).compile()  # fmt: skip
 
 
 def generate(

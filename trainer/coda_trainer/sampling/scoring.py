@@ -30,9 +30,11 @@ def _top_p_filter(logits_BxWxV: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits_BxWxV < cutoff_BxW, _F32_MIN, logits_BxWxV)
 
 
-def _top_k_filter(logits_BxWxV: jax.Array, top_k: int) -> jax.Array:
-    k = min(top_k, logits_BxWxV.shape[-1])
-    kth_BxW = jax.lax.top_k(logits_BxWxV, k)[0][..., -1:]
+def _top_k_filter(logits_BxWxV: jax.Array, top_k: jax.Array) -> jax.Array:
+    # k is a traced value (a new k does not recompile): the k-th largest logit read from a sort.
+    k = jnp.clip(top_k, 1, logits_BxWxV.shape[-1])
+    sorted_BxWxV = -jnp.sort(-logits_BxWxV, axis=-1)
+    kth_BxW = jax.lax.dynamic_index_in_dim(sorted_BxWxV, k - 1, axis=-1, keepdims=True)
     return jnp.where(logits_BxWxV < kth_BxW, _F32_MIN, logits_BxWxV)
 
 
@@ -44,7 +46,7 @@ def choose_tokens(
     greedy: bool,
     temperature: jax.Array,
     top_p: jax.Array | None,
-    top_k: int | None,
+    top_k: jax.Array | None,
     mask_token_id: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (x0_BxW int32, p_x0_BxW, confidence_BxW) for every position of the window;

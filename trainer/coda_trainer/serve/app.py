@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -65,6 +66,16 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         for e in errors
     )
     return _error(400, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its rows ran; nobody reads the answer."""
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (checked every 0.2 s)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
 
 
 class UnknownModel(EngineError):
@@ -163,16 +174,76 @@ class _Service:
                 lo = mid + 1
         return lo
 
-    async def run_rows(self, key: Any, rows: list[Row]) -> list[list[int]]:
-        """Queue every row of a request, all or none; if one fails or the request is cancelled,
-        its other rows leave the queue unrun."""
+    async def run_rows(self, key: Any, rows: list[Row], request: Request) -> list[list[int]]:
+        """Queue every row of a request, all or none; if one fails, the request is cancelled or
+        its client disconnects, its other rows leave the queue unrun."""
         self.batcher.check_room(len(rows))
         tasks = [asyncio.ensure_future(self.batcher.submit(key, r)) for r in rows]
+        results = asyncio.gather(*tasks)
+        watcher = asyncio.ensure_future(_client_gone(request))
         try:
-            return list(await asyncio.gather(*tasks))
+            await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not results.done():
+                raise ClientGone
+            return list(results.result())
         finally:
+            watcher.cancel()
             for t in tasks:
                 t.cancel()  # no-op for finished ones; cancelled rows are never run
+            if not results.done():
+                results.cancel()
+
+
+class AuthAndMetrics:
+    """ASGI middleware: the API key on every path but the probes, and per-route request metrics."""
+
+    def __init__(self, app: Any, service: _Service) -> None:
+        self.app = app
+        self.svc = service
+
+    def _authorized(self, scope: Any) -> bool:
+        if not self.svc.api_key or scope["path"] in _OPEN_PATHS:
+            return True
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        # `api-key` too (Azure OpenAI's header): the Kubernetes API server's service proxy
+        # strips `Authorization`, which carries the caller's cluster credentials.
+        header = headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        token = token or headers.get("api-key", "")
+        return hmac.compare_digest(token.encode(), self.svc.api_key.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status = 500
+        started = False
+
+        async def recording_send(message: Any) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        if not self._authorized(scope):
+            response = _error(
+                401, "missing or invalid API key (send Authorization: Bearer <key> or api-key: <key>)",
+                "invalid_request_error", None, "invalid_api_key",
+            )  # fmt: skip
+            await response(scope, receive, recording_send)
+        else:
+            try:
+                await self.app(scope, receive, recording_send)
+            except Exception as e:  # errors escaping the handlers still answer in OpenAI's shape
+                log.exception("unhandled error")
+                if not started:
+                    response = _error(500, f"internal error: {type(e).__name__}", "server_error")
+                    await response(scope, receive, recording_send)
+        label = getattr(scope.get("route"), "path", None) or "other"
+        if scope["path"] != "/metrics":
+            self.svc.metrics.requests.labels(label, str(status)).inc()
+            self.svc.metrics.latency.labels(label).observe(time.monotonic() - start)
 
 
 class BodyLimit:
@@ -257,24 +328,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.batcher.start()
 
-        async def warm() -> None:
-            try:
-                if do_warmup:
-                    seconds = await svc.batcher.run_exclusive(engine.warmup)
-                    svc.metrics.compile_seconds.set(seconds)
-                    log.info(
-                        "warm-up compiled %d shape buckets in %.1fs", _n_buckets(engine), seconds
-                    )
-                else:
-                    engine.ready = True
-                svc.metrics.ready.set(1)
-            except WarmupAbandoned as e:
-                log.info("warm-up abandoned, the server is stopping: %s", e)
-            except Exception as e:  # the server stays up (healthz) but never turns ready
-                svc.warmup_error = f"{type(e).__name__}: {e}"
-                log.exception("warm-up failed")
-
-        task = asyncio.create_task(warm())
+        task = asyncio.create_task(_warm_up(svc, do_warmup))
         try:
             yield
         finally:
@@ -305,6 +359,10 @@ def create_app(
         status = 404 if isinstance(exc, UnknownModel) else 400
         return _error(status, str(exc), "invalid_request_error", exc.param, exc.code)
 
+    @app.exception_handler(ClientGone)
+    async def _on_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": only metrics see it
+
     @app.exception_handler(QueueFull)
     async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
         return _error(503, str(exc), "server_overloaded", None, "queue_full")
@@ -324,37 +382,9 @@ def create_app(
         log.exception("request failed")
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
-    # ---- auth + metrics middleware ----
+    # ---- auth + metrics: plain ASGI (a BaseHTTPMiddleware would hide client disconnects) ----
 
-    @app.middleware("http")
-    async def _auth_and_metrics(request: Request, call_next: Any) -> Response:
-        start = time.monotonic()
-        path = request.url.path
-        authorized = True
-        if svc.api_key and path not in _OPEN_PATHS:
-            # `api-key` too (Azure OpenAI's header): the Kubernetes API server's service proxy
-            # strips `Authorization`, which carries the caller's cluster credentials.
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            token = token or request.headers.get("api-key", "")
-            authorized = hmac.compare_digest(token.encode(), svc.api_key.encode())
-        if not authorized:
-            response: Response = _error(
-                401, "missing or invalid API key (send Authorization: Bearer <key> or api-key: <key>)",
-                "invalid_request_error", None, "invalid_api_key",
-            )  # fmt: skip
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # errors escaping the handlers still answer in OpenAI's shape
-                log.exception("unhandled error")
-                response = _error(500, f"internal error: {type(e).__name__}", "server_error")
-        route = request.scope.get("route")
-        label = getattr(route, "path", None) or "other"
-        if path != "/metrics":
-            svc.metrics.requests.labels(label, str(response.status_code)).inc()
-            svc.metrics.latency.labels(label).observe(time.monotonic() - start)
-        return response
+    app.add_middleware(AuthAndMetrics, service=svc)
 
     # ---- probes ----
 
@@ -383,7 +413,7 @@ def create_app(
     # ---- completions ----
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: S.CompletionRequest) -> Any:
+    async def completions(req: S.CompletionRequest, request: Request) -> Any:
         if req.suffix is not None:
             raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
         svc.check_model(req.model)
@@ -402,7 +432,7 @@ def create_app(
         ]
 
         async def results() -> list[tuple[str, str, int]]:
-            outs = await svc.run_rows(key, rows)
+            outs = await svc.run_rows(key, rows, request)
             done = [svc.finish(o, max_tokens, req.stop) for o in outs]
             svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
             return done
@@ -461,7 +491,7 @@ def create_app(
     # ---- chat ----
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: S.ChatCompletionRequest) -> Any:
+    async def chat(req: S.ChatCompletionRequest, request: Request) -> Any:
         svc.check_model(req.model)
         max_tokens = req.max_new or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
@@ -484,7 +514,7 @@ def create_app(
         cid, created = S.new_id("chatcmpl"), S.now()
 
         async def results() -> list[tuple[str, str, int]]:
-            outs = await svc.run_rows(key, rows)
+            outs = await svc.run_rows(key, rows, request)
             done = [svc.finish(o, max_tokens, req.stop) for o in outs]
             svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
             return done
@@ -535,7 +565,7 @@ def create_app(
     # ---- infill ----
 
     @app.post("/v1/infill")
-    async def infill(req: S.InfillRequest) -> S.InfillResponse:
+    async def infill(req: S.InfillRequest, request: Request) -> S.InfillResponse:
         svc.check_model(req.model)
         key = engine.infill_key(req, req.max_tokens)
         engine.check_rows(req.n)
@@ -547,7 +577,7 @@ def create_app(
         engine.check_infill_fits(prefix, suffix, req.max_tokens)
         seed = request_seed(req.seed)
         rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
-        outs = await svc.run_rows(key, rows)
+        outs = await svc.run_rows(key, rows, request)
         choices = []
         generated = 0
         for i, o in enumerate(outs):
@@ -567,6 +597,38 @@ def create_app(
     return app
 
 
-def _n_buckets(engine: Engine) -> int:
-    s = engine.settings
-    return len(s.gen_buckets) * len(s.prompt_buckets) * len(s.batch_sizes)
+async def _warm_up(svc: _Service, do_warmup: bool) -> None:
+    """Compile the default shapes, turn ready, then compile the other buckets in the background
+    (one program per model-thread call, so batches run between them)."""
+    engine = svc.engine
+    if not do_warmup:
+        engine.ready = True
+        svc.metrics.ready.set(1)
+        return
+    first, rest = engine.warmup_programs()
+    start = time.monotonic()
+    try:
+        for shapes in first:
+            await svc.batcher.run_exclusive(functools.partial(engine.compile_program, shapes))
+        engine.warmup_seconds = time.monotonic() - start
+        engine.ready = True
+        svc.metrics.ready.set(1)
+        svc.metrics.compile_seconds.set(engine.warmup_seconds)
+        log.info(
+            "ready: %d default shape bucket(s) compiled in %.1fs; compiling %d more in the "
+            "background", len(first), engine.warmup_seconds, len(rest),
+        )  # fmt: skip
+        for shapes in rest:
+            await svc.batcher.run_exclusive(functools.partial(engine.compile_program, shapes))
+        log.info(
+            "warm-up compiled all %d shape buckets in %.1fs",
+            len(first) + len(rest), time.monotonic() - start,
+        )  # fmt: skip
+    except WarmupAbandoned as e:
+        log.info("warm-up abandoned, the server is stopping: %s", e)
+    except Exception as e:
+        if engine.ready:  # a background compile: the bucket compiles on first use instead
+            log.exception("background compile failed")
+            return
+        svc.warmup_error = f"{type(e).__name__}: {e}"  # up (healthz) but never ready
+        log.exception("warm-up failed")

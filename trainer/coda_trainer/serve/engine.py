@@ -13,8 +13,15 @@ names none) and its choice index, and draws only from the key those two make
 (`sampling.row_keys`); so a seeded request gets the same text alone, among any batch-mates, at any
 row. Different shape buckets compile different programs, whose float rounding may differ: a
 near-tie between two tokens can then break differently (greedy or sampled alike).
-`warmup()` compiles every (batch, prompt, gen) bucket for the default settings; requests with other
-sampling settings compile on first use (numeric knobs like temperature never recompile).
+Compile keys. A program is compiled per (kind, Plan, shapes). Everything numeric a request sets is
+traced (temperature, top_p, top_k, alg_temp, threshold, seed), so the request-controlled part of a
+Plan is a finite set: alg (4) × greedy or sampled × top_p on/off × top_k on/off × alg_temp on/off ×
+threshold on/off × block_length (a divisor of the gen bucket) × steps per block (a power of two up
+to the block's tokens: a request's steps are rounded up to it, never down) — times the buckets.
+Warm-up compiles (does not run) the default settings' programs: first every batch bucket of the
+default generation length at the smallest prompt bucket, after which the server is ready, then the
+other buckets in the background, one program at a time between batches (`warmup_programs`).
+Requests with other sampling settings compile on first use (numeric knobs never recompile).
 
 `Generator` is the seam between batching and the sampler: `SamplerGenerator` drives
 `coda_trainer.sampling` on an in-process model.
@@ -88,6 +95,9 @@ class Generator(Protocol):
         self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
         shapes: Shapes, seeds: Sequence[RowSeed],
     ) -> list[list[int]]: ...  # fmt: skip
+
+    def compile(self, config: SamplingConfig, shapes: Shapes) -> None:
+        """Compile the generate program for these shapes without running it (warm-up)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +288,12 @@ class Engine:
             raise EngineError(f"steps must be <= {self.settings.max_steps}", "steps")
         # A step reveals at least one token per block at the schedule's end, so more steps than
         # masks only repeat forwards; and steps must split evenly across blocks.
-        steps = max(1, min(steps, n_tokens))
         num_blocks = n_tokens // (block or n_tokens)
-        steps = -(-steps // num_blocks) * num_blocks
+        per_block = -(-max(1, min(steps, n_tokens)) // num_blocks)
+        # Steps per block are compiled in: rounded up to a power of two (capped at the block's
+        # tokens) they take few values, so no client can force a compile per step count.
+        per_block = min(1 << (per_block - 1).bit_length(), n_tokens // num_blocks)
+        steps = per_block * num_blocks
         cache = d.cache
         if infill and cache == "prefix":
             cache = "dual"
@@ -362,30 +375,28 @@ class Engine:
         cut = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
         return list(ids[:cut])
 
-    def warmup(self) -> float:
-        """Compile every (batch, prompt, gen) bucket for the default settings; returns seconds.
-        Raises WarmupAbandoned at the next program boundary once `stop_warmup` is set."""
-        start = time.monotonic()
-        token = self.tokenizer.encode("def")[:1] or [0]
-        programs = [
-            (gen, prompt, batch)
-            for gen in self.settings.gen_buckets
-            for prompt in self.settings.prompt_buckets
-            for batch in self.settings.batch_sizes
+    def warmup_programs(self) -> tuple[list[Shapes], list[Shapes]]:
+        """(first, rest): the shapes compiled before the server turns ready — every batch bucket
+        of the default generation length at the smallest prompt bucket — and the others, compiled
+        in the background while it serves."""
+        st = self.settings
+        default_gen = self.gen_bucket(st.default_max_tokens)
+        every = [
+            Shapes(batch, prompt, gen)
+            for gen in st.gen_buckets
+            for prompt in st.prompt_buckets
+            for batch in st.batch_sizes
         ]
-        for done, (gen, prompt, batch) in enumerate(programs):
-            if self.stop_warmup.is_set():
-                raise WarmupAbandoned(
-                    f"stopped after {done} of {len(programs)} warm-up programs "
-                    f"({time.monotonic() - start:.1f}s)"
-                )
-            key = self.generate_key(SamplingParams(), gen)
-            self.generator.generate(
-                [token * prompt] * batch, key[1], Shapes(batch, prompt, gen), [(0, 0)] * batch
-            )
-        self.warmup_seconds = time.monotonic() - start
-        self.ready = True
-        return self.warmup_seconds
+        first = [s for s in every if s.gen == default_gen and s.prompt == st.prompt_buckets[0]]
+        return first, [s for s in every if s not in first]
+
+    def compile_program(self, shapes: Shapes) -> None:
+        """Compile (not run) the default settings' program for `shapes`. Raises WarmupAbandoned
+        once `stop_warmup` is set (checked before each program: one compile cannot be stopped)."""
+        if self.stop_warmup.is_set():
+            raise WarmupAbandoned("the server is stopping")
+        _, config = self.generate_key(SamplingParams(), shapes.gen)
+        self.generator.compile(config, shapes)
 
 
 class SamplerGenerator:
@@ -408,6 +419,13 @@ class SamplerGenerator:
             pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
         )  # fmt: skip
         return np.asarray(out.generated_BxN).tolist()
+
+    def compile(self, config: SamplingConfig, shapes: Shapes) -> None:
+        from coda_trainer import sampling
+
+        sampling.compile_generate(
+            self.model, config, shapes.batch, shapes.prompt, model_config=self.model_config
+        )
 
     def infill(
         self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
