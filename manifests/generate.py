@@ -51,7 +51,17 @@ def find_helm() -> str:
 
 def render_chart(helm: str, *extra: str) -> list[dict[str, Any]]:
     out = subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--skip-crds", *extra],
+        [
+            helm,
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--skip-crds",
+            "--skip-tests",
+            *extra,
+        ],
         check=True,
         capture_output=True,
         text=True,

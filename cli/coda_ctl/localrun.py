@@ -4,6 +4,13 @@ Decisions (which stages to run, with which configs, where) come from `localplan`
 carries them out. Each stage is `python -m coda_trainer.train --config <job.yaml>` in the runner's
 own process group, so Ctrl-C (or a kill of the group) reaches both; the trainer checkpoints on
 SIGINT/SIGTERM and a rerun resumes there.
+
+No child outlives the runner. A SIGTERM or SIGINT sent to the runner alone (`kill`, a CI timeout)
+is forwarded as SIGTERM to its live children (trainer, sampler) and then handled like Ctrl-C: the
+runner waits for the trainer's checkpoint (at most `TRAINER_STOP_S`) and the sampler's stop (at
+most `SAMPLER_STOP_S`), then exits 128 + the signal (0 when it was only serving, `--serve`). A
+runner that dies without a word (SIGKILL, a crash) takes them along too: on Linux each child asks
+the kernel for a SIGTERM when its parent dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ SAMPLE_SETTINGS: dict[str, Any] = {
     "block_length": 8,
 }
 POLL_S = 0.5
+TRAINER_STOP_S = 120.0  # the trainer finishes its step and saves a checkpoint before it exits
+# The local sampler drains in-flight requests for LOCAL_GRACEFUL_S seconds (its --graceful-timeout),
+# then exits within about a second; SAMPLER_STOP_S leaves room for that before a SIGKILL.
+LOCAL_GRACEFUL_S = 5
+SAMPLER_STOP_S = 30.0
 
 
 def sample_settings() -> dict[str, Any]:
@@ -116,6 +128,71 @@ def steps_scale_from(flag: float | None) -> float:
     if not value > 0:
         raise CtlError(f"steps scale must be positive, got {value}", Exit.USAGE)
     return value
+
+
+# ------------------------------------------------------------------------------------- children
+
+
+class RunnerStopped(KeyboardInterrupt):
+    """The runner got SIGTERM/SIGINT: handled like Ctrl-C; `exit_code` = 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+_children: set[subprocess.Popen[bytes]] = set()  # live trainer / sampler processes
+_prctl: Any = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when the runner dies, however it dies (Linux)."""
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the runner died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def spawn(
+    cmd: list[str], popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """Start a child the runner answers for (see the module docstring)."""
+    proc = popen(cmd, preexec_fn=_die_with_parent(os.getpid()), **kwargs)
+    _children.add(proc)
+    return proc
+
+
+def _forward_stop(signum: int, frame: Any) -> None:
+    for proc in list(_children):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    raise RunnerStopped(signum)
+
+
+@contextlib.contextmanager
+def forwarding_stop_signals() -> Any:
+    """While running: SIGTERM/SIGINT reach the children and raise RunnerStopped here."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _forward_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------- progress
@@ -211,23 +288,30 @@ def run_stage(
             f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(trainer_command(stage.config_path))}\n".encode()
         )
         log.flush()
-        proc = popen(
-            trainer_command(stage.config_path), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        proc = spawn(
+            trainer_command(stage.config_path), popen, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
         try:
             while proc.poll() is None:
                 progress.update(stage, localplan.read_progress(stage))
                 time.sleep(POLL_S)
         except KeyboardInterrupt:
-            # The trainer got the same SIGINT (same process group): let it save its checkpoint.
+            # Ctrl-C reached the trainer too (same process group), a signal to the runner alone
+            # was forwarded; SIGTERM again in case neither happened. Let it save its checkpoint.
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             progress.update(
                 stage, localplan.read_progress(stage), note="interrupted: saving a checkpoint"
             )
             try:
-                proc.wait(timeout=120)
+                proc.wait(timeout=TRAINER_STOP_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
             raise
+        finally:
+            _children.discard(proc)
     code = proc.returncode
     progress.update(stage, localplan.read_progress(stage))
     if code == 0 and stage.final_dir.is_dir():
@@ -310,6 +394,8 @@ def serve_command(checkpoint: Path, port: int, *, for_eval: bool = False) -> lis
         "1",
         "--default-max-tokens",
         str(gen),
+        "--graceful-timeout",
+        str(LOCAL_GRACEFUL_S),
     ]
 
 
@@ -318,8 +404,9 @@ def start_sampler(
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = port or free_port()
     log_path = plan.root / localplan.META_DIR / "sampler.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)  # absent when every stage was already done
     log = log_path.open("ab")
-    proc = subprocess.Popen(
+    proc = spawn(
         serve_command(plan.final, port, for_eval=for_eval),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -340,16 +427,36 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=SAMPLER_STOP_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    _children.discard(proc)
 
 
 # ------------------------------------------------------------------------------------- the command
 
 
 def run(
+    file: str | None,
+    *,
+    workdir: Path,
+    steps_scale: float | None,
+    do_eval: bool,
+    eval_limit: int,
+    serve: bool,
+    port: int,
+    sample: bool,
+    tty: bool,
+) -> int:
+    with forwarding_stop_signals():
+        return _run(
+            file, workdir=workdir, steps_scale=steps_scale, do_eval=do_eval, eval_limit=eval_limit,
+            serve=serve, port=port, sample=sample, tty=tty,
+        )  # fmt: skip
+
+
+def _run(
     file: str | None,
     *,
     workdir: Path,

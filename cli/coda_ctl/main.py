@@ -7,7 +7,9 @@ exit code (`errors.Exit`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import functools
 import json
 import os
@@ -21,7 +23,7 @@ import typer
 
 from coda_ctl import runspec, samplerclient, views
 from coda_ctl.errors import EXIT_CODES_HELP, CtlError, Exit
-from coda_ctl.kube import Cluster, Target
+from coda_ctl.kube import DEFAULT_REQUEST_TIMEOUT_S, Cluster, Target
 
 app = typer.Typer(
     name="coda-ctl",
@@ -53,8 +55,8 @@ def handles_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except CtlError as e:
             _fail(e.message, int(e.code))
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C: 130; localrun.RunnerStopped: 128 + its signal
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except BrokenPipeError:  # `coda-ctl logs ... | head`
             raise typer.Exit(0) from None
 
@@ -101,27 +103,48 @@ def _globals(
     ctx: typer.Context,
     kubeconfig: Annotated[
         str | None,
-        typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Path to the kubeconfig file."),
+        typer.Option(
+            "--kubeconfig",
+            envvar="KUBECONFIG",
+            help="kubeconfig file, or a list of files separated by ':' merged as kubectl merges "
+            "them (first definition wins).",
+        ),
     ] = None,
     context: Annotated[
         str | None, typer.Option("--context", help="kubeconfig context to use.")
     ] = None,
     namespace: Namespace = None,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            help="Seconds to wait for each answer of the API server (one attempt, no retries); "
+            "connecting gives up after 5 s.",
+        ),
+    ] = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> None:
-    # KUBECONFIG may hold a path list; the first file decides, as in kube.Cluster.
-    if kubeconfig and ":" in kubeconfig and not Path(kubeconfig).exists():
-        kubeconfig = kubeconfig.split(":")[0]
-    ctx.obj = Target(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    ctx.obj = Target(
+        kubeconfig=kubeconfig, context=context, namespace=namespace, request_timeout=request_timeout
+    )
 
 
 def _with_ns(ctx: typer.Context, namespace: str | None) -> None:
     """Accept -n after the verb too (`coda-ctl get -n ml`), as kubectl does."""
     if namespace:
         t: Target = ctx.obj
-        ctx.obj = Target(kubeconfig=t.kubeconfig, context=t.context, namespace=namespace)
+        ctx.obj = dataclasses.replace(t, namespace=namespace)
 
 
 # --------------------------------------------------------------------------------------- verbs
+
+
+class DryRun(enum.StrEnum):
+    """kubectl's --dry-run values."""
+
+    none = "none"
+    client = "client"
+    server = "server"
 
 
 @app.command()
@@ -132,16 +155,31 @@ def submit(
         str, typer.Option("--filename", "-f", help="CodaTrainingRun YAML ('-' for stdin).")
     ],
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate only; create nothing.")
-    ] = False,
+        DryRun,
+        typer.Option(
+            "--dry-run",
+            help="client: validate offline, create nothing; server: also ask the API server "
+            "(admission and strict field validation included) without persisting; none: create.",
+        ),
+    ] = DryRun.none,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="name: print only resource/name.")
+    ] = None,
     namespace: Namespace = None,
 ) -> None:
-    """Validate a CodaTrainingRun file locally (CRD schema + operator model), then create it."""
+    """Validate a CodaTrainingRun file locally (CRD schema + operator model), then create it with
+    strict server-side field validation (a field the cluster's CRD lacks fails, never vanishes)."""
     _with_ns(ctx, namespace)
+    if output not in (None, "name"):
+        raise CtlError(f"unknown output format {output!r}: use name", Exit.USAGE)
     runs = runspec.load_runs(file)
-    if dry_run:
+
+    def report(name: str, what: str) -> None:
+        typer.echo(f"{RESOURCE}/{name}" + ("" if output == "name" else f" {what}"))
+
+    if dry_run is DryRun.client:
         for r in runs:
-            typer.echo(f"codatrainingrun.coda.dev/{r['metadata']['name']} valid (dry run)")
+            report(r["metadata"]["name"], "valid (dry run)")
         return
     cluster = _cluster(ctx)
     for r in runs:
@@ -151,55 +189,165 @@ def submit(
                 f'the namespace from the file ("{in_file}") does not match --namespace "{namespace}"',
                 Exit.USAGE,
             )
-        created = cluster.create_run(r)
-        typer.echo(f"codatrainingrun.coda.dev/{created['metadata']['name']} created")
+    for r in runs:
+        created = cluster.create_run(r, server_dry_run=dry_run is DryRun.server)
+        report(
+            created["metadata"]["name"],
+            "created (server dry run)" if dry_run is DryRun.server else "created",
+        )
+
+
+RESOURCE = "codatrainingrun.coda.dev"
+GET_FORMATS = "wide, json, yaml, name, jsonpath=TEMPLATE, custom-columns=NAME:.path,..."
 
 
 @app.command()
 @handles_errors
 def get(
     ctx: typer.Context,
-    run: Annotated[
-        str | None, typer.Argument(help="Run name; all runs in the namespace if omitted.")
+    runs_named: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[RUN]...", help="Run names; all runs in the namespace if omitted."),
     ] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="wide | json | yaml")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help=GET_FORMATS)] = None,
+    selector: Annotated[
+        str | None,
+        typer.Option("--selector", "-l", help="Label selector: k=v, k!=v, k, !k (comma: and)."),
+    ] = None,
+    watch_: Annotated[
+        bool,
+        typer.Option("--watch", "-w", help="After the list, print a row each time a run changes."),
+    ] = False,
+    watch_timeout: Annotated[
+        float | None,
+        typer.Option(help="With -w: stop after this many seconds (default: until Ctrl-C)."),
+    ] = None,
+    interval: Annotated[float, typer.Option(help="With -w: seconds between polls.")] = 2.0,
     all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A")] = False,
     namespace: Namespace = None,
 ) -> None:
-    """List runs: phase, stage, step/total, loss, age."""
+    """List runs: phase, stage, step/total, loss, age (kubectl's -o, -l, -w)."""
     _with_ns(ctx, namespace)
-    if output not in (None, "wide", "json", "yaml"):
-        _fail(f"unknown output format {output!r}: use wide, json or yaml", Exit.USAGE)
+    fmt = views.parse_output(output)  # raises CtlError(USAGE) on an unknown format
+    names = runs_named or []
+    if names and selector:
+        raise CtlError("give run names or --selector, not both", Exit.USAGE)
     cluster = _cluster(ctx)
-    runs = [cluster.get_run(run)] if run else cluster.list_runs(all_namespaces)
-    if output in ("json", "yaml"):
-        typer.echo(views.dump(runs[0] if run else views.as_list(runs), output))
+
+    def fetch() -> list[dict[str, Any]]:
+        if names:
+            return [cluster.get_run(n) for n in names]
+        return cluster.list_runs(all_namespaces, selector)
+
+    runs = fetch()
+    single = len(names) == 1
+    if fmt.kind in ("json", "yaml"):
+        typer.echo(views.dump(runs[0] if single else views.as_list(runs), fmt.kind))
         return
-    if not runs:
+    if fmt.kind in ("name", "jsonpath"):
+        text = views.render_output(fmt, runs, single=single)
+        if text:
+            typer.echo(text)
+        return
+    if not runs and not watch_:
         where = "any namespace" if all_namespaces else f'namespace "{cluster.namespace}"'
         typer.echo(f"No CodaTrainingRuns in {where}.", err=True)
         return
-    headers, rows = views.get_table(runs, _now(), wide=output == "wide")
-    if all_namespaces:
-        headers = ["NAMESPACE", *headers]
-        rows = [
-            [r["metadata"].get("namespace", ""), *row] for r, row in zip(runs, rows, strict=True)
-        ]
-    _print_table(headers, rows)
+
+    def table(items: list[dict[str, Any]], header: bool) -> None:
+        if fmt.kind == "custom-columns":
+            headers, rows = views.custom_columns(fmt.spec, items)
+        else:
+            headers, rows = views.get_table(items, _now(), wide=fmt.kind == "wide")
+        if all_namespaces:
+            headers = ["NAMESPACE", *headers]
+            rows = [
+                [r["metadata"].get("namespace", ""), *row]
+                for r, row in zip(items, rows, strict=True)
+            ]
+        # -o wide and custom columns are for reading whole values (checkpoint URIs, sampler
+        # URLs): never cropped to the terminal's width, as kubectl does not.
+        if header and _tty() and fmt.kind == "table":
+            _print_table(headers, rows)
+        else:
+            text = views.plain_table(headers, rows)
+            typer.echo(text if header else "\n".join(text.splitlines()[1:]))
+
+    if runs:
+        table(runs, header=True)
+    if not watch_:
+        return
+    header_printed = bool(runs)
+    seen = {_key(r): _version(r) for r in runs}
+    deadline = None if watch_timeout is None else time.monotonic() + watch_timeout
+    while deadline is None or time.monotonic() < deadline:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        time.sleep(interval if left is None else min(interval, left))
+        changed = []
+        for r in fetch():
+            version = _version(r)
+            if seen.get(_key(r)) != version:
+                changed.append(r)
+                seen[_key(r)] = version
+        if changed:
+            table(changed, header=not header_printed)
+            header_printed = True
+
+
+def _version(run: dict[str, Any]) -> str:
+    """What changes when the run changes: resourceVersion, else (a server that keeps none) the
+    object itself."""
+    return run["metadata"].get("resourceVersion") or json.dumps(run, sort_keys=True)
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str]:
+    return (run["metadata"].get("namespace", ""), run["metadata"]["name"])
 
 
 @app.command()
 @handles_errors
 def describe(
     ctx: typer.Context,
+    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run names.")],
+    namespace: Namespace = None,
+) -> None:
+    """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
+    JobSets, Jobs, pods (phase, reason, host, node selector), pod events, Kueue admission, and
+    the first thing blocking each run."""
+    from coda_ctl import diagnose
+
+    _with_ns(ctx, namespace)
+    cluster = _cluster(ctx)
+    texts = []
+    for run in runs_named:
+        obj = cluster.get_run(run)
+        now = _now()
+        texts.append(
+            views.describe_text(obj, cluster.events_for(obj), now)
+            + "\n"
+            + diagnose.workloads_text(cluster.snapshot(obj), now)
+        )
+    typer.echo("\n\n".join(texts))
+
+
+@app.command()
+@handles_errors
+def doctor(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run name.")],
     namespace: Namespace = None,
 ) -> None:
-    """Stages, checkpoints, conditions, events and the sampler endpoint of one run."""
+    """Name the first thing blocking a run (operator not acting, missing ServiceAccount, Kueue not
+    admitting, image pull, no accelerator capacity, a failing host) and how to fix it. Exit 0 when
+    nothing blocks it, 1 when something does."""
+    from coda_ctl import diagnose
+
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
-    obj = cluster.get_run(run)
-    typer.echo(views.describe_text(obj, cluster.events_for(obj), _now()))
+    snap = cluster.snapshot(cluster.get_run(run))
+    typer.echo(diagnose.doctor_text(snap))
+    if diagnose.findings(snap):
+        raise typer.Exit(int(Exit.ERROR))
 
 
 @app.command()
@@ -321,23 +469,31 @@ def _watch_done(obj: dict[str, Any], deadline: float | None) -> bool:
 @app.command()
 @handles_errors
 def suspend(
-    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+    ctx: typer.Context,
+    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    namespace: Namespace = None,
 ) -> None:
     """Suspend a run: its JobSets are suspended (pods stop, checkpoints stay), not deleted."""
     _with_ns(ctx, namespace)
-    _cluster(ctx).patch_run(run, {"spec": {"suspend": True}})
-    typer.echo(f"codatrainingrun.coda.dev/{run} suspended")
+    cluster = _cluster(ctx)
+    for run in runs_named:
+        cluster.patch_run(run, {"spec": {"suspend": True}})
+        typer.echo(f"codatrainingrun.coda.dev/{run} suspended")
 
 
 @app.command()
 @handles_errors
 def resume(
-    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+    ctx: typer.Context,
+    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    namespace: Namespace = None,
 ) -> None:
     """Resume a suspended run; the trainer continues from its newest checkpoint."""
     _with_ns(ctx, namespace)
-    _cluster(ctx).patch_run(run, {"spec": {"suspend": False}})
-    typer.echo(f"codatrainingrun.coda.dev/{run} resumed")
+    cluster = _cluster(ctx)
+    for run in runs_named:
+        cluster.patch_run(run, {"spec": {"suspend": False}})
+        typer.echo(f"codatrainingrun.coda.dev/{run} resumed")
 
 
 @app.command()
@@ -364,12 +520,16 @@ def retry(
 @app.command()
 @handles_errors
 def delete(
-    ctx: typer.Context, run: Annotated[str, typer.Argument()], namespace: Namespace = None
+    ctx: typer.Context,
+    runs_named: Annotated[list[str], typer.Argument(metavar="RUN...")],
+    namespace: Namespace = None,
 ) -> None:
     """Delete a run (its JobSets, ConfigMaps and sampler go with it; checkpoints stay in storage)."""
     _with_ns(ctx, namespace)
-    _cluster(ctx).delete_run(run)
-    typer.echo(f'codatrainingrun.coda.dev "{run}" deleted')
+    cluster = _cluster(ctx)
+    for run in runs_named:
+        cluster.delete_run(run)
+        typer.echo(f'codatrainingrun.coda.dev "{run}" deleted')
 
 
 def _sampler_call(
@@ -397,7 +557,9 @@ def sample(
     ctx: typer.Context,
     run: Annotated[str | None, typer.Argument(help="Run whose sampler Service to use.")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = "",
-    max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 128,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens to generate (default: the server's).")
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="Diffusion steps (default: the server's).")
     ] = None,
@@ -492,9 +654,10 @@ def render(
     """Print every manifest the operator would create for a run (offline, no cluster)."""
     from coda_operator.render import render_all
 
+    _check_format(output, ("yaml", "json"))
     docs = [obj for run in runspec.load_runs(file) for obj in render_all(run)]
     if output == "json":
-        typer.echo(json.dumps(views.as_list(docs), indent=2))
+        typer.echo(views.dump(views.as_list(docs), "json"))
     else:
         typer.echo("\n---\n".join(views.to_yaml(d) for d in docs))
 
@@ -552,7 +715,53 @@ def crd(
     output: Annotated[str, typer.Option("--output", "-o", help="yaml | json")] = "yaml",
 ) -> None:
     """Print the CodaTrainingRun CustomResourceDefinition."""
+    _check_format(output, ("yaml", "json"))
     typer.echo(views.dump(runspec.crd(), output))
+
+
+def _check_format(output: str, allowed: tuple[str, ...]) -> None:
+    if output not in allowed:
+        raise CtlError(f"unknown output format {output!r}: use {' or '.join(allowed)}", Exit.USAGE)
+
+
+@app.command()
+@handles_errors
+def version(
+    ctx: typer.Context,
+    client_only: Annotated[
+        bool, typer.Option("--client", help="Only this coda-ctl's version; no cluster needed.")
+    ] = False,
+) -> None:
+    """This coda-ctl's version and API version, and what the cluster serves (its CodaTrainingRun
+    CRD versions and Kubernetes version)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    from coda_trainer.contract import GROUP, VERSION
+
+    try:
+        mine = package_version("coda")
+    except PackageNotFoundError:  # running from a source tree without an install
+        mine = "unknown"
+    typer.echo(f"Client Version: coda-ctl {mine} ({GROUP}/{VERSION})")
+    if client_only:
+        return
+    cluster = _cluster(ctx)
+    served, preferred = cluster.served_versions()
+    k8s = cluster.server_version() or "unknown"
+    typer.echo(f"Kubernetes Version: {k8s} ({cluster.server})")
+    if not served:
+        raise CtlError(
+            "the CodaTrainingRun CRD is not installed in this cluster: "
+            "`coda-ctl crd | kubectl apply --server-side -f -`",
+            Exit.NO_CLUSTER,
+        )
+    typer.echo(f"CRD Versions: {', '.join(f'{GROUP}/{v}' for v in served)} (preferred {preferred})")
+    if VERSION not in served:
+        raise CtlError(
+            f"the cluster does not serve {GROUP}/{VERSION}, which this coda-ctl needs: upgrade the CRD",
+            Exit.NO_CLUSTER,
+        )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

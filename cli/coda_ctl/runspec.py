@@ -119,6 +119,31 @@ def validate(doc: dict[str, Any], *, cluster: bool = True) -> list[str]:
     return errors or model_errors(doc, cluster=cluster)
 
 
+def _written(doc: Any, path: str) -> bool:
+    """Whether the dotted field path (`spec.checkpoints.uri`) is present in the document."""
+    node = doc
+    for part in path.split("."):
+        if part.endswith("]") and "[" in part:  # stages[2]
+            key, index = part[:-1].split("[", 1)
+            node = node.get(key) if isinstance(node, dict) else None
+            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return False
+    return True
+
+
+def explain_default(doc: Any, error: str, *, local_ok: bool = False) -> str:
+    """Say so when an error is about a field the user never wrote (its default applies), and when
+    the whole file is fine for `coda-ctl local run`, so nobody hunts for a value not in the file."""
+    path, sep, reason = error.partition(": ")
+    if not sep or not path.startswith("spec.") or " " in path or _written(doc, path):
+        return error
+    hint = "; this file runs as is with `coda-ctl local run`" if local_ok else ""
+    return f"{path} (not set in the file, so its default applies): {reason}{hint}"
+
+
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
     """YAML documents of a file ('-' is stdin), empty documents dropped."""
     import sys
@@ -151,8 +176,12 @@ def load_runs(path: str | Path, *, cluster: bool = True) -> list[dict[str, Any]]
             if isinstance(doc, dict)
             else f"document {i + 1}"
         )
-        for err in validate(doc, cluster=cluster):
-            problems.append(f"  {name}: {err}")
+        errors = validate(doc, cluster=cluster)
+        local_ok = (
+            cluster and bool(errors) and isinstance(doc, dict) and not validate(doc, cluster=False)
+        )
+        for err in errors:
+            problems.append(f"  {name}: {explain_default(doc, err, local_ok=local_ok)}")
     if problems:
         raise CtlError(f"{path}: invalid CodaTrainingRun:\n" + "\n".join(problems), Exit.INVALID)
     return docs

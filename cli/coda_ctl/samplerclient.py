@@ -49,9 +49,12 @@ def wait_ready(url: str, timeout: float, is_alive: Any = None) -> None:
 
 
 def completion_body(
-    prompt: str, max_tokens: int, steps: int | None, temperature: float | None, model: str
+    prompt: str, max_tokens: int | None, steps: int | None, temperature: float | None, model: str
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
+    """Only what the user set: the rest is the server's default (`spec.sampler.defaults`)."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if steps is not None:
         body["steps"] = steps
     if temperature is not None:

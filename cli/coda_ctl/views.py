@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -111,8 +112,216 @@ def get_table(
     return headers, [run_row(r, now, wide=wide) for r in runs]
 
 
+# ---------------------------------------------------------------------------------------- -o formats
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A parsed `-o`: kind is table | wide | json | yaml | name | jsonpath | custom-columns."""
+
+    kind: str
+    spec: str = ""
+
+
+def parse_output(output: str | None) -> OutputFormat:
+    """kubectl's `-o` values that make sense for runs; CtlError(USAGE) for anything else."""
+    from coda_ctl.errors import CtlError, Exit
+
+    if output is None:
+        return OutputFormat("table")
+    if output in ("wide", "json", "yaml", "name"):
+        return OutputFormat(output)
+    for kind in ("jsonpath", "custom-columns"):
+        if output.startswith(kind + "="):
+            spec = output[len(kind) + 1 :]
+            if not spec:
+                break
+            if kind == "custom-columns":
+                custom_column_spec(spec)  # validate now: a usage error, not a later crash
+            else:
+                jsonpath_template(spec)
+            return OutputFormat(kind, spec)
+    raise CtlError(
+        f"unknown output format {output!r}: use wide, json, yaml, name, jsonpath=TEMPLATE or "
+        "custom-columns=HEADER:.path,...",
+        Exit.USAGE,
+    )
+
+
+def _path_tokens(path: str) -> list[str | int | None]:
+    """`.status.stages[0].name` → ["status", "stages", 0, "name"]; `[*]` → None (every item).
+    Keys with dots are written kubectl's way: `.metadata.labels.coda\\.dev/run`."""
+    from coda_ctl.errors import CtlError, Exit
+
+    path = path.strip()
+    if path in ("", "."):
+        return []
+    if not path.startswith((".", "[")):
+        raise CtlError(f"bad field path {path!r}: it starts with '.'", Exit.USAGE)
+    tokens: list[str | int | None] = []
+    i, key = 0, ""
+    while i < len(path):
+        c = path[i]
+        if c == "\\" and i + 1 < len(path):
+            key += path[i + 1]
+            i += 2
+            continue
+        if c in ".[":
+            if key:
+                tokens.append(key)
+                key = ""
+            if c == "[":
+                end = path.find("]", i)
+                if end < 0:
+                    raise CtlError(f"bad field path {path!r}: unclosed [", Exit.USAGE)
+                inner = path[i + 1 : end].strip()
+                if inner == "*":
+                    tokens.append(None)
+                elif inner.lstrip("-").isdigit():
+                    tokens.append(int(inner))
+                else:
+                    raise CtlError(f"bad field path {path!r}: [{inner}]", Exit.USAGE)
+                i = end + 1
+                continue
+        else:
+            key += c
+        i += 1
+    if key:
+        tokens.append(key)
+    return tokens
+
+
+def field_values(obj: Any, path: str) -> list[Any]:
+    """Every value `path` selects in `obj` (several through `[*]`), missing ones left out."""
+    nodes = [obj]
+    for token in _path_tokens(path):
+        out: list[Any] = []
+        for node in nodes:
+            if token is None:
+                out.extend(
+                    node
+                    if isinstance(node, list)
+                    else (node.values() if isinstance(node, dict) else [])
+                )
+            elif isinstance(token, int):
+                if isinstance(node, list) and -len(node) <= token < len(node):
+                    out.append(node[token])
+            elif isinstance(node, dict) and token in node:
+                out.append(node[token])
+        nodes = out
+    return nodes
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def jsonpath_template(template: str) -> list[tuple[str, str]]:
+    """kubectl's JSONPath template as parts: ("text", s), ("path", p), ("range", p), ("end", "").
+    Supported: `{.a.b[0]}`, `{.items[*].x}`, `{range .items[*]}…{end}`, `\\n`/`\\t` in text."""
+    from coda_ctl.errors import CtlError, Exit
+
+    parts: list[tuple[str, str]] = []
+    i, depth = 0, 0
+    while i < len(template):
+        if template[i] == "{":
+            end = template.find("}", i)
+            if end < 0:
+                raise CtlError(f"bad jsonpath template {template!r}: unclosed {{", Exit.USAGE)
+            expr = template[i + 1 : end].strip()
+            if expr.startswith("range "):
+                parts.append(("range", expr[6:].strip()))
+                _path_tokens(expr[6:])
+                depth += 1
+            elif expr == "end":
+                parts.append(("end", ""))
+                depth -= 1
+            else:
+                _path_tokens(expr)
+                parts.append(("path", expr))
+            i = end + 1
+        else:
+            end = template.find("{", i)
+            end = len(template) if end < 0 else end
+            text = template[i:end].replace("\\n", "\n").replace("\\t", "\t")
+            parts.append(("text", text))
+            i = end
+    if depth != 0:
+        raise CtlError(f"bad jsonpath template {template!r}: range without end", Exit.USAGE)
+    return parts
+
+
+def render_jsonpath(template: str, obj: Any) -> str:
+    parts = jsonpath_template(template)
+
+    def run(parts: list[tuple[str, str]], node: Any) -> str:
+        out, i = [], 0
+        while i < len(parts):
+            kind, arg = parts[i]
+            if kind == "text":
+                out.append(arg)
+            elif kind == "path":
+                out.append(" ".join(_scalar(v) for v in field_values(node, arg)))
+            elif kind == "range":
+                depth, j = 1, i + 1
+                while depth:
+                    depth += {"range": 1, "end": -1}.get(parts[j][0], 0)
+                    j += 1
+                body = parts[i + 1 : j - 1]
+                out.extend(run(body, item) for item in field_values(node, arg))
+                i = j - 1
+            i += 1
+        return "".join(out)
+
+    return run(parts, obj)
+
+
+def custom_column_spec(spec: str) -> list[tuple[str, str]]:
+    from coda_ctl.errors import CtlError, Exit
+
+    columns = []
+    for col in spec.split(","):
+        header, sep, path = col.partition(":")
+        if not sep or not header or not path:
+            raise CtlError(
+                f"bad custom-columns {spec!r}: each column is HEADER:.field.path", Exit.USAGE
+            )
+        _path_tokens(path)
+        columns.append((header, path))
+    return columns
+
+
+def custom_columns(spec: str, runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """kubectl's custom columns: one value per cell (several joined by ','), `<none>` if absent."""
+    columns = custom_column_spec(spec)
+    rows = []
+    for run in runs:
+        row = []
+        for _, path in columns:
+            values = field_values(run, path)
+            row.append(",".join(_scalar(v) for v in values) if values else "<none>")
+        rows.append(row)
+    return [h for h, _ in columns], rows
+
+
+def render_output(fmt: OutputFormat, runs: Sequence[dict[str, Any]], *, single: bool) -> str:
+    """-o name and -o jsonpath; jsonpath sees one object for one named run, else a List."""
+    if fmt.kind == "name":
+        return "\n".join(f"codatrainingrun.coda.dev/{r['metadata']['name']}" for r in runs)
+    return render_jsonpath(fmt.spec, runs[0] if single else as_list(runs))
+
+
 class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (ConfigMap job.yaml, messages) as readable `|` blocks."""
+    """Multi-line strings (ConfigMap job.yaml, messages) as readable `|` blocks; a dict that
+    appears twice (one probe for liveness and readiness) is written out twice, not as an
+    `&id001` anchor and `*id001` alias that readers of a manifest do not expect."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -126,12 +335,14 @@ _BlockDumper.add_representer(str, _str)
 
 
 def to_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=100).rstrip("\n")
+    return yaml.dump(
+        obj, Dumper=_BlockDumper, sort_keys=False, width=100, allow_unicode=True
+    ).rstrip("\n")
 
 
 def dump(obj: Any, output: str) -> str:
     if output == "json":
-        return json.dumps(obj, indent=2, sort_keys=False)
+        return json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False)
     return to_yaml(obj)
 
 

@@ -65,16 +65,24 @@ def main(argv: list[str] | None = None) -> int:
 
     kopf.configure(verbose=args.verbose)
     config = OperatorConfig(server=args.server, metrics_port=args.metrics_port)
-    asyncio.run(
-        run_operator(
-            namespaces=args.namespace,
-            clusterwide=args.all_namespaces,
-            standalone=args.standalone,
-            peering=args.peering,
-            liveness=args.liveness,
-            config=config,
+    try:
+        asyncio.run(
+            run_operator(
+                namespaces=args.namespace,
+                clusterwide=args.all_namespaces,
+                standalone=args.standalone,
+                peering=args.peering,
+                liveness=args.liveness,
+                config=config,
+            )
         )
-    )
+    except Exception as e:
+        # A start-up refusal (kopf wraps it in its ActivityError) is a message, not a traceback.
+        cause = e.__cause__
+        if isinstance(cause, kopf.PermanentError):
+            print(f"coda-operator: not starting: {cause}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

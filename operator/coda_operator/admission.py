@@ -131,6 +131,13 @@ def stage_problems(
             f"of {devices.what} (each host reads an equal share); "
             f"{_batch_fix(sequences, accum, math.lcm(shards, devices.processes))}"
         )
+    readers = stage.batch.readers
+    if readers is not None and readers % devices.processes:
+        problems.append(
+            f"{field}.batch.readers: {readers} data readers cannot be split over the "
+            f"{devices.processes} hosts of {devices.what} (each host runs an equal number); "
+            f"use a multiple of {devices.processes}"
+        )
     return problems
 
 

@@ -31,6 +31,7 @@ import kopf
 from coda_trainer import contract
 
 from coda_operator import api, metrics, planner, render
+from coda_operator.jobset_support import JOBSET_CRD, jobset_crd_problem
 from coda_operator.kube import ApiError, Kube
 
 __all__ = ["OperatorConfig", "make_memo", "reconcile", "registry", "run_operator"]
@@ -178,11 +179,33 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     )
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="coda.dev")
     settings.networking.request_timeout = 60
+    await _require_jobset(state, settings, logger)
     if state.config.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(state.config.metrics_port)
         logger.info("metrics on :%d/metrics", state.config.metrics_port)
+
+
+async def _require_jobset(state: _State, settings: kopf.OperatorSettings, logger: Any) -> None:
+    """Refuse to start against a JobSet CRD that would prune fields the rendered JobSets rely on
+    (see jobset_support): better no operator than stages failed by one preempted host."""
+    info = _login(state.config, settings=settings, logger=logger)
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials (in-cluster or kubeconfig)")
+    kube = Kube(info)
+    try:
+        crd = await kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", JOBSET_CRD)
+    except ApiError as e:
+        raise kopf.PermanentError(
+            f"cannot read the JobSet CRD {JOBSET_CRD} ({e}); the operator's ClusterRole needs "
+            "get on customresourcedefinitions"
+        ) from e
+    finally:
+        await kube.close()
+    problem = jobset_crd_problem(crd)
+    if problem:
+        raise kopf.PermanentError(problem)
 
 
 @kopf.on.cleanup(registry=registry)

@@ -27,6 +27,7 @@ _PLURALS = {
     "Deployment": "deployments",
     "JobSet": "jobsets",
     "CodaTrainingRun": "codatrainingruns",
+    "CustomResourceDefinition": "customresourcedefinitions",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -49,7 +50,8 @@ def kubectl_binary() -> str:
 class Emulator:
     """kmock's stateful Kubernetes emulator served from a background thread's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, crd: bool = True) -> None:
+        self.crd = crd  # False: a cluster without the CodaTrainingRun CRD
         self.url = ""
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -63,24 +65,58 @@ class Emulator:
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         async with kmock.KubernetesEmulator() as k, kmock.Server(k) as server:
-            k.resources["coda.dev/v1alpha1/codatrainingruns"] = kmock.ResourceInfo(
-                kind="CodaTrainingRun",
-                namespaced=True,
-                shortnames={"ctr"},
-                subresources={"status"},
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
-            )
+            if self.crd:
+                k.resources["coda.dev/v1alpha1/codatrainingruns"] = kmock.ResourceInfo(
+                    kind="CodaTrainingRun",
+                    namespaced=True,
+                    shortnames={"ctr"},
+                    subresources={"status"},
+                    verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+                )
+                # A server-side dry run is answered, never stored (kmock would store it).
+                (
+                    k[
+                        "post",
+                        kmock.resource("coda.dev/v1alpha1/codatrainingruns"),
+                        kmock.params(dryRun="All"),
+                    ]
+                    << self._dry_run
+                )
+            else:
+                # A real API server 404s everything under an unserved group; kmock would store a
+                # POST and then list the group in discovery, so say it by path (naming the
+                # resource in a reaction would declare it).
+                k[kmock.path(re.compile(r"/apis/coda\.dev(/.*)?"))] << self._no_crd
             for plural, kind in [
                 ("pods", "Pod"), ("events", "Event"), ("services", "Service"), ("secrets", "Secret")
             ]:  # fmt: skip
                 k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=True)
             k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+            for resource, kind in [
+                ("jobset.x-k8s.io/v1alpha2/jobsets", "JobSet"),
+                ("batch/v1/jobs", "Job"),
+                ("kueue.x-k8s.io/v1beta1/workloads", "Workload"),
+            ]:
+                k.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=True)
             # The emulator knows no subresources beyond status: serve pod logs and the service proxy.
             k["get", kmock.resource("v1/pods"), kmock.subresource("log")] << self._serve_log
             k["post", kmock.resource("v1/services")] << self._serve_proxy
+            self._k = k
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def _dry_run(self, request: Any) -> Any:
+        self.requests.append(
+            ("dry-run", "&".join(f"{k}={v}" for k, v in sorted(request.params.items())))
+        )
+        # kmock stores every create before any reaction runs; a dry run must leave nothing behind.
+        key = (request.resource, request.namespace, request.data["metadata"]["name"])
+        self._k._objects[key].delete()
+        return request.data
+
+    def _no_crd(self, request: Any) -> Any:
+        raise kmock.KubernetesResourceNotFoundError()
 
     def _serve_log(self, request: Any) -> bytes:
         self.requests.append(("log", request.name))
@@ -106,6 +142,15 @@ class Emulator:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def serve_emulator_forever(url_file: str, crd: bool) -> None:
+    """Entry point of an emulator in its own process (kmock patches aiohttp's resolver per
+    process, so two emulators in one process cannot stop in any order): writes its URL, then waits
+    to be killed."""
+    emu = Emulator(crd=crd).start()
+    Path(url_file).write_text(emu.url)
+    threading.Event().wait()
 
 
 def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Path:
@@ -137,8 +182,22 @@ def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Pat
     return path
 
 
+# The clock of the golden outputs: ages are computed against it (see `frozen_clock`), so a test that
+# runs minutes after its fixtures were built (a loaded machine, a long suite) prints the same ages.
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
 def ago(**delta: float) -> str:
-    return (dt.datetime.now(dt.UTC) - dt.timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (NOW - dt.timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> dt.datetime:
+    """coda-ctl's notion of now pinned to NOW for in-process invocations."""
+    import coda_ctl.main
+
+    monkeypatch.setattr(coda_ctl.main, "_now", lambda: NOW)
+    return NOW
 
 
 # ---------------------------------------------------------------------------------- schemas

@@ -15,6 +15,7 @@ from ctl_testkit import REPO, helm_binary, kubectl_binary, validate_objects
 
 CHART = REPO / "charts" / "coda-operator"
 NAMESPACED_VALUES = Path(__file__).parent / "data" / "values-namespaced.yaml"
+HA_VALUES = Path(__file__).parent / "data" / "values-ha.yaml"
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -76,17 +77,36 @@ KOPF_CLUSTER = {
 } | {("", "namespaces", v) for v in ("list", "watch")}
 
 
-@pytest.mark.parametrize("values", [None, NAMESPACED_VALUES], ids=["default", "namespaced"])
+@pytest.mark.parametrize(
+    "values", [None, NAMESPACED_VALUES, HA_VALUES], ids=["default", "namespaced", "ha"]
+)
 def test_helm_lint(values: Path | None) -> None:
     res = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 chart(s) failed" in res.stdout
 
 
+@pytest.mark.parametrize(
+    ("typo", "key"),
+    [
+        ("imag.tag=1.0", "imag"),
+        ("metrics.servicee.enabled=false", "servicee"),
+        ("trainerServiceAccount.nmae=x", "nmae"),
+        ("replicas=2", "replicas"),
+    ],
+)
+def test_unknown_value_keys_are_rejected(typo: str, key: str) -> None:
+    """A typo fails loudly (values.schema.json: additionalProperties false) in lint and template."""
+    for args in (["lint", "--strict", str(CHART)], ["template", "coda", str(CHART)]):
+        res = helm(*args, "--set", typo)
+        assert res.returncode != 0, (args, typo)
+        assert f"additional properties '{key}' not allowed" in res.stdout + res.stderr
+
+
 def test_every_rendered_object_validates(
     default_objects: list[dict[str, Any]], namespaced_objects: list[dict[str, Any]]
 ) -> None:
-    for docs in (default_objects, namespaced_objects):
+    for docs in (default_objects, namespaced_objects, template("-f", str(HA_VALUES))):
         checked = [
             d for d in docs if d["kind"] != "ServiceMonitor"
         ]  # no schema offline: checked below
@@ -247,6 +267,26 @@ def test_cluster_wide_replicas_use_the_release_peering() -> None:
     assert validate_objects(docs) == []
 
 
+def test_peering_crds_install_before_the_peering_object() -> None:
+    """Helm applies crds/ before any template: the kopf peering CRDs live there, so the peering
+    object of an HA release finds its kind on the first install (CRD and object in one release's
+    templates fail with "no matches for kind")."""
+    crds_dir = {p.name for p in (CHART / "crds").iterdir()}
+    assert {"kopfpeerings.kopf.dev.yaml", "clusterkopfpeerings.kopf.dev.yaml"} <= crds_dir
+    for values in (HA_VALUES, NAMESPACED_VALUES):
+        res = helm("template", "coda", str(CHART), "-n", "coda-system", "-f", str(values))
+        assert res.returncode == 0, res.stderr
+        templates_only = [d for d in yaml.safe_load_all(res.stdout) if d]  # no --include-crds
+        assert not by_kind(templates_only, "CustomResourceDefinition")
+        peering = [d for d in templates_only if d["kind"].endswith("KopfPeering")]
+        assert peering
+        crds = {
+            (d["spec"]["group"], d["spec"]["names"]["kind"])
+            for d in by_kind(template("-f", str(values)), "CustomResourceDefinition")
+        }
+        assert {("kopf.dev", d["kind"]) for d in peering} <= crds
+
+
 def test_metrics_service_and_service_monitor(
     namespaced_objects: list[dict[str, Any]], default_objects: list[dict[str, Any]]
 ) -> None:
@@ -309,6 +349,100 @@ def test_notes_of_a_default_install_name_the_release_namespace() -> None:
     assert commands and all(" -n coda-system" in c for c in commands), commands
 
 
+# --------------------------------------------------------------------------------- helm test
+
+
+def _test_pod(*extra: str) -> dict[str, Any]:
+    (pod,) = [
+        d
+        for d in template(*extra)
+        if d["kind"] == "Pod" and d["metadata"]["annotations"].get("helm.sh/hook") == "test"
+    ]
+    return pod
+
+
+def test_helm_test_hook_renders_and_is_left_out_of_manifests(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    pod = _test_pod()
+    assert pod["spec"]["serviceAccountName"] == "coda-coda-operator"
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["CODA_TEST_METRICS_URL"] == (
+        "http://coda-coda-operator-metrics.coda-system.svc:9090/metrics"
+    )
+    assert env["CODA_TEST_NAMESPACE"] == ""
+    ns_env = {
+        e["name"]: e["value"]
+        for e in _test_pod("-f", str(NAMESPACED_VALUES))["spec"]["containers"][0]["env"]
+    }
+    assert ns_env["CODA_TEST_NAMESPACE"] == "ml"
+    assert not [d for d in template("--set", "tests.enabled=false") if d["kind"] == "Pod"]
+    generated = "".join(p.read_text() for p in (REPO / "manifests").rglob("*.yaml"))
+    assert "helm.sh/hook" not in generated
+
+
+def test_helm_test_script_against_the_emulator(
+    kubeconfig: Path, emulator: Any, tmp_path: Path
+) -> None:
+    """The script the test pod runs (taken from the rendered Pod), run here against kmock with a
+    ServiceAccount directory of its own: passes with the CRD served, fails naming what is wrong."""
+    import http.server
+    import os
+    import threading
+
+    script = _test_pod()["spec"]["containers"][0]["args"][0]
+    (tmp_path / "token").write_text("test-token")
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'coda_operator_runs{phase="Running"} 1.0\n'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    metrics = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+    def run(api: str, metrics_url: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "CODA_TEST_API": api,
+            "CODA_TEST_SA_DIR": str(tmp_path),
+            "CODA_TEST_NAMESPACE": "ml",
+            "CODA_TEST_METRICS_URL": metrics_url,
+        }
+        return subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    try:
+        ok = run(emulator.url, metrics)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert (
+            ok.stdout.strip() == "ok: CodaTrainingRun API served and readable, operator metrics up"
+        )
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        bad = run(emulator.url, dead + "/metrics")
+        assert bad.returncode == 1
+        assert bad.stdout.startswith(f"FAIL the operator does not answer on {dead}/metrics")
+        gone = run(dead, "")
+        assert gone.returncode == 1 and "is not served (is the CRD installed?)" in gone.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 # --------------------------------------------------------------------------------- manifests/
 
 
@@ -352,3 +486,24 @@ def _path_env() -> dict[str, str]:
         **os.environ,
         "PATH": f"{Path(helm_binary()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def test_the_documented_crd_upgrade_applies_exactly_the_crds() -> None:
+    """README's upgrade path applies charts/coda-operator/crds/ with server-side apply before
+    `helm upgrade`: that folder must hold CRDs only (every one valid), the CodaTrainingRun CRD the
+    same as `coda-ctl crd` prints, and the README must give the commands as written here."""
+    readme = (REPO / "README.md").read_text()
+    assert "$ kubectl apply --server-side --force-conflicts -f charts/coda-operator/crds/" in readme
+    assert "$ helm upgrade coda-operator charts/coda-operator -n coda-system" in readme
+    docs = [
+        d
+        for p in sorted((CHART / "crds").iterdir())
+        for d in yaml.safe_load_all(p.read_text())
+        if d
+    ]
+    assert {d["kind"] for d in docs} == {"CustomResourceDefinition"}
+    assert validate_objects(docs) == []
+    from coda_ctl import runspec
+
+    ours = next(d for d in docs if d["metadata"]["name"] == "codatrainingruns.coda.dev")
+    assert ours == runspec.crd()

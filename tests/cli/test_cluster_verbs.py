@@ -20,10 +20,11 @@ import pytest
 import yaml
 from coda_ctl.errors import Exit
 from coda_ctl.main import app
-from ctl_testkit import NAMESPACE, ago, write_kubeconfig
+from ctl_testkit import NAMESPACE, REPO, ago, frozen_clock, write_kubeconfig
 from typer.testing import CliRunner
 
 GOLDEN = Path(__file__).parent / "golden"
+__all__ = ["frozen_clock"]  # a fixture used by name
 
 STAGES = [
     {
@@ -227,6 +228,22 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
         ("coda-1p7b-pretrain-slice-0-0-zzzzz", "coda-1p7b-pretrain", 0, 0),
     ]:
         core.create_namespaced_pod(NAMESPACE, _pod(name, jobset, j, c))
+    # The JobSet of the running stage, as the JobSet controller leaves it.
+    custom.create_namespaced_custom_object(
+        "jobset.x-k8s.io", "v1alpha2", NAMESPACE, "jobsets",
+        {
+            "apiVersion": "jobset.x-k8s.io/v1alpha2",
+            "kind": "JobSet",
+            "metadata": {
+                "name": "coda-1p7b-midtrain-r1",
+                "namespace": NAMESPACE,
+                "creationTimestamp": ago(minutes=29),
+                "labels": {"coda.dev/run": "coda-1p7b", "coda.dev/stage": "midtrain"},
+            },
+            "spec": {"suspend": False},
+            "status": {"restarts": 2},
+        },
+    )  # fmt: skip
     # The key the operator generates for sft-done's sampler (render.render_sampler_key).
     key = base64.b64encode(b"k3y").decode()
     core.create_namespaced_secret(
@@ -276,7 +293,7 @@ def cluster_state(emulator: Any, kube_api: Any) -> Any:
 
 
 @pytest.fixture()
-def ctl(kubeconfig: Path, cluster_state: Any) -> Any:
+def ctl(kubeconfig: Path, cluster_state: Any, frozen_clock: Any) -> Any:
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None) -> Any:
@@ -555,5 +572,148 @@ def test_help_documents_exit_codes() -> None:
         "crd",
         "train",
         "local",
+        "doctor",
+        "version",
     ):
         assert verb in res.stdout
+
+
+# ------------------------------------------------------------------------------------ kubectl habits
+
+
+def _example_named(tmp_path: Path, name: str) -> Path:
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "coda-1.7b-v5p.yaml").read_text())
+    doc["metadata"] = {"name": name, "labels": {"team": "search"}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_submit_server_dry_run_is_strict_and_stores_nothing(
+    ctl: Any, emulator: Any, tmp_path: Path
+) -> None:
+    path = _example_named(tmp_path, "dry-one")
+    res = ctl("submit", "-f", str(path), "--dry-run=server")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "codatrainingrun.coda.dev/dry-one created (server dry run)\n"
+    sent = [q for kind, q in emulator.requests if kind == "dry-run"]
+    assert sent and "dryRun=All" in sent[-1] and "fieldValidation=Strict" in sent[-1]
+    assert ctl("get", "dry-one").exit_code == Exit.NOT_FOUND
+    res = ctl("submit", "-f", str(path), "--dry-run=client", "-o", "name")
+    assert res.exit_code == 0 and res.stdout == "codatrainingrun.coda.dev/dry-one\n"
+    res = ctl("submit", "-f", str(path), "--dry-run=maybe")
+    assert res.exit_code == Exit.USAGE and "'maybe' is not one of" in res.output
+
+
+def test_get_output_name_jsonpath_and_custom_columns(ctl: Any) -> None:
+    res = ctl("get", "sft-done", "broken", "-o", "name")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "codatrainingrun.coda.dev/sft-done\ncodatrainingrun.coda.dev/broken\n"
+    res = ctl("get", "broken", "-o", "jsonpath={.status.phase}")
+    assert res.exit_code == 0 and res.stdout == "Failed\n", res.output
+    tmpl = r"{range .items[*]}{.metadata.name}={.status.stages[0].phase}\n{end}"
+    res = ctl("get", "sft-done", "broken", "-o", f"jsonpath={tmpl}")
+    assert res.exit_code == 0 and res.stdout == "sft-done=Succeeded\nbroken=Failed\n\n", res.output
+    res = ctl(
+        "get", "sft-done", "queued-run",
+        "-o", "custom-columns=RUN:.metadata.name,FINAL:.status.stages[*].final,TPU:.spec.accelerator.tpu.type",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = [line.split() for line in res.stdout.splitlines()]
+    finals = ",".join(f"gs://acme-ckpt/sft-done/{s['name']}/final" for s in STAGES)
+    assert lines == [
+        ["RUN", "FINAL", "TPU"],
+        ["sft-done", finals, "v5p"],
+        ["queued-run", "<none>", "v5p"],
+    ]
+    for bad in ("xml", "jsonpath=", "jsonpath={.a", "custom-columns=NAME", "jsonpath={range .x}"):
+        res = ctl("get", "-o", bad)
+        assert res.exit_code == Exit.USAGE, (bad, res.output)
+
+
+def test_get_selector_several_names_and_describe_several(ctl: Any, cluster_state: Any) -> None:
+    cluster_state.patch_namespaced_custom_object(
+        "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", "sft-done",
+        {"metadata": {"labels": {"team": "search"}}},
+    )  # fmt: skip
+    res = ctl("get", "-l", "team=search", "-o", "name")
+    assert res.exit_code == 0 and res.stdout == "codatrainingrun.coda.dev/sft-done\n", res.output
+    res = ctl("get", "-l", "!team", "-o", "name")
+    assert res.exit_code == 0 and "sft-done" not in res.stdout and "broken" in res.stdout
+    res = ctl("get", "-l", "team in (a,b)")
+    assert res.exit_code == Exit.USAGE and "unsupported selector" in res.stderr
+    res = ctl("get", "sft-done", "nope")
+    assert res.exit_code == Exit.NOT_FOUND and '"nope"' in res.stderr
+    res = ctl("describe", "sft-done", "broken")
+    assert res.exit_code == 0, res.output
+    assert "Name:" in res.stdout and res.stdout.count("Name:") >= 2
+    assert "sft-done" in res.stdout and "exited 78" in res.stdout
+
+
+def test_get_watch_prints_changes(ctl: Any, cluster_state: Any, tmp_path: Path) -> None:
+    import threading
+
+    body = dict(RUNS[1][0], metadata={**RUNS[1][0]["metadata"], "name": "watched"})
+    cluster_state.create_namespaced_custom_object(
+        "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+    )
+
+    def progress() -> None:
+        cluster_state.patch_namespaced_custom_object_status(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", "watched",
+            {"status": {"phase": "Running", "stage": "pretrain",
+                        "progress": {"step": 7, "totalSteps": 50000}}},
+        )  # fmt: skip
+
+    timer = threading.Timer(0.6, progress)
+    timer.start()
+    try:
+        res = ctl("get", "watched", "-w", "--watch-timeout", "2.5", "--interval", "0.2")
+    finally:
+        timer.cancel()
+        ctl("delete", "watched")
+    assert res.exit_code == 0, res.output
+    rows = [line.split()[:4] for line in res.stdout.splitlines()]
+    assert rows == [
+        ["NAME", "PHASE", "STAGE", "STEP"],
+        ["watched", "Pending", "-", "-"],
+        ["watched", "Running", "pretrain", "7/50000"],
+    ]
+
+
+def test_get_wide_is_never_cropped_on_a_terminal(ctl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coda_ctl.main as main_mod
+
+    monkeypatch.setattr(main_mod, "_tty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "60")
+    res = ctl("get", "-o", "wide")
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.stdout.splitlines() if line.startswith("coda-1p7b"))
+    assert "gs://acme-ckpt/coda-1p7b/midtrain/12000" in row
+    row = next(line for line in res.stdout.splitlines() if line.startswith("sft-done"))
+    assert "http://sft-done-sampler.ml.svc:8000 (ready)" in row
+
+
+def test_version_names_client_and_cluster(ctl: Any) -> None:
+    res = ctl("version")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("Client Version: coda-ctl ") and "(coda.dev/v1alpha1)" in lines[0]
+    assert lines[1].startswith("Kubernetes Version: v1.")
+    assert lines[2] == "CRD Versions: coda.dev/v1alpha1 (preferred v1alpha1)"
+    res = CliRunner().invoke(app, ["--kubeconfig", "/nonexistent", "version", "--client"])
+    assert res.exit_code == 0 and res.stdout.startswith("Client Version: coda-ctl ")
+
+
+def test_delete_several(ctl: Any, cluster_state: Any) -> None:
+    for n in ("gone-1", "gone-2"):
+        body = dict(RUNS[1][0], metadata={**RUNS[1][0]["metadata"], "name": n})
+        cluster_state.create_namespaced_custom_object(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+        )
+    res = ctl("delete", "gone-1", "gone-2")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        'codatrainingrun.coda.dev "gone-1" deleted',
+        'codatrainingrun.coda.dev "gone-2" deleted',
+    ]

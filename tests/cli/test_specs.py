@@ -79,7 +79,7 @@ def test_paper_example_carries_the_paper_numbers() -> None:
 
 def test_submit_dry_run_accepts_examples() -> None:
     for name in CLUSTER_EXAMPLES:
-        res = cli("submit", "--dry-run", "-f", str(EXAMPLES / name))
+        res = cli("submit", "--dry-run=client", "-f", str(EXAMPLES / name))
         assert res.exit_code == 0, res.output
         assert "valid (dry run)" in res.stdout
 
@@ -184,6 +184,25 @@ def test_render_output_validates(name: str) -> None:
     assert validate_objects(docs) == []
     as_json = json.loads(cli("render", "-f", str(EXAMPLES / name), "-o", "json").stdout)
     assert as_json["items"] == docs
+    # Shared sub-objects (one probe for liveness and readiness) are written out, not aliased.
+    assert "&id0" not in res.stdout and "*id0" not in res.stdout
+
+
+def test_render_and_crd_reject_unknown_formats() -> None:
+    for verb in (["render", "-f", str(EXAMPLES / "gpu-a3.yaml")], ["crd"]):
+        res = cli(*verb, "-o", "xml")
+        assert res.exit_code == Exit.USAGE, res.output
+        assert res.stdout == "" and "unknown output format 'xml': use yaml or json" in res.stderr
+
+
+def test_render_of_the_local_example_names_the_default() -> None:
+    """The local example never writes checkpoints.uri; the error must say the default applies and
+    that the file is meant for `coda-ctl local run`, not blame a value the user never wrote."""
+    assert "uri" not in load("local-tiny.yaml")["spec"]["checkpoints"]
+    res = cli("render", "-f", str(EXAMPLES / "local-tiny.yaml"))
+    assert res.exit_code == Exit.INVALID
+    assert "spec.checkpoints.uri (not set in the file, so its default applies): " in res.stderr
+    assert "this file runs as is with `coda-ctl local run`" in res.stderr
 
 
 def test_render_rejects_invalid_file(tmp_path: Path) -> None:
@@ -208,6 +227,10 @@ def test_crd_command_prints_the_shipped_crd() -> None:
         == yaml.safe_load((REPO / "manifests" / "crd" / crd_mod.CRD_FILE_NAME).read_text())
     )
     assert validate_objects([printed]) == []
+    # Descriptions keep their symbols (σ, ε, −) as written, not as \\u escapes.
+    assert "\\u" not in res.stdout and "σ" in res.stdout
+    as_json = cli("crd", "-o", "json").stdout
+    assert "\\u" not in as_json and json.loads(as_json) == printed
 
 
 def test_train_delegates_to_the_trainer(tmp_path: Path) -> None:
@@ -220,7 +243,7 @@ def test_eval_argument_errors_and_unreachable_server() -> None:
     assert cli("eval", "humaneval").exit_code == Exit.USAGE
     assert cli("eval", "apps", "--url", "http://127.0.0.1:1").exit_code == Exit.USAGE
     res = cli("eval", "humaneval", "--url", "http://127.0.0.1:1", "--limit", "1")
-    assert (
-        res.exit_code == Exit.ERROR
-        and "evaluation of humaneval against http://127.0.0.1:1 failed" in res.stderr
-    )
+    # Unreachable is a per-sample reason (retried, then recorded); with no sample generated at
+    # all the harness exits 1 and names the first reason.
+    assert res.exit_code == Exit.ERROR
+    assert "no sample could be generated" in res.stderr and "ConnectError" in res.stderr

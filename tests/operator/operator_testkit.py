@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kmock
+import yaml
 from coda_operator.handlers import OperatorConfig, run_operator
 from coda_trainer import contract
 
@@ -35,7 +37,7 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 RESOURCES: dict[str, dict[str, Any]] = {
     "v1/namespaces": dict(kind="Namespace", namespaced=False, verbs={"list", "watch", "get"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
-        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch", "get"}
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch", "get", "create"}
     ),
     "coda.dev/v1alpha1/codatrainingruns": dict(
         kind="CodaTrainingRun",
@@ -233,6 +235,12 @@ class Cluster:
             "spec": spec,
         }
         async with self.session.post(self.path("codatrainingruns"), json=body) as rsp:
+            return await self._json(rsp)
+
+    async def create_crd(self, crd: dict[str, Any]) -> dict[str, Any]:
+        async with self.session.post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd
+        ) as rsp:
             return await self._json(rsp)
 
     async def get(self, plural: str, name: str) -> dict[str, Any] | None:
@@ -462,28 +470,39 @@ def fit_stages_to(spec: dict[str, Any], accelerator: dict[str, Any]) -> dict[str
 
 
 def jobset_crd_schema() -> dict[str, Any]:
-    import yaml
-
-    path = SHARED_DATA / "jobset-crd" / "jobset.x-k8s.io_jobsets.yaml"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"missing shared data: {path} (the JobSet CRD the tests validate against)"
-        )
-    doc = yaml.safe_load(path.read_text())
+    doc = jobset_crd()
     return next(v for v in doc["spec"]["versions"] if v["name"] == "v1alpha2")["schema"][
         "openAPIV3Schema"
     ]
 
 
+@functools.cache
+def _jobset_crd_parsed() -> dict[str, Any]:
+    path = SHARED_DATA / "jobset-crd" / "jobset.x-k8s.io_jobsets.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"missing shared data: {path} (the JobSet CRD of the tests)")
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def jobset_crd() -> dict[str, Any]:
+    """The JobSet CustomResourceDefinition from ../shared/data (a current release), a fresh copy."""
+    return copy.deepcopy(_jobset_crd_parsed())
+
+
 @contextlib.asynccontextmanager
-async def emulated_cluster() -> AsyncIterator[Cluster]:
-    """kmock's API server on loopback with coda's resources and the trainer's ServiceAccount."""
+async def emulated_cluster(
+    *, jobset: dict[str, Any] | bool | None = True
+) -> AsyncIterator[Cluster]:
+    """kmock's API server on loopback with coda's resources, the trainer's ServiceAccount and the
+    JobSet CRD (`jobset=True`: the shared one; a dict: that CRD; None: not installed)."""
     emulator = Emulator()
     for key, info in RESOURCES.items():
         emulator.resources[key] = kmock.ResourceInfo(**info)
     async with emulator, kmock.Server(emulator) as server:
         c = Cluster(emulator, server)
         await c.create("serviceaccounts", TRAINER_SERVICE_ACCOUNT)
+        if jobset is not None:
+            await c.create_crd(jobset_crd() if jobset is True else jobset)
         try:
             yield c
         finally:

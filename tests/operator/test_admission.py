@@ -78,6 +78,17 @@ def test_hosts_must_share_the_batch_equally() -> None:
     assert "cannot be split over the 8 hosts" in line and "use 8 sequences" in line
 
 
+def test_data_readers_must_split_over_the_hosts() -> None:
+    # v5p 2x2x4 = 16 chips on 4 hosts: 2 fixed readers cannot be run by 4 processes
+    s = stage(batch={"sequences": 16, "seqLen": 1024, "readers": 2})
+    (line,) = problems(s, "v5p", "2x2x4")
+    assert line.startswith("spec.stages[2].batch.readers: 2 data readers")
+    assert "over the 4 hosts" in line and line.endswith("use a multiple of 4")
+    assert (
+        problems(stage(batch={"sequences": 16, "seqLen": 1024, "readers": 8}), "v5p", "2x2x4") == []
+    )
+
+
 def test_mesh_must_be_the_slice() -> None:
     (line,) = problems(stage(mesh={"data": 1, "fsdp": 32, "tensor": 1}), "v5p", "4x4x4")
     assert line.startswith(

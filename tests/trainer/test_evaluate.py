@@ -21,10 +21,21 @@ from pathlib import Path
 import pytest
 from coda_trainer.evaluate import prompts
 from coda_trainer.evaluate.__main__ import main as eval_main
-from coda_trainer.evaluate.datasets import load_benchmark, load_humaneval, load_mbpp
+from coda_trainer.evaluate.datasets import (
+    load_benchmark,
+    load_humaneval,
+    load_humaneval_plus,
+    load_mbpp,
+)
 from coda_trainer.evaluate.extract import extract_code
 from coda_trainer.evaluate.passk import mean_pass_at_k, pass_at_k
-from coda_trainer.evaluate.runner import InProcessSource, ReferenceSource, format_table, run_eval
+from coda_trainer.evaluate.runner import (
+    InProcessSource,
+    OpenAISource,
+    ReferenceSource,
+    format_table,
+    run_eval,
+)
 from coda_trainer.evaluate.sandbox import SandboxLimits
 from hypothesis import given
 from hypothesis import strategies as st
@@ -193,6 +204,188 @@ def test_mbpp_full_reference_code_scores_100(benchmark: str) -> None:
     assert good.pass_at_k["pass@1"] == 1.0, [p.task_id for p in good.problems if not p.passed]
 
 
+# HumanEval+ runs the canonical solution and the candidate on up to ~1,000 inputs per problem; the
+# default suite scores the first 12 problems (a few seconds), the full set is marked slow.
+HE_PLUS_LIMITS = SandboxLimits(timeout_s=120, cpu_s=60)
+HE_PLUS_SUBSET = 12
+
+
+def test_humaneval_plus_travels_in_the_package_with_its_licence() -> None:
+    from importlib import resources
+
+    folder = resources.files("coda_trainer").joinpath("assets", "humanevalplus")
+    assert "Apache License" in folder.joinpath("LICENSE").read_text()
+    assert "evalplus/humanevalplus_release" in folder.joinpath("SOURCE.md").read_text()
+    problems = load_humaneval_plus()
+    assert len(problems) == 164 and problems[0].task_id == "HumanEval/0"
+    assert all(p.continues_prompt and "_plus_inputs" in p.test for p in problems)
+    # Same instruct prompt as HumanEval: the model is shown the same thing.
+    he = load_humaneval()[0]
+    assert prompts.chat_messages(problems[0])[0]["content"].startswith(
+        prompts.chat_messages(he)[0]["content"][:60]
+    )
+
+
+def test_humaneval_plus_canonical_scores_100_and_wrong_0_on_a_subset() -> None:
+    good = run_eval(
+        "humaneval-plus", ReferenceSource(), limit=HE_PLUS_SUBSET, limits=HE_PLUS_LIMITS,
+        workers=WORKERS,
+    )  # fmt: skip
+    assert good.pass_at_k["pass@1"] == 1.0, [
+        (p.task_id, p.samples[0].reason) for p in good.problems if not p.passed
+    ]
+    bad = run_eval(
+        "humaneval-plus", ReferenceSource(wrong=True), limit=HE_PLUS_SUBSET,
+        limits=HE_PLUS_LIMITS, workers=WORKERS,
+    )  # fmt: skip
+    assert bad.pass_at_k["pass@1"] == 0.0, [p.task_id for p in bad.problems if p.passed]
+
+
+@pytest.mark.slow
+def test_humaneval_plus_all_164_canonical_pass_and_broken_fail() -> None:
+    good = run_eval("humaneval-plus", ReferenceSource(), limits=HE_PLUS_LIMITS, workers=WORKERS)
+    assert good.n_problems == 164
+    assert good.pass_at_k["pass@1"] == 1.0, [
+        (p.task_id, p.samples[0].reason) for p in good.problems if not p.passed
+    ]
+    bad = run_eval(
+        "humaneval-plus", ReferenceSource(wrong=True), limits=HE_PLUS_LIMITS, workers=WORKERS
+    )
+    assert bad.pass_at_k["pass@1"] == 0.0, [p.task_id for p in bad.problems if p.passed]
+
+
+def test_humaneval_plus_catches_what_the_original_tests_miss_and_tolerates_float_noise() -> None:
+    """HumanEval/2 (truncate_number, atol 1e-6). A candidate wrong only on the last plus input
+    passes HumanEval and fails HumanEval+; one off by 1e-9 relative passes both; 1e-3 fails."""
+    import gzip
+
+    he = next(p for p in load_humaneval() if p.task_id == "HumanEval/2")
+    plus = next(p for p in load_humaneval_plus() if p.task_id == "HumanEval/2")
+    data = Path(__file__).resolve().parents[2] / "trainer/coda_trainer/assets/humanevalplus"
+    with gzip.open(data / "HumanEvalPlus.jsonl.gz", "rt") as f:
+        row = next(json.loads(line) for line in f if '"HumanEval/2"' in line)
+    last = row["plus_input"][-1][0]
+    wrapper = """
+    return _right(number) {tweak}
+
+
+def _right(number):
+    return number % 1.0
+"""
+
+    def response(tweak: str) -> str:
+        return wrapper.format(tweak=tweak) + "\n```"
+
+    cases = {
+        "only-last-plus-input-wrong": response(f"+ (1.0 if number == {last!r} else 0.0)"),
+        # The original check compares candidate(3.5) == 0.5 exactly: leave that one input alone.
+        "float-noise": response("* (1 + (1e-9 if number != 3.5 else 0))"),
+        "float-error": response("* (1 + (1e-3 if number != 3.5 else 0))"),
+    }
+
+    def score(problem, case):
+        src = _Fixed({problem.task_id: cases[case]})
+        return run_eval([problem], src, limits=HE_PLUS_LIMITS).problems[0].passed
+
+    assert score(he, "only-last-plus-input-wrong") == 1
+    assert score(plus, "only-last-plus-input-wrong") == 0
+    assert score(plus, "float-noise") == 1
+    assert score(plus, "float-error") == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Robustness: a failing sample is recorded with its reason, never aborts the evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+class _PickyServer(BaseHTTPRequestHandler):
+    """An OpenAI-style /v1/completions that rejects prompts holding `reject` with a 400 and
+    OpenAI's error body, answers 503 to the first request holding `flaky`, and otherwise returns
+    `answer`."""
+
+    reject = "def below_zero"
+    flaky = "def has_close_elements"
+    answer = "    return 0\n```"
+    seen_flaky = 0
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["prompt"]
+        if self.reject in prompt:
+            status, payload = (
+                400,
+                {
+                    "error": {
+                        "message": "prompt (700 tokens) is longer than the "
+                        "largest prompt bucket (512)",
+                        "type": "invalid_request_error",
+                    }
+                },
+            )
+        elif self.flaky in prompt and type(self).seen_flaky == 0:
+            type(self).seen_flaky += 1
+            status, payload = 503, {"error": {"message": "queue_full", "type": "server_error"}}
+        else:
+            status, payload = 200, {"choices": [{"text": self.answer, "index": 0}]}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def picky_server():
+    _PickyServer.seen_flaky = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PickyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_url_mode_records_the_servers_message_retries_and_goes_on(picky_server: str) -> None:
+    problems = load_benchmark("humaneval", limit=4)  # /0 has_close_elements, /3 below_zero
+    source = OpenAISource(picky_server, retry_backoff_s=0.05, render=lambda p: p.prompt)
+    report = run_eval(problems, source, limits=LIMITS)
+    by_id = {p.task_id: p.samples[0] for p in report.problems}
+    rejected = by_id["HumanEval/3"]
+    assert rejected.status == "generation_error"
+    assert rejected.reason.startswith("HTTP 400: prompt (700 tokens) is longer than the largest")
+    assert _PickyServer.seen_flaky == 1  # the 503 was retried and then answered
+    assert by_id["HumanEval/0"].status == "failed"  # generated, executed, wrong
+    assert report.status_counts == {"generation_error": 1, "failed": 3}
+    assert report.pass_at_k["pass@1"] == 0.0
+
+
+def test_url_mode_cli_exits_1_with_the_reason_when_nothing_could_be_generated(
+    tmp_path: Path, picky_server: str, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    monkeypatch.setattr(_PickyServer, "reject", "")  # every prompt is rejected
+    out = tmp_path / "r.json"
+    rc = eval_main(
+        ["--benchmark", "mbpp", "--url", picky_server, "--limit", "2", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "no sample could be generated" in err and "largest prompt bucket" in err
+    report = json.loads(out.read_text())
+    assert report["status_counts"] == {"generation_error": 2}
+
+
+def test_url_mode_unreachable_server_is_a_reason_not_a_crash() -> None:
+    problems = load_benchmark("mbpp", limit=1)
+    source = OpenAISource("http://127.0.0.1:1", attempts=2, retry_backoff_s=0.01, render=str)
+    sample = run_eval(problems, source, limits=LIMITS).problems[0].samples[0]
+    assert sample.status == "generation_error"
+    assert "ConnectError" in sample.reason and "after 2 attempts" in sample.reason
+
+
 def test_pass_at_k_over_several_samples() -> None:
     he = load_humaneval()[:2]
     right = he[0].reference + "\n```"
@@ -247,6 +440,31 @@ def test_in_process_model_end_to_end() -> None:
     assert report.n_problems == 3 and report.pass_at_k["pass@1"] == 0.0
     assert all(isinstance(p.samples[0].response, str) for p in report.problems)
     assert report.generation_s > 0
+
+
+def test_in_process_prompt_longer_than_the_model_is_a_failed_sample_with_the_numbers() -> None:
+    """HumanEval/0–2 prompts are 328, 352 and 257 tokens; with 176 new tokens on a 512-position
+    model, /1 cannot fit (352 + 176 > 512): it fails with the numbers, the others are generated."""
+    from coda_trainer.config import PROJECT_TOKENIZER_IDS, PROJECT_VOCAB_SIZE, ModelConfig
+    from coda_trainer.model import Transformer
+    from coda_trainer.sampling import SamplingConfig
+    from coda_trainer.tokenizer import load_tokenizer
+    from flax import nnx
+
+    config = ModelConfig.preset(
+        "test-micro", vocab_size=PROJECT_VOCAB_SIZE, **PROJECT_TOKENIZER_IDS, attention="xla"
+    )
+    assert config.max_position_embeddings == 512
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    source = InProcessSource(
+        model, load_tokenizer("project"),
+        SamplingConfig(steps=2, max_new_tokens=176, stop_at_eos=True), batch_size=4,
+    )  # fmt: skip
+    report = run_eval(load_benchmark("humaneval", limit=3), source, limits=LIMITS)
+    samples = [p.samples[0] for p in report.problems]
+    assert [s.status == "generation_error" for s in samples] == [False, True, False]
+    assert "prompt of 352 tokens + 176 new tokens" in samples[1].reason
+    assert "max_position_embeddings (512)" in samples[1].reason
 
 
 # --------------------------------------------------------------------------------------------------

@@ -329,3 +329,24 @@ def test_config_validation():
         SamplingConfig(cache="full")
     with pytest.raises(ValidationError):
         SamplingConfig(temperature=-1)
+
+
+def test_a_rows_draws_depend_on_its_own_key_only(golden_model):
+    """Per-row keys: a sampled row is the same alone, at another row, among other rows and in
+    another prompt bucket (different compiled shapes: equal here, though float rounding could
+    break a near-tie differently)."""
+    from coda_trainer.sampling import row_keys
+
+    config = SamplingConfig(steps=8, max_new_tokens=8, temperature=1.0, alg_temp=0.5)
+    row = [5, 6, 7]
+    alone = generate(golden_model, [row], config, rng=row_keys([7], [3])).generated_BxN[0]
+    others = [[9, 10], [11], [12, 13, 14, 15]]
+    batch = generate(
+        golden_model, [*others, row], config, rng=row_keys([1, 2, 3, 7], [0, 0, 0, 3]),
+        pad_to_multiple_of=32,
+    ).generated_BxN  # fmt: skip
+    assert batch[3].tolist() == alone.tolist()
+    copies = generate(golden_model, [row] * 4, config, rng=row_keys([7] * 4, [3] * 4))
+    assert all(r.tolist() == alone.tolist() for r in copies.generated_BxN)
+    other_stream = generate(golden_model, [row], config, rng=row_keys([7], [4])).generated_BxN[0]
+    assert other_stream.tolist() != alone.tolist()

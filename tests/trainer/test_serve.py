@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -232,6 +233,46 @@ def test_streamed_chat_equals_the_plain_one(client: openai.OpenAI) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Per-request randomness
+# --------------------------------------------------------------------------------------------------
+
+SEEDED = {"prompt": "def add(a, b):", "max_tokens": 16, "temperature": 1.0, "seed": 7}
+
+
+def _texts(responses: list[httpx.Response]) -> list[str]:
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json()["choices"][0]["text"] for r in responses]
+
+
+def test_a_seeded_request_gets_the_same_text_alone_in_copies_and_in_a_mixed_batch(
+    server: Server,
+) -> None:
+    async def batch(bodies: list[dict]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return list(await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies)))
+
+    alone = _texts([httpx.post(server.url + "/v1/completions", json=SEEDED, timeout=60)])[0]
+    copies = _texts(asyncio.run(batch([SEEDED] * 8)))
+    # Other prompts and seeds around it, the seeded request at row 5 of the batch.
+    others = [{**SEEDED, "prompt": f"import m{i}", "seed": 100 + i} for i in range(7)]
+    mixed = _texts(asyncio.run(batch([*others[:5], SEEDED, *others[5:]])))
+    assert copies == [alone] * 8
+    assert mixed[5] == alone
+    assert len(set(mixed)) > 1  # the batch-mates did draw their own text
+
+
+def test_unseeded_requests_draw_fresh_randomness_and_n_choices_differ(server: Server) -> None:
+    unseeded = {k: v for k, v in SEEDED.items() if k != "seed"}
+    texts = _texts(
+        [httpx.post(server.url + "/v1/completions", json=unseeded, timeout=60) for _ in range(2)]
+    )
+    assert texts[0] != texts[1]
+    r = httpx.post(server.url + "/v1/completions", json={**SEEDED, "n": 2}, timeout=60)
+    a, b = (c["text"] for c in r.json()["choices"])
+    assert a != b  # each choice draws from its own stream of the request's seed
+
+
 def test_raw_sse_ends_with_done(server: Server) -> None:
     with httpx.stream(
         "POST",
@@ -254,6 +295,12 @@ def test_stop_sequence_cuts_the_text(client: openai.OpenAI) -> None:
     r = client.completions.create(model="final", prompt="for i in", max_tokens=16, stop=[stop])
     assert r.choices[0].text == text[: text.find(stop)]
     assert r.choices[0].finish_reason == "stop"
+    # Usage counts the generated tokens that make up the text returned (the fewest whose text
+    # covers it), not those generated before the cut.
+    full = client.completions.create(model="final", prompt="for i in", max_tokens=16)
+    assert (1 if r.choices[0].text else 0) <= r.usage.completion_tokens
+    assert r.usage.completion_tokens < full.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_eval_harness_scores_the_endpoint(server: Server) -> None:
@@ -300,24 +347,52 @@ BAD_REQUESTS = [
     # (route, body, status, param)
     ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "steps": 0}, 422, "steps"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "steps": 0}, 400, "steps"),
     ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "x", "temperature": 9.0}, 422, "temperature"),
-    ("/v1/completions", {"prompt": 5}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 9.0}, 400, "temperature"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], [999999]]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ""}, 422, "prompt"),
-    ("/v1/completions", {"max_tokens": 4}, 422, "prompt"),
-    ("/v1/completions", {"prompt": "x", "n": 1000}, 422, "n"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 422, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "alg": "magic"}, 422, "alg"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 5}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "alg": "magic"}, 400, "alg"),
     ("/v1/completions", {"prompt": "x", "block_length": 5}, 400, "block_length"),
-    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
     ("/v1/infill", {"prefix": "a", "suffix": "b", "max_tokens": 100_000}, 400, "max_tokens"),
-    ("/v1/infill", {"prefix": "a"}, 422, "suffix"),
+    ("/v1/infill", {"prefix": "a"}, 400, "suffix"),
+    # Strict types, unsupported OpenAI parameters named.
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
+    ),
+    # A model this server does not serve.
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "model": "x"},
+        404,
+        "model",
+    ),
+    ("/v1/infill", {"prefix": "a", "suffix": "b", "model": "x"}, 404, "model"),
 ]
 
 
@@ -338,9 +413,113 @@ def test_malformed_json_and_unknown_routes(server: Server) -> None:
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    assert r.status_code == 422 and "error" in r.json()
+    assert r.status_code == 400 and "error" in r.json()
     r = httpx.get(server.url + "/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def _healthz_while(server: Server, send: Any) -> tuple[Any, list[float]]:
+    """Run `send()` on a thread while timing /healthz every 0.1 s; (its result, probe seconds)."""
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(send()))
+    probes: list[float] = []
+    thread.start()
+    while thread.is_alive() or not probes:
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        probes.append(time.monotonic() - t0)
+        time.sleep(0.1)
+    thread.join()
+    return out[0], probes
+
+
+def test_a_10_mb_body_gets_413_at_once_and_probes_stay_answered(server: Server) -> None:
+    body = json.dumps({"prompt": "x" * 10_000_000, "max_tokens": 4}).encode()
+    t0 = time.monotonic()
+    r, probes = _healthz_while(
+        server,
+        lambda: httpx.post(
+            server.url + "/v1/completions", content=body,
+            headers={"content-type": "application/json"}, timeout=30,
+        ),
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert seconds < 3.0, f"413 after {seconds:.1f}s"
+    assert max(probes) < 1.0, probes
+
+    def chunks():  # no Content-Length: the limit counts the bytes as they arrive
+        for _ in range(10):
+            yield b" " * 1_000_000
+
+    r = httpx.post(
+        server.url + "/v1/completions", content=chunks(),
+        headers={"content-type": "application/json"}, timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 413, r.text
+
+
+def test_a_long_prompt_under_the_body_cap_is_refused_before_tokenizing(server: Server) -> None:
+    body = {"prompt": "def f(x): return x\n" * 150_000, "max_tokens": 4}  # 3 MB of text
+    t0 = time.monotonic()
+    r, probes = _healthz_while(
+        server, lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    )
+    seconds = time.monotonic() - t0
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert seconds < 3.0 and max(probes) < 1.0, (seconds, probes)
+
+
+def test_prompts_times_n_is_capped(server: Server) -> None:
+    r = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["x"] * 5000, "max_tokens": 4}, timeout=30
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "at most 64" in r.json()["error"]["message"]
+
+
+class _CountingGenerator:
+    """Answers every row with the same tokens and records how many rows it ran."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def generate(self, prompts, config, shapes, seeds):
+        self.rows += len(prompts)
+        return [[5] * shapes.gen for _ in prompts]
+
+    infill = None
+
+
+def test_a_rejected_requests_rows_never_run() -> None:
+    from coda_trainer.serve.app import create_app
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.tokenizer import load_tokenizer
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(
+        prompt_buckets=(64,), gen_buckets=(16,), default_max_tokens=16, max_batch=1, max_queue=4
+    )
+    generator = _CountingGenerator()
+    engine = Engine(generator, load_tokenizer("project"), settings)
+    with TestClient(create_app(engine, warmup=False)) as client:
+        r = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
+    assert generator.rows == 1  # only the accepted request's row ran
+
+
+def test_buckets_beyond_the_models_positions_fail_at_start(checkpoint: Path) -> None:
+    args = ["--prompt-buckets", "512", "--gen-buckets", "64", "--dtype", "float32"]
+    srv = Server(checkpoint, base_args=args)
+    try:
+        rc = srv.proc.wait(timeout=90)
+    finally:
+        srv.terminate(timeout=5)
+    log = srv.log.read_text()
+    assert rc != 0 and "576 positions; the model has 512" in log, log
 
 
 def test_openai_client_raises_on_bad_request(client: openai.OpenAI) -> None:
@@ -600,7 +779,7 @@ def test_sigterm_under_load_answers_every_accepted_request_within_the_graceful_t
 
     async def scenario() -> tuple[list, float, float, BaseException | None]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            # Distinct seeds: no two requests share a batch. The first one streams.
+            # One row per model call (max batch 1). The first one streams.
             bodies = [
                 {"prompt": f"def f{i}():", "max_tokens": 64, "seed": i, "stream": i == 0}
                 for i in range(n)
@@ -706,10 +885,10 @@ def test_batcher_queue_limit_and_cancelled_requests() -> None:
 class _FailingGenerator:
     """A model call that breaks after the stream's headers are out (e.g. a device error)."""
 
-    def generate(self, prompts, config, shapes, seed):
+    def generate(self, prompts, config, shapes, seeds):
         raise RuntimeError("device fell over")
 
-    def infill(self, prefixes, suffixes, config, shapes, seed):
+    def infill(self, prefixes, suffixes, config, shapes, seeds):
         raise RuntimeError("device fell over")
 
 

@@ -348,12 +348,29 @@ class BatchConfig(StrictModel):
     grad_accum: int = Field(
         default=1, gt=0, description="Micro-batches accumulated per optimizer step."
     )
+    readers: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Data readers that fill the global batch: reader j reads its own share of every "
+            "source's files (or documents) and fills rows [j*sequences/readers, "
+            "(j+1)*sequences/readers). Default: one reader per JAX process. A fixed number keeps "
+            "the global batch the same whatever the number of hosts (each process runs "
+            "readers/processes of them); it must be a multiple of the process count and divide "
+            "sequences/grad_accum."
+        ),
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> BatchConfig:
         if self.sequences % self.grad_accum:
             raise ValueError(
                 f"batch.sequences ({self.sequences}) must be divisible by batch.grad_accum ({self.grad_accum})"
+            )
+        if self.readers is not None and (self.sequences // self.grad_accum) % self.readers:
+            raise ValueError(
+                f"batch.sequences/grad_accum ({self.sequences // self.grad_accum}) must be "
+                f"divisible by batch.readers ({self.readers})"
             )
         return self
 

@@ -7,8 +7,11 @@ Pipeline (per JAX process):
    (a row's `text_field`), `parquet` (a `text_field` string column or a pre-tokenised `input_ids`
    column), `chat` (JSONL/Parquet rows with `messages`, or `instruction`/`output`).
 2. **Order** (`_SourceStream`): per epoch, the source's files are permuted with a seeded RNG and the
-   documents inside each file too. Processes read disjoint data: whole files round-robin when a
-   source has at least as many files as processes, otherwise every process-count-th document.
+   documents inside each file too. Readers read disjoint data: whole files round-robin when a
+   source has at least as many files as readers, otherwise every reader-count-th document. There
+   is one reader per JAX process unless `batch.readers` fixes the number (`ReaderGroup`: a
+   process then runs several and concatenates their rows, so the global batch does not depend on
+   the number of hosts).
 3. **Mixing**: a source's weight is its share of *tokens* (pre/mid-training) or *examples* (SFT).
    The next document comes from the source furthest behind its share (argmin drawn/weight), which
    is deterministic and needs no RNG state.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import queue
 import threading
@@ -47,11 +51,14 @@ from coda_trainer import storage
 from coda_trainer.config import DataSource, PromptSpan
 from coda_trainer.contract import PermanentError
 
+log = logging.getLogger("coda_trainer.data")
+
 __all__ = [
     "Batch",
     "DataError",
     "PackedLoader",
     "Prefetch",
+    "ReaderGroup",
     "SFTLoader",
     "Source",
     "batch_fields",
@@ -242,6 +249,13 @@ class _SourceStream:
         if self._cache is None or self._cache[0] != path:
             docs = _read_documents(path, self.source)
             self._cache = (path, docs if self.by_file else docs[self.pi :: self.pc])
+            # One line per file opened (files are large shards, so this is rare): which host
+            # reads which shard is the first question when hosts disagree or one lags.
+            log.info(
+                "reader %d of %d reads %s (%s)", self.pi, self.pc, path,
+                f"{len(docs)} documents" if self.by_file
+                else f"documents {self.pi}::{self.pc} of {len(docs)}",
+            )  # fmt: skip
         return self._cache[1]
 
     def _order(self, *key: int, n: int) -> np.ndarray:
@@ -549,6 +563,53 @@ class SFTLoader(_Loader):
         self.dropped = state["dropped"]
 
 
+class ReaderGroup:
+    """Several data readers in one process: their rows, concatenated in reader order, are this
+    process's share of the global batch.
+
+    Reader j of R reads what process j of R processes would read with one reader each (whole files
+    round-robin, or every R-th document), so a global batch built from R readers is the same
+    whether one process runs all of them or R/P processes run R/P each. The state is the list of
+    the readers' states.
+    """
+
+    kind = "readers"
+
+    def __init__(self, readers: Sequence[_Loader], first: int):
+        self.readers, self.first = list(readers), first
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        parts = [next(r) for r in self.readers]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        state = {"version": _STATE_VERSION, "kind": self.kind, "first": self.first,
+                 "readers": [json.loads(r.get_state()) for r in self.readers]}  # fmt: skip
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes | str | dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
+            raise ValueError(
+                f"data state {state.get('kind')}/v{state.get('version')} is not {self.kind}/v{_STATE_VERSION}"
+            )
+        if (state["first"], len(state["readers"])) != (self.first, len(self.readers)):
+            raise ValueError(
+                f"data state holds readers {state['first']}.. ({len(state['readers'])}) but this "
+                f"process runs readers {self.first}.. ({len(self.readers)}); batch.readers or the "
+                "number of processes changed since the checkpoint"
+            )
+        for reader, s in zip(self.readers, state["readers"], strict=True):
+            reader.set_state(s)
+
+    def start_prefetch(self) -> None:  # grain's CheckpointHandler calls this after restoring
+        pass
+
+
 def batch_fields(kind: str) -> dict[str, np.dtype]:
     """Name → dtype of the (rows, seq_len) arrays a loader of stage `kind` yields per batch."""
     fields = {"tokens": np.dtype(np.int32), "segment_ids": np.dtype(np.int32),
@@ -568,20 +629,40 @@ def make_loader(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    readers: int | None = None,
     over_length: Literal["drop", "truncate"] = "drop",
     prompt_span: PromptSpan = "assistant-role",
     shuffle_rows: int = 64,
-) -> PackedLoader | SFTLoader:
-    """The loader for a stage kind; `batch_size` is this process's share of the global batch."""
+) -> PackedLoader | SFTLoader | ReaderGroup:
+    """The loader for a stage kind; `batch_size` is this process's share of the global batch.
+
+    `readers` (default: one per process) is the number of readers over the whole job; this process
+    runs readers `process_index*readers/process_count` .. and concatenates their rows.
+    """
     sft = kind == "sft"
     sources = resolve_sources(data, sft=sft)
-    common = dict(batch_size=batch_size, seq_len=seq_len, seed=seed,
-                  process_index=process_index, process_count=process_count)  # fmt: skip
-    if sft:
-        return SFTLoader(
-            sources, tokenizer, over_length=over_length, prompt_span=prompt_span, **common
+    readers = readers or process_count
+    if readers % process_count or batch_size % (readers // process_count):
+        raise ValueError(
+            f"{readers} data readers cannot be split over {process_count} processes of "
+            f"{batch_size} rows each"
         )
-    return PackedLoader(sources, tokenizer, shuffle_rows=shuffle_rows, **common)
+    per_process = readers // process_count
+
+    def reader(index: int, rows: int) -> PackedLoader | SFTLoader:
+        common = dict(batch_size=rows, seq_len=seq_len, seed=seed,
+                      process_index=index, process_count=readers)  # fmt: skip
+        if sft:
+            return SFTLoader(
+                sources, tokenizer, over_length=over_length, prompt_span=prompt_span, **common
+            )
+        return PackedLoader(sources, tokenizer, shuffle_rows=shuffle_rows, **common)
+
+    if per_process == 1:  # one reader per process: its plain loader (and state format)
+        return reader(process_index, batch_size)
+    first = process_index * per_process
+    rows = batch_size // per_process
+    return ReaderGroup([reader(first + i, rows) for i in range(per_process)], first)
 
 
 def validate_sources(

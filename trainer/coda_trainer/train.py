@@ -8,7 +8,10 @@ What a run does, in order:
    (resolves to an HF folder or orbax step). Any failure → exit `EXIT_PERMANENT` (78) with the
    reason on stderr. A stage whose `final/` is already published exits 0 at once.
 2. `jax.distributed.initialize()` when the environment says multi-host (`JAX_COORDINATOR_ADDRESS`,
-   or a multi-host TPU slice: `TPU_WORKER_HOSTNAMES` with several hosts, `MEGASCALE_*`).
+   or a multi-host TPU slice: `TPU_WORKER_HOSTNAMES` with several hosts, `MEGASCALE_*`), with the
+   process id from the operator's pod env (`distributed_settings`), bounded heartbeat/shutdown
+   timeouts (a dead peer fails the others instead of hanging them) and gloo collectives when the
+   devices are CPUs.
 3. Mesh (`stage.mesh`), model created in its shards, optimiser, data loader for this process's
    share of the global batch.
 4. Resume from the newest complete checkpoint in `<checkpoints.uri>/<stage>/` if any (params,
@@ -18,7 +21,8 @@ What a run does, in order:
    `<stage>/status.json`); optional eval loss every `eval.every_steps`; checkpoint every
    `checkpoints.every_steps`.
 6. SIGTERM/SIGINT (GKE preemption, `kubectl delete`): the current step finishes, a checkpoint is
-   saved and waited for, exit `EXIT_RETRYABLE` (75). A rerun resumes exactly there.
+   saved and waited for, exit `EXIT_RETRYABLE` (75). A rerun resumes exactly there. With several
+   processes, a signal to any one of them stops all of them at the same step (`StopVote`).
 7. Done: final checkpoint of the last step, then `<stage>/final/` (HF export) published atomically;
    exit `EXIT_OK` (0).
 
@@ -48,7 +52,11 @@ from flax import struct
 from coda_trainer import storage
 from coda_trainer.config import TrainJobConfig, load_job_config
 from coda_trainer.contract import (
+    ENV_HOST_ID,
+    ENV_HOSTS_PER_SLICE,
     ENV_LOG_LEVEL,
+    ENV_NUM_SLICES,
+    ENV_SLICE_ID,
     EXIT_OK,
     EXIT_PERMANENT,
     EXIT_RETRYABLE,
@@ -164,6 +172,96 @@ def _multihost_env(env: dict[str, str]) -> bool:
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
+# How the distributed runtime notices a dead process. The coordination service (hosted by process
+# 0) declares a process dead when its heartbeats (sent by a C++ thread, so a long compile or a busy
+# Python thread does not delay them) stop for HEARTBEAT_TIMEOUT_S, and then aborts every other
+# process: without this, survivors of a kill -9 / lost VM wait in their next collective forever
+# (gloo and the TPU/GPU collectives have no useful timeout of their own). JAX's default is 100 s;
+# 60 s still rides out a network blip or a stalled host, and on GKE the JobSet restarts the whole
+# group anyway as soon as the dead pod's Job fails, so this only bounds how long survivors linger.
+# Measured (tests/trainer/test_multihost.py, 2 CPU processes, kill -9 of process 1): gloo reports
+# the reset connection at once, and the survivor aborts (SIGABRT) 33 s after the kill, at the
+# runtime's shutdown barrier, once the heartbeat timeout has marked its peer dead.
+HEARTBEAT_TIMEOUT_S = 60
+# A process that exits (done, exit 75, or a Python error on that host only) waits at most this
+# long for the others at the runtime's shutdown barrier, then fails instead of hanging (JAX: 300).
+SHUTDOWN_TIMEOUT_S = 60
+# How long processes wait for each other to connect at start: pods of one JobSet can start minutes
+# apart (image pulls on fresh nodes). JAX's default.
+INITIALIZATION_TIMEOUT_S = 300
+
+
+def distributed_settings(env: dict[str, str]) -> dict[str, Any]:
+    """`jax.distributed.initialize` arguments from a trainer pod's environment (pure).
+
+    The operator renders `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and the contract's
+    `ENV_SLICE_ID` (JobSet job index), `ENV_NUM_SLICES`, `ENV_HOST_ID` (the Job's completion index:
+    the host within its slice) and `ENV_HOSTS_PER_SLICE`; its launch line exports `JAX_PROCESS_ID`
+    = slice_id * hosts_per_slice + host_id, so the processes of slice 0 come first. The id is
+    computed here from the same variables (so the trainer does not depend on the shell step) and
+    must agree with `JAX_PROCESS_ID` when both are set. Without `ENV_HOST_ID`: `JAX_PROCESS_ID`,
+    or `JOB_COMPLETION_INDEX` (one slice); without any of them (a TPU slice without our env) JAX
+    detects the cluster itself.
+    """
+    kwargs: dict[str, Any] = {
+        "initialization_timeout": INITIALIZATION_TIMEOUT_S,
+        "heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S,
+        "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S,
+    }
+    if not env.get("JAX_COORDINATOR_ADDRESS"):
+        return kwargs
+    kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    num = int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None
+    if num is not None:
+        kwargs["num_processes"] = num
+    if env.get(ENV_HOST_ID):
+        hosts, host = int(env.get(ENV_HOSTS_PER_SLICE) or 1), int(env[ENV_HOST_ID])
+        slice_id, slices = int(env.get(ENV_SLICE_ID) or 0), int(env.get(ENV_NUM_SLICES) or 1)
+        if not (0 <= host < hosts and 0 <= slice_id < slices):
+            raise ConfigError(
+                f"host {host} of slice {slice_id} is outside {slices} slice(s) × {hosts} host(s)"
+            )
+        if num is not None and num != slices * hosts:
+            raise ConfigError(
+                f"JAX_NUM_PROCESSES={num} but the job has {slices} slice(s) × {hosts} host(s)"
+            )
+        kwargs["process_id"] = slice_id * hosts + host
+        if env.get("JAX_PROCESS_ID") and int(env["JAX_PROCESS_ID"]) != kwargs["process_id"]:
+            raise ConfigError(
+                f"JAX_PROCESS_ID={env['JAX_PROCESS_ID']} but host {host} of slice {slice_id} "
+                f"({hosts} host(s) per slice) is process {kwargs['process_id']}"
+            )
+    elif pid := env.get("JAX_PROCESS_ID") or env.get("JOB_COMPLETION_INDEX"):
+        kwargs["process_id"] = int(pid)
+    return kwargs
+
+
+def _accelerator_plugins() -> list[str]:
+    """Installed JAX accelerator backends (PJRT plugins, libtpu), found without initialising JAX."""
+    import importlib.util
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    found = [ep.name for ep in entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins  # namespace package of the CUDA/ROCm/TPU plugins
+
+        found += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    return found
+
+
+def cpu_only(platforms: str | None, accelerator_plugins: Sequence[str]) -> bool:
+    """Whether JAX will run on CPU devices only (pure): `JAX_PLATFORMS`/`jax_platforms` if set,
+    else whether no accelerator backend is installed."""
+    if platforms:
+        return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
+    return not accelerator_plugins
+
+
 def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
     """Call `jax.distributed.initialize()` on multi-host jobs; returns whether it did."""
     import jax
@@ -171,14 +269,19 @@ def maybe_initialize_distributed(env: dict[str, str] | None = None) -> bool:
     env = dict(os.environ if env is None else env)
     if not _multihost_env(env):
         return False
-    kwargs: dict[str, Any] = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-        if env.get("JAX_NUM_PROCESSES"):
-            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-        pid = env.get("JAX_PROCESS_ID") or env.get("JOB_COMPLETION_INDEX")
-        if pid is not None:
-            kwargs["process_id"] = int(pid)
+    kwargs = distributed_settings(env)
+    if cpu_only(env.get("JAX_PLATFORMS") or jax.config.jax_platforms, _accelerator_plugins()):
+        # Cross-process collectives of CPU devices (several processes on one machine in the tests,
+        # CPU-only pods) go through gloo over TCP; the choice is read when the CPU backend is
+        # created, so it is made before `initialize`. TPU/GPU devices use their own interconnect.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service would catch SIGTERM in C++, but our handler (`_StopFlag`, installed
+    # later) replaces it; the processes agree on the step to stop at with `StopVote` instead.
+    jax.config.update("jax_enable_preemption_service", False)
+    log.info(
+        "jax.distributed.initialize(%s)",
+        ", ".join(f"{k}={v}" for k, v in kwargs.items()),
+    )
     jax.distributed.initialize(**kwargs)
     return True
 
@@ -409,13 +512,65 @@ class _StopFlag:
             raise KeyboardInterrupt  # a second Ctrl-C stops without saving
         self.signal = signum
         log.warning(
-            "received %s: finishing this step, saving a checkpoint, then exiting",
+            "received %s: finishing this step, saving a checkpoint (every process, at the step "
+            "they agree on), then exiting",
             signal.Signals(signum).name,
         )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopVote:
+    """Every process learns whether any process wants to stop, at the same step.
+
+    SIGTERM reaches one host (GKE preempts one VM; `kubectl delete` signals pods one by one), but a
+    checkpoint is collective: every process must save the same step, and a process that left the
+    loop alone would leave the others blocked in the next step's collectives. So after every step
+    each process casts its stop flag and all of them take the maximum: one int32 all-reduce over all
+    devices (each device holds its process's flag). The vote cast after step s is read after step
+    s+1 has been dispatched, so the host never waits for the step it just dispatched (it stays one
+    step ahead of the devices) and every process decides on the same vote: a SIGTERM received
+    during step s stops every process after step s+1 (or s+2 if it arrives after the vote of s was
+    cast). `seconds` counts the host time the loop spends in it, logged at the end ("stop votes");
+    measured on CPU (2 processes × 2 devices, gloo on loopback, 2 shared cores): 1–3 ms per step.
+    """
+
+    def __init__(self, mesh: Any):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = np.asarray(mesh.devices).reshape(-1)
+        voters = Mesh(devices, ("voter",))
+        self._sharding = NamedSharding(voters, PartitionSpec("voter"))
+        self._local = len([d for d in devices if d.process_index == jax.process_index()])
+        self._shape = (len(devices),)
+        self._max = jax.jit(jnp.max, out_shardings=NamedSharding(voters, PartitionSpec()))
+        # Compiled (and the collective proven to work) before training starts, not in step 1.
+        jax.block_until_ready(self._max(self._flags(False)))
+        self._cast: Any = None  # the vote cast after the previous step, not read yet
+        self.seconds = 0.0
+
+    def _flags(self, stop_here: bool) -> Any:
+        import jax
+        import numpy as np
+
+        flags = np.full((self._local,), int(stop_here), np.int32)
+        return jax.make_array_from_process_local_data(self._sharding, flags, self._shape)
+
+    def __call__(self, stop_here: bool) -> bool:
+        """Cast this process's flag for the step just dispatched; return the previous vote."""
+        import jax
+
+        t0 = time.perf_counter()
+        cast = self._max(self._flags(stop_here))
+        previous, self._cast = self._cast, cast
+        agreed = previous is not None and bool(jax.device_get(previous))
+        self.seconds += time.perf_counter() - t0
+        return agreed
 
 
 def _global_batch(local: dict[str, Any], sharding: Any) -> dict[str, Any]:
@@ -460,10 +615,14 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
              jax.devices()[0].device_kind, pc)  # fmt: skip
     layout = abstract_train_state(cfg, mesh)
     model = create_sharded_model(model_config, mesh, seed=stage.seed)
+    # A fixed `batch.readers` keeps the global batch independent of the number of hosts.
+    readers = stage.batch.readers or pc
+    if readers % pc:
+        raise ConfigError(f"batch.readers={readers} must be a multiple of the {pc} processes")
     loader = make_loader(
         stage.data, plan.tokenizer, kind=stage.kind, batch_size=B // pc, seq_len=L, seed=stage.seed,
-        process_index=pi, process_count=pc, over_length=stage.sft_config.over_length,
-        prompt_span=stage.sft_config.prompt_span,
+        process_index=pi, process_count=pc, readers=readers,
+        over_length=stage.sft_config.over_length, prompt_span=stage.sft_config.prompt_span,
     )  # fmt: skip
     data = Prefetch(loader)
     ckpt = ckpt_lib.Checkpointer(
@@ -571,8 +730,8 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
             assert stage.eval is not None
             ev_loader = make_loader(
                 stage.eval.data, plan.tokenizer, kind=stage.kind, batch_size=B // A // pc, seq_len=L,
-                seed=stage.seed + 1, process_index=pi, process_count=pc, over_length=over_length,
-                prompt_span=prompt_span,
+                seed=stage.seed + 1, process_index=pi, process_count=pc,
+                readers=stage.batch.readers, over_length=over_length, prompt_span=prompt_span,
             )  # fmt: skip
             sums: dict[str, float] = {}
             for i in range(stage.eval.batches):
@@ -606,6 +765,7 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                 total=stage.steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True
             )
 
+        vote = StopVote(mesh) if pc > 1 else None
         pending: list[Any] = []
         window_start: float | None = None
         window_steps = 0
@@ -651,14 +811,10 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                     run_eval(step)
                     window_start, window_steps = time.perf_counter(), 0
                 stopping = stop_after_steps is not None and step - start >= stop_after_steps
-                if pc == 1:
+                if vote is None:
                     stopping = stopping or stop.signal is not None
-                else:
-                    # Hosts get SIGTERM at different steps, and a checkpoint is collective: JAX's
-                    # preemption service names one step at which every host stops together.
-                    from jax.experimental import multihost_utils
-
-                    stopping = stopping or multihost_utils.reached_preemption_sync_point(step)
+                else:  # one host's SIGTERM stops every host at the same step (see StopVote)
+                    stopping = vote(stop.signal is not None) or stopping
                 if step == stage.steps:
                     break
                 if stopping:
@@ -670,6 +826,11 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                     save(step, wait=False)
         if bar is not None:
             bar.close()
+        if vote is not None:
+            log.info(
+                "stop votes: %.2f ms of host time per step",
+                1000 * vote.seconds / max(step - start, 1),
+            )
         if exit_code == EXIT_OK:
             if last_ckpt != ckpt.step_uri(step):
                 save(step, wait=True)

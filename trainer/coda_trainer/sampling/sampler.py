@@ -15,7 +15,7 @@ from coda_trainer.sampling.config import SamplingConfig
 from coda_trainer.sampling.decode import Knobs, Plan, decode
 from coda_trainer.sampling.schedule import transfer_ratios
 
-__all__ = ["Canvas", "GenerateOutput", "build_canvas", "generate", "infill"]
+__all__ = ["Canvas", "GenerateOutput", "build_canvas", "generate", "infill", "row_keys"]
 
 TokenRows = Sequence[Sequence[int]] | np.ndarray | jax.Array
 
@@ -173,19 +173,40 @@ def _knobs(config: SamplingConfig) -> Knobs:
     )
 
 
-def _as_key(rng: jax.Array | int | None) -> jax.Array:
+Rng = jax.Array | int | None
+
+
+def row_keys(seeds: Sequence[int], streams: Sequence[int] | None = None) -> jax.Array:
+    """One PRNG key per row: row b draws from key(seeds[b]) folded with streams[b] (e.g. the
+    choice index of an `n > 1` request). Rows given the same (seed, stream) draw the same numbers
+    wherever they sit in a batch."""
+    streams = [0] * len(seeds) if streams is None else streams
+    if len(streams) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(streams)} streams")
+    seeds_B = jnp.asarray(np.asarray(seeds, np.uint32))
+    streams_B = jnp.asarray(np.asarray(streams, np.uint32))
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, streams_B)
+
+
+def _as_row_keys(rng: Rng, batch: int) -> jax.Array:
+    """Per-row keys: `rng` may already be one key per row ([batch]); one key or an int seed is
+    split into `batch` keys (row b's draws then depend on b, not on the other rows' contents)."""
     if rng is None:
-        return jax.random.key(0)
+        rng = 0
     if isinstance(rng, int):
-        return jax.random.key(rng)
-    return rng
+        rng = jax.random.key(rng)
+    if rng.ndim == 1 and rng.shape[0] == batch:
+        return rng
+    if rng.ndim != 0:
+        raise ValueError(f"rng must be one key or one key per row ({batch}), got shape {rng.shape}")
+    return jax.random.split(rng, batch)
 
 
 def _run(
     model: nnx.Module,
     canvas: Canvas,
     config: SamplingConfig,
-    rng: jax.Array | int | None,
+    rng: Rng,
     *,
     stop_at_eos: bool,
     model_config: ModelConfig,
@@ -203,7 +224,7 @@ def _run(
         jnp.asarray(canvas.segment_ids_BxT),
         jnp.asarray(canvas.positions_BxT),
         _knobs(config),
-        _as_key(rng),
+        _as_row_keys(rng, canvas.tokens_BxT.shape[0]),
     )
     tokens_BxT = np.asarray(tokens_BxT)
     lo, n = canvas.gen_start, canvas.gen_len
@@ -237,7 +258,7 @@ def generate(
     model: nnx.Module,
     prompt_ids: TokenRows,
     config: SamplingConfig,
-    rng: jax.Array | int | None = None,
+    rng: Rng = None,
     *,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     pad_to_multiple_of: int = 16,
@@ -273,7 +294,7 @@ def infill(
     suffix_ids: TokenRows,
     n_tokens: int,
     config: SamplingConfig,
-    rng: jax.Array | int | None = None,
+    rng: Rng = None,
     *,
     pad_to_multiple_of: int = 16,
     model_config: ModelConfig | None = None,

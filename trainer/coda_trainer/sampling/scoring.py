@@ -47,7 +47,8 @@ def choose_tokens(
     top_k: int | None,
     mask_token_id: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (x0_BxW int32, p_x0_BxW, confidence_BxW) for every position of the window."""
+    """Returns (x0_BxW int32, p_x0_BxW, confidence_BxW) for every position of the window;
+    `rng` holds one key per row."""
     logits_BxWxV = logits_BxWxV.astype(jnp.float32)
     if not greedy:
         logits_BxWxV = logits_BxWxV / temperature
@@ -62,7 +63,9 @@ def choose_tokens(
         # argmax over probabilities, first index on ties, as torch's `probs.max(-1)`.
         x0_BxW = jnp.argmax(jnp.where(is_mask_V, -1.0, probs_BxWxV), axis=-1)
     else:
-        x0_BxW = jax.random.categorical(rng, jnp.where(is_mask_V, -jnp.inf, logits_BxWxV), axis=-1)
+        # One key per row (rng of shape [B]): a row's draw never depends on its batch-mates.
+        logits_BxWxV = jnp.where(is_mask_V, -jnp.inf, logits_BxWxV)
+        x0_BxW = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(rng, logits_BxWxV)
     x0_BxW = x0_BxW.astype(jnp.int32)
     p_x0_BxW = jnp.take_along_axis(probs_BxWxV, x0_BxW[..., None], axis=-1)[..., 0]
 

@@ -35,7 +35,7 @@ import os
 import sys
 from typing import Any
 
-from coda_trainer.contract import ENV_API_KEY, ENV_SAMPLER_DEFAULTS
+from coda_trainer.contract import ENV_API_KEY, ENV_RUN_NAME, ENV_SAMPLER_DEFAULTS
 from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
 
 EXIT_USAGE = 2
@@ -103,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "else 128; capped at the largest --gen-buckets)",
     )  # fmt: skip
     g.add_argument("--max-steps", type=int, default=1024)
+    g.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024,
+        help="larger request bodies get 413 (default 4 MiB)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-request-rows", type=int, default=64,
+        help="most generations one request may ask for, prompts × n (default 64)",
+    )  # fmt: skip
     g.add_argument(
         "--no-warmup", action="store_true", help="mark ready without compiling the buckets first"
     )
@@ -229,6 +237,7 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     try:
         settings = ServeSettings(
             model_name=args.model_name or args.checkpoint.rstrip("/").split("/")[-1] or "coda",
+            model_aliases=("coda", *filter(None, [os.environ.get(ENV_RUN_NAME)])),
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,
@@ -237,6 +246,8 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
             batch_buckets=args.batch_buckets,
             default_max_tokens=min(max_tokens, args.gen_buckets[-1]),
             max_steps=args.max_steps,
+            max_body_bytes=args.max_body_bytes,
+            max_request_rows=args.max_request_rows,
             warmup=not args.no_warmup,
             defaults=SamplingDefaults(
                 steps=defaults["steps"],
@@ -261,8 +272,15 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     tok_path = resolve_tokenizer_path(args.checkpoint, args.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     tokenizer.check_model(model_config)
+    try:  # fail fast: a bucket the model cannot hold would never be ready
+        settings.check_positions(model_config.max_position_embeddings)
+    except ValueError as e:
+        raise _Usage(str(e)) from e
     log.info("model %s, tokenizer %s", args.checkpoint, tok_path)
-    engine = Engine(SamplerGenerator(model, model_config), tokenizer, settings)
+    engine = Engine(
+        SamplerGenerator(model, model_config), tokenizer, settings,
+        max_positions=model_config.max_position_embeddings,
+    )  # fmt: skip
     return create_app(engine, api_key=api_key)
 
 

@@ -1,10 +1,13 @@
 """The HTTP API: OpenAI-compatible completions and chat, infilling, health, readiness, metrics.
 
-Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`:
-422 for malformed bodies (wrong types, out-of-range fields), 400 for requests this model cannot
-serve (prompt too long, max_tokens beyond the largest bucket), 401 without a valid bearer token,
-503 while the queue is full or the server is stopping, 500 if a model call fails — which fails
-only the requests in that batch.
+Errors always come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
+OpenAI's (and vLLM's) statuses: 400 for any invalid request (malformed body, wrong type, out of
+range, an unsupported parameter, a prompt too long for this server), 404 for a `model` this server
+does not serve, 401 without a valid bearer token, 503 while the queue is full or the server is
+stopping, 500 if a model call fails — which fails only the requests in that batch.
+
+Usage counts the tokens of the text returned: after the eos/max_tokens cut and after a stop
+string's cut (the fewest generated tokens whose text covers what is returned).
 
 Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format and ends with
 `data: [DONE]`. A diffusion model fixes text in no particular order, and the sampler returns a
@@ -35,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coda_trainer.serve import schemas as S
 from coda_trainer.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
-from coda_trainer.serve.engine import Engine, EngineError, Row, WarmupAbandoned
+from coda_trainer.serve.engine import Engine, EngineError, Row, WarmupAbandoned, request_seed
 from coda_trainer.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
 __all__ = ["create_app"]
@@ -61,7 +64,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
         for e in errors
     )
-    return _error(422, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+    return _error(400, msg or "invalid request", "invalid_request_error", param, "invalid_value")
+
+
+class UnknownModel(EngineError):
+    """`model` names something this server does not serve (HTTP 404, as OpenAI and vLLM)."""
 
 
 class _Service:
@@ -113,10 +120,24 @@ class _Service:
 
     # ---- generation helpers ----
 
-    def encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    async def encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt, tokenized off the event loop (probes stay answered) once its
+        length shows it can fit."""
+        if isinstance(prompt, str):
+            self.engine.check_prompt_text(prompt, param)
+            ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        else:
+            ids = list(prompt)
         self.engine.check_prompt(ids, param)
         return ids
+
+    def check_model(self, model: str | None) -> None:
+        names = self.engine.settings.served_names
+        if model is not None and model not in names:
+            raise UnknownModel(
+                f"the model {model!r} does not exist on this server; it serves {sorted(names)}",
+                "model", "model_not_found",
+            )  # fmt: skip
 
     def finish(
         self, ids: Sequence[int], max_tokens: int, stops: list[str] | None
@@ -126,13 +147,85 @@ class _Service:
         kept = self.engine.cut_at_stop(ids)
         reason = "stop" if len(kept) < len(ids) else "length"
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        for s in stops or ():
-            if (i := text.find(s)) >= 0:
-                text, reason = text[:i], "stop"
-        return text, reason, len(kept)
+        cut = min((i for s in stops or () if (i := text.find(s)) >= 0), default=None)
+        if cut is None:
+            return text, reason, len(kept)
+        return text[:cut], "stop", self._tokens_covering(kept, cut)
+
+    def _tokens_covering(self, ids: list[int], n_chars: int) -> int:
+        """The fewest leading tokens of `ids` whose text is at least `n_chars` long."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= n_chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     async def run_rows(self, key: Any, rows: list[Row]) -> list[list[int]]:
-        return list(await asyncio.gather(*(self.batcher.submit(key, r) for r in rows)))
+        """Queue every row of a request, all or none; if one fails or the request is cancelled,
+        its other rows leave the queue unrun."""
+        self.batcher.check_room(len(rows))
+        tasks = [asyncio.ensure_future(self.batcher.submit(key, r)) for r in rows]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # no-op for finished ones; cancelled rows are never run
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 — at once when its
+    Content-Length says so (the body is never read), else as soon as the bytes received pass it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return _error(
+            413, _too_large_message(self.max_bytes), "invalid_request_error", None,
+            "request_too_large",
+        )  # fmt: skip
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing unchanged: the app's handler
+                    # answers 413.
+                    raise StarletteHTTPException(413, _too_large_message(self.max_bytes))
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except StarletteHTTPException as e:  # read outside a route (none today): answer here
+            if e.status_code != 413 or started:
+                raise
+            await self._too_large()(scope, receive, send)
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f"the request body is larger than this server's limit, {max_bytes} bytes"
 
 
 def _sse(obj: Any) -> str:
@@ -199,6 +292,7 @@ def create_app(
 
     app = FastAPI(title="coda sampler", lifespan=lifespan)
     app.state.service = svc
+    app.add_middleware(BodyLimit, max_bytes=engine.settings.max_body_bytes)
 
     # ---- errors ----
 
@@ -208,7 +302,8 @@ def create_app(
 
     @app.exception_handler(EngineError)
     async def _on_engine(request: Request, exc: EngineError) -> JSONResponse:
-        return _error(400, str(exc), "invalid_request_error", exc.param, exc.code)
+        status = 404 if isinstance(exc, UnknownModel) else 400
+        return _error(status, str(exc), "invalid_request_error", exc.param, exc.code)
 
     @app.exception_handler(QueueFull)
     async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -221,7 +316,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), type_)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error(exc.status_code, str(exc.detail), type_, None, code)
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
@@ -290,11 +386,14 @@ def create_app(
     async def completions(req: S.CompletionRequest) -> Any:
         if req.suffix is not None:
             raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
+        svc.check_model(req.model)
         max_tokens = req.max_tokens or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
         prompts = req.prompts()
-        ids = [svc.encode_prompt(p, "prompt") for p in prompts]
-        rows = [Row(p) for p in ids for _ in range(req.n)]
+        engine.check_rows(len(prompts) * req.n)
+        ids = [await svc.encode_prompt(p, "prompt") for p in prompts]
+        seed = request_seed(req.seed)
+        rows = [Row(p, seed=(seed, i * req.n + j)) for i, p in enumerate(ids) for j in range(req.n)]
         svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
         cid, created = S.new_id("cmpl"), S.now()
         echo = [
@@ -363,18 +462,24 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatCompletionRequest) -> Any:
+        svc.check_model(req.model)
         max_tokens = req.max_new or engine.settings.default_max_tokens
         key = engine.generate_key(req, max_tokens)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
+        engine.check_rows(req.n)
+        engine.check_prompt_text("".join(m["content"] for m in messages), "messages")
         try:
-            ids = svc.tokenizer.chat_ids(messages, add_generation_prompt=True)
+            ids = await asyncio.to_thread(
+                svc.tokenizer.chat_ids, messages, add_generation_prompt=True
+            )
         except ValueError as e:
             raise EngineError(str(e), "messages") from e
         engine.check_prompt(ids, "messages")
-        rows = [Row(ids) for _ in range(req.n)]
+        seed = request_seed(req.seed)
+        rows = [Row(ids, seed=(seed, j)) for j in range(req.n)]
         svc.metrics.prompt_tokens.inc(len(ids) * req.n)
         cid, created = S.new_id("chatcmpl"), S.now()
 
@@ -431,16 +536,17 @@ def create_app(
 
     @app.post("/v1/infill")
     async def infill(req: S.InfillRequest) -> S.InfillResponse:
+        svc.check_model(req.model)
         key = engine.infill_key(req, req.max_tokens)
-        prefix = svc.tokenizer.encode(req.prefix) if req.prefix else []
+        engine.check_rows(req.n)
         # The first hole token is predicted from the column before it (logit shift): an empty
         # prefix gets a bos to stand on.
+        prefix = await svc.encode_prompt(req.prefix, "prefix") if req.prefix else []
         prefix = prefix or [svc.tokenizer.bos_id]
-        suffix = svc.tokenizer.encode(req.suffix) if req.suffix else []
-        engine.check_prompt(prefix, "prefix")
-        if suffix:
-            engine.check_prompt(suffix, "suffix")
-        rows = [Row(prefix, suffix) for _ in range(req.n)]
+        suffix = await svc.encode_prompt(req.suffix, "suffix") if req.suffix else []
+        engine.check_infill_fits(prefix, suffix, req.max_tokens)
+        seed = request_seed(req.seed)
+        rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
         outs = await svc.run_rows(key, rows)
         choices = []
         generated = 0

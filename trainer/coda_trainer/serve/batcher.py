@@ -138,6 +138,17 @@ class DynamicBatcher(Generic[P, R]):
 
     # ---- submitting ----
 
+    def check_room(self, rows: int) -> None:
+        """Raise QueueFull unless `rows` more items fit the queue now (a request's rows are
+        queued all together or not at all)."""
+        if self._closing:
+            raise ShuttingDown("server is shutting down")
+        if len(self._queue) + rows > self.max_queue:
+            raise QueueFull(
+                f"queue is full ({len(self._queue)} of {self.max_queue} rows queued, this "
+                f"request needs {rows}); retry later"
+            )
+
     async def submit(self, key: Hashable, payload: P) -> R:
         if self._closing:
             raise ShuttingDown("server is shutting down")

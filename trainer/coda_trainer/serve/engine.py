@@ -8,6 +8,11 @@ programs small and compiled before traffic arrives, every call is padded into bu
   `max_tokens` (a diffusion model fixes its canvas up front; the first `max_tokens` tokens of a
   longer canvas are what the caller gets). Infill is the exception: the hole has exactly
   `max_tokens` masks, since the text must join the suffix.
+Randomness is per row: each row carries its request's seed (a fresh random one when the request
+names none) and its choice index, and draws only from the key those two make
+(`sampling.row_keys`); so a seeded request gets the same text alone, among any batch-mates, at any
+row. Different shape buckets compile different programs, whose float rounding may differ: a
+near-tie between two tokens can then break differently (greedy or sampled alike).
 `warmup()` compiles every (batch, prompt, gen) bucket for the default settings; requests with other
 sampling settings compile on first use (numeric knobs like temperature never recompile).
 
@@ -18,6 +23,8 @@ sampling settings compile on first use (numeric knobs like temperature never rec
 from __future__ import annotations
 
 import dataclasses
+import functools
+import secrets
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -39,6 +46,7 @@ __all__ = [
     "Shapes",
     "WarmupAbandoned",
     "bucket_for",
+    "request_seed",
 ]
 
 
@@ -64,16 +72,21 @@ class Shapes:
     gen: int  # masks
 
 
+# Each row's randomness: (seed, stream); stream = the row's choice index within its request.
+RowSeed = tuple[int, int]
+
+
 class Generator(Protocol):
     """Runs one padded batch. Returns the generated ids of each row (len = shapes.gen)."""
 
     def generate(
-        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes, seed: int
-    ) -> list[list[int]]: ...
+        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes,
+        seeds: Sequence[RowSeed],
+    ) -> list[list[int]]: ...  # fmt: skip
 
     def infill(
         self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
-        shapes: Shapes, seed: int,
+        shapes: Shapes, seeds: Sequence[RowSeed],
     ) -> list[list[int]]: ...  # fmt: skip
 
 
@@ -103,6 +116,9 @@ def _powers_of_two_upto(n: int) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     model_name: str = "coda"
+    # Other names a request's `model` may use (the project's own clients send "coda" by default;
+    # in a cluster the run's name, which `coda-ctl sample` sends, is added).
+    model_aliases: tuple[str, ...] = ("coda",)
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 1024
@@ -113,6 +129,10 @@ class ServeSettings:
     max_steps: int = 1024
     defaults: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
     warmup: bool = True
+    # Bounds on what one request may ask for (denial of service): the request body's size (413)
+    # and its rows, prompts × n (400).
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_request_rows: int = 64
 
     def __post_init__(self) -> None:
         for name in ("prompt_buckets", "gen_buckets"):
@@ -123,6 +143,22 @@ class ServeSettings:
             raise ValueError("the largest batch bucket must equal max_batch")
         if not 1 <= self.default_max_tokens <= self.gen_buckets[-1]:
             raise ValueError("default_max_tokens must lie within the largest gen bucket")
+
+    def check_positions(self, max_positions: int) -> None:
+        """Every generation canvas (largest prompt bucket + largest gen bucket) must fit the
+        model's positions; raises ValueError saying which flags to change."""
+        longest = self.prompt_buckets[-1] + self.gen_buckets[-1]
+        if longest > max_positions:
+            raise ValueError(
+                f"the largest prompt bucket ({self.prompt_buckets[-1]}) plus the largest "
+                f"generation bucket ({self.gen_buckets[-1]}) is {longest} positions; the model has "
+                f"{max_positions} (max_position_embeddings): lower --prompt-buckets or "
+                "--gen-buckets"
+            )
+
+    @property
+    def served_names(self) -> frozenset[str]:
+        return frozenset((self.model_name, *self.model_aliases))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -137,14 +173,20 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
-# A batch key: the call kind, the exact SamplingConfig (hashable, frozen) and the seed.
-GenKey = tuple[Literal["generate", "infill"], SamplingConfig, int]
+# A batch key: the call kind and the exact SamplingConfig (hashable, frozen). Seeds are per row.
+GenKey = tuple[Literal["generate", "infill"], SamplingConfig]
+
+
+def request_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh random one (unseeded requests must not all draw alike)."""
+    return secrets.randbits(31) if seed is None else seed
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     prompt: list[int]  # generate: prompt ids; infill: prefix ids
     suffix: list[int] | None = None
+    seed: RowSeed = (0, 0)
 
 
 class Engine:
@@ -157,8 +199,10 @@ class Engine:
         settings: ServeSettings,
         *,
         eos_ids: Sequence[int] = (),
+        max_positions: int | None = None,
     ):
         self.generator = generator
+        self.max_positions = max_positions
         self.tokenizer = tokenizer
         self.settings = settings
         self.stop_ids = {tokenizer.eos_id, tokenizer.pad_id, *eos_ids}
@@ -178,6 +222,28 @@ class Engine:
     @property
     def max_new_tokens(self) -> int:
         return self.settings.gen_buckets[-1]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest token's text (byte-level tokens: one character per byte, so a text of c
+        characters has at least c / this many tokens)."""
+        tok = self.tokenizer
+        return max(len(tok.id_to_token(i) or "") for i in range(tok.vocab_size)) or 1
+
+    def check_prompt_text(self, text: str, param: str = "prompt") -> None:
+        """Reject a text that cannot fit before tokenizing it (tokenizing megabytes takes seconds)."""
+        if len(text) > self.max_prompt_tokens * self.max_chars_per_token:
+            raise EngineError(
+                f"the prompt has {len(text)} characters, so more than {self.max_prompt_tokens} "
+                f"tokens, the most this server accepts", param, "context_length_exceeded",
+            )  # fmt: skip
+
+    def check_rows(self, rows: int) -> None:
+        if rows > self.settings.max_request_rows:
+            raise EngineError(
+                f"this request asks for {rows} generations (prompts × n); this server accepts "
+                f"at most {self.settings.max_request_rows} per request", "n",
+            )  # fmt: skip
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
         if not ids:
@@ -242,17 +308,32 @@ class Engine:
         return b
 
     def generate_key(self, p: SamplingParams, max_tokens: int) -> GenKey:
-        return ("generate", self.sampling_config(p, self.gen_bucket(max_tokens)), p.seed or 0)
+        return ("generate", self.sampling_config(p, self.gen_bucket(max_tokens)))
 
     def infill_key(self, p: SamplingParams, n_tokens: int) -> GenKey:
         if n_tokens > self.max_new_tokens:
             raise EngineError(f"max_tokens must be <= {self.max_new_tokens}", "max_tokens")
-        return ("infill", self.sampling_config(p, n_tokens, infill=True), p.seed or 0)
+        return ("infill", self.sampling_config(p, n_tokens, infill=True))
+
+    def check_infill_fits(self, prefix: list[int], suffix: list[int], n_tokens: int) -> None:
+        """An infill canvas is [bucket | hole | bucket], the bucket of the longer of prefix and
+        suffix (a batch-mate's suffix pads a suffix-less row's too): it may pass the model's
+        positions where a generation of the same prompt does not."""
+        if self.max_positions is None:
+            return
+        bucket = bucket_for(max(len(prefix), len(suffix)), self.settings.prompt_buckets) or 0
+        total = 2 * bucket + n_tokens
+        if total > self.max_positions:
+            raise EngineError(
+                f"prefix and suffix (each padded to {bucket} tokens) plus {n_tokens} new tokens "
+                f"need {total} positions; the model has {self.max_positions}",
+                "suffix", "context_length_exceeded",
+            )  # fmt: skip
 
     # ---- batches (worker thread) ----
 
     def shapes_for(self, key: GenKey, rows: Sequence[Row]) -> Shapes:
-        _kind, config, _ = key
+        _kind, config = key
         longest = max(max(len(r.prompt), len(r.suffix or [])) for r in rows)
         prompt = bucket_for(longest, self.settings.prompt_buckets)
         batch = bucket_for(len(rows), self.settings.batch_sizes)
@@ -261,15 +342,16 @@ class Engine:
         return Shapes(batch=batch, prompt=prompt, gen=config.max_new_tokens)
 
     def run_batch(self, key: Hashable, rows: Sequence[Row]) -> list[list[int]]:
-        kind, config, seed = key  # type: ignore[misc]
+        kind, config = key  # type: ignore[misc]
         shapes = self.shapes_for(key, rows)  # type: ignore[arg-type]
         padded = list(rows) + [rows[0]] * (shapes.batch - len(rows))
+        seeds = [r.seed for r in padded]
         start = time.monotonic()
         if kind == "generate":
-            out = self.generator.generate([r.prompt for r in padded], config, shapes, seed)
+            out = self.generator.generate([r.prompt for r in padded], config, shapes, seeds)
         else:
             out = self.generator.infill(
-                [r.prompt for r in padded], [r.suffix or [] for r in padded], config, shapes, seed
+                [r.prompt for r in padded], [r.suffix or [] for r in padded], config, shapes, seeds
             )
         out = [list(map(int, o)) for o in out[: len(rows)]]
         tokens = sum(len(self.cut_at_stop(o)) for o in out)
@@ -298,7 +380,9 @@ class Engine:
                     f"({time.monotonic() - start:.1f}s)"
                 )
             key = self.generate_key(SamplingParams(), gen)
-            self.generator.generate([token * prompt] * batch, key[1], Shapes(batch, prompt, gen), 0)
+            self.generator.generate(
+                [token * prompt] * batch, key[1], Shapes(batch, prompt, gen), [(0, 0)] * batch
+            )
         self.warmup_seconds = time.monotonic() - start
         self.ready = True
         return self.warmup_seconds
@@ -312,26 +396,33 @@ class SamplerGenerator:
         self.model_config = model_config
 
     def generate(
-        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes, seed: int
-    ) -> list[list[int]]:
+        self, prompts: Sequence[list[int]], config: SamplingConfig, shapes: Shapes,
+        seeds: Sequence[RowSeed],
+    ) -> list[list[int]]:  # fmt: skip
         from coda_trainer import sampling
 
         assert len(prompts) == shapes.batch and max(map(len, prompts)) <= shapes.prompt
         # pad_to_multiple_of = the bucket makes the canvas exactly `shapes.prompt` columns of prompt.
         out = sampling.generate(
-            self.model, [list(p) for p in prompts], config, seed,
+            self.model, [list(p) for p in prompts], config, _keys(seeds),
             pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
         )  # fmt: skip
         return np.asarray(out.generated_BxN).tolist()
 
     def infill(
         self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
-        shapes: Shapes, seed: int,
+        shapes: Shapes, seeds: Sequence[RowSeed],
     ) -> list[list[int]]:  # fmt: skip
         from coda_trainer import sampling
 
         out = sampling.infill(
             self.model, [list(p) for p in prefixes], [list(s) for s in suffixes], config.max_new_tokens,
-            config, seed, pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
+            config, _keys(seeds), pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
         )  # fmt: skip
         return np.asarray(out.generated_BxN).tolist()
+
+
+def _keys(seeds: Sequence[RowSeed]) -> Any:
+    from coda_trainer import sampling
+
+    return sampling.row_keys([s for s, _ in seeds], [i for _, i in seeds])

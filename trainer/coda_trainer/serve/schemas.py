@@ -1,10 +1,13 @@
 """OpenAI-shaped request, response and error models of the sampler service.
 
-Requests accept the OpenAI fields real clients send (unknown fields are ignored, as OpenAI's own
-server tolerates newer client fields) plus the diffusion sampler's knobs as extensions
-(`steps`, `alg`, `alg_temp`, `block_length`, `threshold`, `top_k`), which the `openai` client
-passes through `extra_body`. Types and ranges are checked here; limits that depend on the loaded
-model (prompt length, largest generation) are checked by the engine.
+Requests accept the OpenAI fields real clients send plus the diffusion sampler's knobs as
+extensions (`steps`, `alg`, `alg_temp`, `block_length`, `threshold`, `top_k`), which the `openai`
+client passes through `extra_body`. Types are strict (`"max_tokens": "10"` and `"stream": "yes"` are
+errors, as in OpenAI's API; an integer is still a valid float). OpenAI parameters this sampler does
+not implement (`UNSUPPORTED`: logit_bias, tools, response_format, ...) are rejected by name rather
+than silently ignored; fields nobody knows are ignored, as OpenAI's own server tolerates newer
+client fields. Types and ranges are checked here; limits that depend on the loaded model (prompt
+length, largest generation) are checked by the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = [
     "ChatCompletionRequest",
@@ -26,10 +29,14 @@ __all__ = [
 ]
 
 MAX_N = 16
+UNSUPPORTED = (
+    "logit_bias", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+    "response_format", "audio", "modalities", "prediction",
+)  # fmt: skip
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class SamplingParams(_Request):
@@ -59,6 +66,25 @@ class _TextGeneration(SamplingParams):
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     logprobs: Any = None
+    # OpenAI parameters the diffusion sampler does not implement: an error when set (None, {} or
+    # [] are their neutral values and pass).
+    logit_bias: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> None:
+        if v not in (None, {}, []):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return None
 
     @field_validator("stop")
     @classmethod
