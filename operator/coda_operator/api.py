@@ -344,6 +344,15 @@ class CodaTrainingRunSpec(_Wire):
         max_length=253,
         description="Pod ServiceAccount (Workload Identity for GCS); no keys in specs.",
     )
+    host_network: bool = Field(
+        default=False,
+        description=(
+            "Run multi-host TPU pods on the node's network (hostNetwork + ClusterFirstWithHostNet "
+            "DNS), as xpk does for Multislice DCN traffic. Off by default: Pod Security "
+            "'baseline' and 'restricted' reject host-network pods, so the namespace must allow "
+            "'privileged'. Single-host and GPU stages ignore it."
+        ),
+    )
     model: RunModelSpec = Field(default_factory=RunModelSpec)
     tokenizer: str = Field(
         min_length=1, description="HF tokenizer folder (gs:// or in the image), or 'project'."

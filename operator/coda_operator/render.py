@@ -160,6 +160,7 @@ FINGERPRINT_FIELDS = {
     "serviceAccountName": "spec.serviceAccountName",
     "queueName": "spec.queueName",
     "maxRestarts": "spec.failurePolicy.maxRestarts",
+    "hostNetwork": "spec.hostNetwork",
 }
 
 
@@ -184,6 +185,8 @@ def fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, st
         "serviceAccountName": _digest(spec.service_account_name),
         "queueName": _digest(spec.queue_name),
         "maxRestarts": _digest(spec.failure_policy.max_restarts),
+        # only when set: hashes of runs without it stay what they were
+        **({"hostNetwork": _digest(True)} if spec.host_network else {}),
     }
 
 
@@ -425,6 +428,12 @@ def render_stage(
         pod_spec["nodeSelector"] = dict(pl.node_selector)
     if pl.tolerations:
         pod_spec["tolerations"] = list(pl.tolerations)
+    if spec.host_network and pl.tpu and pl.hosts * pl.slices > 1:
+        # The node's network for Multislice DCN and host-to-host traffic (xpk's default); the
+        # JobSet's headless-service names (the coordinator address) still resolve through
+        # cluster DNS only with ClusterFirstWithHostNet.
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
 
     js_labels = dict(labels)
     if spec.queue_name:

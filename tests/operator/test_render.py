@@ -36,7 +36,10 @@ CASES = {
     "v6e-4x4-x2": {"tpu": {"type": "v6e", "topology": "4x4", "slices": 2}},
     "v5e-2x4": {"tpu": {"type": "v5e", "topology": "2x4"}},
     "v5p-2x2x1-single-host": {"tpu": {"type": "v5p", "topology": "2x2x1"}},
+    "v6e-4x4-x2-host-network": {"tpu": {"type": "v6e", "topology": "4x4", "slices": 2}},
 }
+# spec fields besides the accelerator, per golden case
+CASE_EXTRA: dict[str, dict[str, Any]] = {"v6e-4x4-x2-host-network": {"hostNetwork": True}}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def validate(obj: dict[str, Any], jobset_validator: jsonschema.Draft7Validator) 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_jobset_golden(case: str, jobset_validator: jsonschema.Draft7Validator) -> None:
-    spec = spec_with(CASES[case])
+    spec = spec_with(CASES[case], **CASE_EXTRA.get(case, {}))
     objs = render.render_stage("demo", "ml", spec, 1)
     for obj in objs.all():
         validate(obj, jobset_validator)
@@ -390,3 +393,29 @@ def test_fingerprint_ignores_fields_at_their_defaults() -> None:
     changed["stages"][0]["masking"] = {"blockSizePhases": [[2], [2, 4]]}
     diff = render.fingerprint("r", api.parse_spec(changed), 0)
     assert diff["stage"] != render.fingerprint("r", plain, 0)["stage"]
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "host_network"),
+    [
+        ({"tpu": {"type": "v5p", "topology": "2x2x2"}}, True),
+        ({"tpu": {"type": "v6e", "topology": "4x4", "slices": 2}}, True),
+        ({"tpu": {"type": "v5p", "topology": "2x2x1"}}, False),  # one host: nothing to gain
+        ({"gpu": {"type": "nvidia-h100-80gb", "gpusPerNode": 8, "nodes": 2}}, False),
+    ],
+)
+def test_host_network_is_opt_in_for_multi_host_tpu(
+    accelerator: dict[str, Any], host_network: bool, jobset_validator: jsonschema.Draft7Validator
+) -> None:
+    default = render.render_stage("demo", "ml", spec_with(accelerator), 0).jobset
+    pod = default["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    spec = spec_with(accelerator, hostNetwork=True)
+    objs = render.render_stage("demo", "ml", spec, 0)
+    validate(objs.jobset, jobset_validator)
+    pod = objs.jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod.get("hostNetwork", False) is host_network
+    assert pod.get("dnsPolicy") == ("ClusterFirstWithHostNet" if host_network else None)
+    # turning it on is a spec change the operator sees; runs without it keep their hashes
+    assert "hostNetwork" in render.fingerprint("demo", spec, 0)
+    assert "hostNetwork" not in render.fingerprint("demo", spec_with(accelerator), 0)
