@@ -4,8 +4,13 @@ session, and `gcs_bucket`, a fresh gs:// bucket per test; see trainer/gcs_emulat
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+# The test extras bring libtpu (for deviceless TPU compiles, which run on the CPU platform). Without
+# this, every JAX process of the suite would probe for a TPU and take libtpu's /tmp lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _load(path: Path, name: str):
