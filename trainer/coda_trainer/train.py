@@ -180,7 +180,7 @@ def _multihost_env(env: dict[str, str]) -> bool:
 # 60 s still rides out a network blip or a stalled host, and on GKE the JobSet restarts the whole
 # group anyway as soon as the dead pod's Job fails, so this only bounds how long survivors linger.
 # Measured (tests/trainer/test_multihost.py, 2 CPU processes, kill -9 of process 1): gloo reports
-# the reset connection at once, and the survivor aborts (SIGABRT) 33 s after the kill, at the
+# the reset connection at once, and the survivor aborts (SIGABRT) 33-41 s after the kill, at the
 # runtime's shutdown barrier, once the heartbeat timeout has marked its peer dead.
 HEARTBEAT_TIMEOUT_S = 60
 # A process that exits (done, exit 75, or a Python error on that host only) waits at most this
