@@ -261,6 +261,16 @@ def _placement(acc: AcceleratorSpec) -> _Placement:
     return _Placement(selector, tolerations, limits, hosts, slices, tpu)
 
 
+def _place(pod_spec: dict[str, Any], spec: CodaTrainingRunSpec, pl: _Placement) -> None:
+    """The run's identity and the accelerator's node placement, shared by every pod coda renders."""
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if pl.node_selector:
+        pod_spec["nodeSelector"] = dict(pl.node_selector)
+    if pl.tolerations:
+        pod_spec["tolerations"] = list(pl.tolerations)
+
+
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -422,12 +432,7 @@ def render_stage(
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
     }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
-    if pl.node_selector:
-        pod_spec["nodeSelector"] = dict(pl.node_selector)
-    if pl.tolerations:
-        pod_spec["tolerations"] = list(pl.tolerations)
+    _place(pod_spec, spec, pl)
     if spec.host_network and pl.tpu and pl.hosts * pl.slices > 1:
         # The node's network for Multislice DCN and host-to-host traffic (xpk's default); the
         # JobSet's headless-service names (the coordinator address) still resolve through
@@ -552,12 +557,7 @@ def render_sampler(
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
-    if pl.node_selector:
-        pod_spec["nodeSelector"] = dict(pl.node_selector)
-    if pl.tolerations:
-        pod_spec["tolerations"] = list(pl.tolerations)
+    _place(pod_spec, spec, pl)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -676,12 +676,7 @@ def render_eval_job(
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
-    if pl.node_selector:
-        pod_spec["nodeSelector"] = dict(pl.node_selector)
-    if pl.tolerations:
-        pod_spec["tolerations"] = list(pl.tolerations)
+    _place(pod_spec, spec, pl)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -353,12 +353,7 @@ class _Loader:
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes | str | dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            state = json.loads(state)
-        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
-            raise ValueError(
-                f"data state {state.get('kind')}/v{state.get('version')} is not {self.kind}/v{_STATE_VERSION}"
-            )
+        state = _decoded_state(state, self.kind)
         if len(state["sources"]) != len(self.streams):
             raise ValueError(
                 f"data state has {len(state['sources'])} sources but the stage has {len(self.streams)}; "
@@ -563,6 +558,17 @@ class SFTLoader(_Loader):
         self.dropped = state["dropped"]
 
 
+def _decoded_state(state: bytes | str | dict[str, Any], kind: str) -> dict[str, Any]:
+    """A loader state as a dict, refused when it was written by another loader kind or version."""
+    if not isinstance(state, dict):
+        state = json.loads(state)
+    if state.get("version") != _STATE_VERSION or state.get("kind") != kind:
+        raise ValueError(
+            f"data state {state.get('kind')}/v{state.get('version')} is not {kind}/v{_STATE_VERSION}"
+        )
+    return state
+
+
 class ReaderGroup:
     """Several data readers in one process: their rows, concatenated in reader order, are this
     process's share of the global batch.
@@ -591,12 +597,7 @@ class ReaderGroup:
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes | str | dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            state = json.loads(state)
-        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
-            raise ValueError(
-                f"data state {state.get('kind')}/v{state.get('version')} is not {self.kind}/v{_STATE_VERSION}"
-            )
+        state = _decoded_state(state, self.kind)
         if (state["first"], len(state["readers"])) != (self.first, len(self.readers)):
             raise ValueError(
                 f"data state holds readers {state['first']}.. ({len(state['readers'])}) but this "
