@@ -10,6 +10,7 @@ JobSet/Deployment controllers by patching child status, and validate manifests s
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import functools
@@ -170,6 +171,12 @@ class Emulator(kmock.KubernetesEmulator):
     def _apiserver_fields(self, request: Any) -> None:
         plural = request.resource.plural
         data = request.data
+        if plural == "secrets" and isinstance(data, dict) and "stringData" in data:
+            # as the API server does: stringData is write-only, merged into data (base64)
+            encoded = {
+                k: base64.b64encode(v.encode()).decode() for k, v in data.pop("stringData").items()
+            }
+            data["data"] = {**(data.get("data") or {}), **encoded}
         if request.action == kmock.action.CREATE:
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
