@@ -626,6 +626,11 @@ async def _warm_up(svc: _Service, do_warmup: bool) -> None:
         )  # fmt: skip
     except WarmupAbandoned as e:
         log.info("warm-up abandoned, the server is stopping: %s", e)
+    except asyncio.CancelledError:
+        # The lifespan cancels this task at shutdown, usually before the model thread has noticed
+        # the stop event and raised WarmupAbandoned.
+        log.info("warm-up abandoned, the server is stopping")
+        raise
     except Exception as e:
         if engine.ready:  # a background compile: the bucket compiles on first use instead
             log.exception("background compile failed")
