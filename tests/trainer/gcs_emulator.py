@@ -1,12 +1,13 @@
 """pytest fixtures: a real GCS endpoint on loopback (`gcp-storage-emulator` in a subprocess).
 
-- `gcs_emulator` (session): starts `gcp-storage-emulator start --in-memory` on a free 127.0.0.1
-  port, its output going to a log file (a pipe nobody reads fills up after ~64 KB of the
-  emulator's tracebacks and then blocks every request: the suite hung that way once), waits
-  until it answers, and points the clients at it for the whole process and its
-  children: `STORAGE_EMULATOR_HOST` (google-cloud-storage, gcsfs) and `TENSORSTORE_GCS_HTTP_URL`
-  (tensorstore, i.e. orbax's array writes; without it saves try the real GCS and hang). Stopped
-  and the environment restored at the end of the session.
+- `gcs_emulator` (session): starts `gcp-storage-emulator start --in-memory` (through
+  gcs_emulator_server.py, which keeps each write O(1)) on a free 127.0.0.1 port, its output going
+  to a log file (a pipe nobody reads fills up after ~64 KB of the emulator's tracebacks and then
+  blocks every request: the suite hung that way once), waits until it answers, and points the
+  clients at it for the whole process and its children: `STORAGE_EMULATOR_HOST`
+  (google-cloud-storage, gcsfs) and `TENSORSTORE_GCS_HTTP_URL` (tensorstore, i.e. orbax's array
+  writes; without it saves try the real GCS and hang). Stopped and the environment restored at the
+  end of the session.
 - `gcs_bucket`: a fresh, empty bucket for one test, as `"gs://<name>"`.
 
 Reuse from another test directory by importing both fixtures into that directory's conftest.py.
@@ -14,8 +15,8 @@ Reuse from another test directory by importing both fixtures into that directory
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,15 +42,13 @@ def _free_port() -> int:
 
 
 def _executable() -> list[str]:
-    exe = Path(sys.executable).with_name("gcp-storage-emulator")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("gcp-storage-emulator")
-    if found is None:
+    """The emulator through gcs_emulator_server.py (same server, without the per-write snapshot
+    that makes every write cost O(objects held))."""
+    if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise RuntimeError(
             "gcp-storage-emulator is not installed (pip install gcp-storage-emulator)"
         )
-    return [found]
+    return [sys.executable, str(Path(__file__).with_name("gcs_emulator_server.py"))]
 
 
 @dataclass
