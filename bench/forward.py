@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 import jax
 import jax.numpy as jnp
 from coda_trainer.config import PRESETS, MeshConfig, ModelConfig
-from coda_trainer.model import resolve_attention_impl
-from coda_trainer.sharding import batch_sharding, create_sharded_model, make_mesh
+from coda_trainer.model import create_sharded_model, resolve_attention_impl
+from coda_trainer.sharding import batch_sharding, make_mesh
 from flax import nnx
 
 

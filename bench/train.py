@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     from coda_trainer.config import MaskingConfig, MeshConfig, ModelConfig, OptimizerConfig
     from coda_trainer.masking import NoiseSpec
     from coda_trainer.metrics import mfu
+    from coda_trainer.model import create_sharded_model
     from coda_trainer.optimizer import make_optimizer, make_schedule
     from coda_trainer.sharding import (
         batch_sharding,
-        create_sharded_model,
         make_mesh,
         optimizer_state_shardings,
     )

@@ -15,7 +15,8 @@ import pytest
 from coda_trainer import checkpoint as ck
 from coda_trainer import storage
 from coda_trainer.config import ModelConfig
-from coda_trainer.sharding import create_sharded_model, make_mesh
+from coda_trainer.model import create_sharded_model
+from coda_trainer.sharding import make_mesh
 from flax import nnx
 
 TINY = dict(

@@ -18,15 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from coda_trainer.config import MeshConfig, ModelConfig
-from coda_trainer.model import Transformer
+from coda_trainer.model import Transformer, create_sharded_model, shard_model
 from coda_trainer.sharding import (
     batch_sharding,
     constrain,
-    create_sharded_model,
     logical_sharding,
     logical_to_spec,
     make_mesh,
-    shard_model,
 )
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -102,7 +100,8 @@ _EIGHT_DEVICES = textwrap.dedent(
     from coda_trainer import hf
     from coda_trainer.config import MeshConfig, ModelConfig
     from coda_trainer.model import KVCache, Transformer
-    from coda_trainer.sharding import batch_sharding, create_sharded_model, make_mesh, shard_model
+    from coda_trainer.model import create_sharded_model, shard_model
+    from coda_trainer.sharding import batch_sharding, make_mesh
 
     assert jax.device_count() == 8, jax.devices()
     out = {}

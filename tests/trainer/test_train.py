@@ -297,7 +297,8 @@ from flax import nnx
 from coda_trainer import train
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.masking import NoiseSpec
-from coda_trainer.sharding import batch_sharding, create_sharded_model, make_mesh
+from coda_trainer.model import create_sharded_model
+from coda_trainer.sharding import batch_sharding, make_mesh
 
 out = {}
 for opt in ("adamw", "adafactor"):

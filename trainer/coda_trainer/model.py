@@ -22,17 +22,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 
 from coda_trainer.config import ModelConfig
-from coda_trainer.sharding import constrain
+from coda_trainer.sharding import constrain, state_shardings
 
 __all__ = [
     "KVCache",
     "Transformer",
     "attention",
+    "create_sharded_model",
     "mesh_platform",
     "resolve_attention_impl",
     "rope_cos_sin",
+    "shard_model",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -585,3 +588,29 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
         return Block(config, rngs=rngs)
 
     return make(rngs)
+
+
+def create_sharded_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
+    """Initialise a Transformer with every parameter created directly in its shards.
+
+    The init function runs under `jit` with `out_shardings`, so no device (or host) ever holds an
+    unsharded copy; values equal `Transformer(config, rngs=nnx.Rngs(seed))`'s.
+    """
+
+    def init_state() -> Any:
+        return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed))))
+    abstract_state = jax.eval_shape(init_state)
+    shardings = state_shardings(abstract_state, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init_state, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
+    """Move an existing model's parameters into their shardings on `mesh` (in place; returns it)."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model

@@ -12,30 +12,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from coda_trainer.config import MeshConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from coda_trainer.model import Transformer
+from coda_trainer.config import MeshConfig
 
 __all__ = [
     "LOGICAL_RULES",
     "MESH_AXES",
     "batch_sharding",
     "constrain",
-    "create_sharded_model",
     "logical_sharding",
     "logical_to_spec",
     "make_mesh",
     "optimizer_state_shardings",
     "param_logical_axes",
-    "shard_model",
     "state_shardings",
 ]
 
@@ -216,30 +211,3 @@ def optimizer_state_shardings(opt_state: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, opt_state, is_leaf=_is_variable)
-
-
-def create_sharded_model(config: ModelConfig, mesh: Mesh, seed: int = 0) -> Transformer:
-    """Initialise a Transformer with every parameter created directly in its shards.
-
-    The init function runs under `jit` with `out_shardings`, so no device (or host) ever holds an
-    unsharded copy; values equal `Transformer(config, rngs=nnx.Rngs(seed))`'s.
-    """
-    from coda_trainer.model import Transformer
-
-    def init_state() -> Any:
-        return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
-
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed))))
-    abstract_state = jax.eval_shape(init_state)
-    shardings = state_shardings(abstract_state, mesh)
-    with jax.set_mesh(mesh):
-        state = jax.jit(init_state, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
-def shard_model(model: Transformer, mesh: Mesh) -> Transformer:
-    """Move an existing model's parameters into their shardings on `mesh` (in place; returns it)."""
-    state = nnx.state(model)
-    shardings = state_shardings(state, mesh)
-    nnx.update(model, jax.device_put(state, shardings))
-    return model

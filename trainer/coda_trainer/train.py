@@ -591,7 +591,8 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     from coda_trainer import checkpoint as ckpt_lib
     from coda_trainer.data import Prefetch, make_loader
     from coda_trainer.metrics import MetricsWriter
-    from coda_trainer.sharding import create_sharded_model, make_mesh
+    from coda_trainer.model import create_sharded_model
+    from coda_trainer.sharding import make_mesh
 
     cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
     maybe_initialize_distributed()
