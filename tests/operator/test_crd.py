@@ -30,12 +30,51 @@ def run_doc(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
     }
 
 
-def design_example() -> dict[str, Any]:
-    """The spec of the CodaTrainingRun sketched in DESIGN.md."""
-    text = (ROOT / ".." / "shared" / "DESIGN.md").resolve().read_text()
-    block = text.split("## A CodaTrainingRun, sketched")[1].split("```yaml")[1].split("```")[0]
-    doc = yaml.safe_load(block)
-    return doc["spec"]
+# The paper's shapes as a first-time user would write them (pre- and mid-training at the paper's
+# 512 × 8192 and 256 × 8192, SFT at the release's 176 sequences), before any pre-flight advice.
+PAPER_SHAPE_SPEC = """
+image: us-docker.pkg.dev/acme/coda/trainer:0.1.0
+serviceAccountName: coda-trainer
+model: {preset: coda-1.7b, initFrom: gs://acme-models/qwen3-1.7b}
+tokenizer: gs://acme-models/qwen3-1.7b
+checkpoints: {uri: gs://acme-ckpt/coda-1p7b, everySteps: 5000, keep: 3}
+accelerator: {tpu: {type: v5p, topology: 8x8x8, slices: 1}, spot: false}
+queueName: tpu-team
+stages:
+  - name: pretrain
+    kind: pretrain
+    steps: 50000
+    batch: {sequences: 512, seqLen: 8192}
+    optimizer: {name: adafactor, peakLr: 3.0e-4, schedule: linear, warmupSteps: 2000}
+    data:
+      - {uri: "gs://acme-data/dclm/*.parquet", weight: 60.17}
+      - {uri: "gs://acme-data/stack-v2-python/*.parquet", weight: 50.75}
+    masking: {prefixProb: 0.01, truncateProb: 0.01, blockProb: 0.01, blockSizes: [2, 4, 8]}
+  - name: midtrain
+    kind: midtrain
+    accelerator: {tpu: {type: v5p, topology: 4x8x8}}
+    steps: 50000
+    batch: {sequences: 256, seqLen: 8192}
+    optimizer: {name: adafactor, peakLr: 2.0e-4}
+    data: [{uri: "gs://acme-data/opencoder-annealing/*.parquet"}]
+    masking: {curriculum: paper-table-3}
+  - name: sft
+    kind: sft
+    steps: 20000
+    batch: {sequences: 176, seqLen: 1024}
+    optimizer: {name: adamw, peakLr: 2.0e-5, schedule: cosine, warmupRatio: 0.1}
+    data: [{uri: "gs://acme-data/opc-sft-stage2/*.jsonl", format: chat}]
+    sft: {promptRampFraction: 0.05, overLength: drop}
+sampler: {enabled: true, replicas: 1, accelerator: {tpu: {type: v6e, topology: 1x1}},
+          defaults: {steps: 128, alg: entropy, blockLength: 32, threshold: 0.9}}
+failurePolicy: {maxRestarts: 3, stageRetries: 1}
+activeDeadlineSeconds: 1209600
+ttlSecondsAfterFinished: 604800
+"""
+
+
+def paper_shape_spec() -> dict[str, Any]:
+    return yaml.safe_load(PAPER_SHAPE_SPEC)
 
 
 def test_generated_files_are_in_sync_with_the_models() -> None:
@@ -108,9 +147,9 @@ def test_api_reuses_the_trainer_models() -> None:
     )
 
 
-def test_design_sketch_sft_is_refused_before_a_slice_is_requested() -> None:
-    """DESIGN.md's sketch runs SFT (176 sequences) on the run's 512-chip slice: no step can start."""
-    spec = design_example()
+def test_paper_shape_sft_is_refused_before_a_slice_is_requested() -> None:
+    """SFT's 176 sequences on the run's 512-chip slice: no step could start."""
+    spec = paper_shape_spec()
     errors = crd_errors(run_doc(spec, "coda-1p7b"))
     assert len(errors) == 1 and "batch.sequences" in errors[0], errors
     with pytest.raises(api.InvalidSpec) as exc:
