@@ -12,6 +12,9 @@ kopf operator. `Box.step()` then does what these would do, and nothing else:
   restart while `maxRestarts` allows). A restart recreates every pod (`Recreate`). The outcome is
   written as JobSet status (`terminalState`, conditions, `restarts`) through the API, as the
   controller does.
+- **Job controller** (the evaluation's batch/v1 Jobs): one pod; exit 0 → `Complete`; otherwise
+  the `podFailurePolicy` (FailJob on an exit code → reason PodFailurePolicy) or, with
+  `backoffLimit: 0`, BackoffLimitExceeded → `Failed`.
 - **Deployment controller**: `replicas` pods; `status.readyReplicas` counts pods whose
   readinessProbe (an HTTP GET on the pod's address) answers 2xx.
 - **kubelet**: each pod's container command runs as a local process. Env is resolved as the
@@ -120,6 +123,7 @@ class Box:
         self.workdir = workdir
         self.node_env = node_env
         self.jobsets: dict[str, _JobSetRun] = {}
+        self.jobs: dict[str, _JobSetRun] = {}  # batch/v1 Jobs: one attempt, one pod
         self.deployments: dict[str, list[Pod]] = {}
         self.history: list[tuple[str, str, int | None]] = []  # (jobset, pod, exit code)
         cluster.k["post", kmock.resource("v1/services")] << self._proxy
@@ -274,9 +278,9 @@ class Box:
         return run
 
     @staticmethod
-    def _job_failure(js: dict[str, Any], pod: Pod) -> tuple[str, str]:
+    def _job_failure(job_spec: dict[str, Any], pod: Pod) -> tuple[str, str]:
         """(reason, message) of the Job that `pod` failed, as the Job controller words them."""
-        rules = js["spec"]["replicatedJobs"][0]["template"]["spec"].get("podFailurePolicy", {})
+        rules = job_spec.get("podFailurePolicy", {})
         for index, rule in enumerate(rules.get("rules", [])):
             if rule["action"] != "FailJob":
                 continue
@@ -328,7 +332,9 @@ class Box:
         failed = next((p for p in run.pods if p.exit_code not in (None, 0)), None)
         if failed is None:
             return
-        reason, message = self._job_failure(js, failed)
+        reason, message = self._job_failure(
+            js["spec"]["replicatedJobs"][0]["template"]["spec"], failed
+        )
         await _terminate(run.pods)  # Recreate: the rest of the group goes too
         for p in run.pods:
             self.history.append((name, p.name, p.exit_code))
@@ -367,6 +373,45 @@ class Box:
             "jobsets", run.name, {"status": {"restarts": run.restarts}}, sub="status"
         )
         self._start_jobset(js, run)
+
+    # ---------------------------------------------------------------------------------- Job
+
+    async def _step_job(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        run = self.jobs.get(name)
+        if job["spec"].get("suspend") or (run is not None and run.done):
+            return
+        pod_spec = job["spec"]["template"]["spec"]
+        if run is None:
+            pod = Pod(
+                name=f"{name}-0",
+                ip=f"127.0.0.{next(_ip_counter) % 250 + 2}",
+                labels=dict(job["spec"]["template"]["metadata"].get("labels") or {}),
+                annotations={"batch.kubernetes.io/job-completion-index": "0"},
+                container=pod_spec["containers"][0],
+                grace_s=float(pod_spec.get("terminationGracePeriodSeconds", 30)),
+                root=self.workdir / "pods" / f"{name}-0",
+            )
+            self._start(pod, pod_spec, {})
+            self.jobs[name] = _JobSetRun(name, [pod])
+            return
+        (pod,) = run.pods
+        if pod.poll() is None:
+            return
+        run.done = True
+        self.history.append((name, pod.name, pod.exit_code))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if pod.exit_code == 0:
+            cond = {"type": "Complete", "status": "True", "lastTransitionTime": now}
+            counts = {"succeeded": 1}
+        else:
+            reason, message = self._job_failure(job["spec"], pod)
+            cond = {"type": "Failed", "status": "True", "reason": reason, "message": message,
+                    "lastTransitionTime": now}  # fmt: skip
+            counts = {"failed": 1}
+        await self.cluster.patch(
+            "jobs", name, {"status": {**counts, "conditions": [cond]}}, sub="status"
+        )
 
     # --------------------------------------------------------------------------- Deployment
 
@@ -458,6 +503,8 @@ class Box:
                 for p in run.pods:
                     p.kill()
                 del self.jobsets[name]
+        for _, job in sorted(self.cluster.objects("jobs").items()):
+            await self._step_job(job)
         for _, dep in sorted(self.cluster.objects("deployments").items()):
             await self._step_deployment(dep)
 
@@ -481,7 +528,8 @@ class Box:
         return "\n".join(out)
 
     def _all_pods(self) -> list[Pod]:
-        return [p for r in self.jobsets.values() for p in r.pods] + [
+        runs = [*self.jobsets.values(), *self.jobs.values()]
+        return [p for r in runs for p in r.pods] + [
             p for pods in self.deployments.values() for p in pods
         ]
 

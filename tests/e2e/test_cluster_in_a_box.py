@@ -3,12 +3,15 @@ plays the cluster): the real operator, the real trainer and sampler as processes
 `coda-ctl` talking to the API.
 
 Scenario, on a tiny model: three stages (pretrain → midtrain → sft) hand their checkpoints on
-through `initFrom` in gs:// (the GCS emulator); midtrain is preempted after its first checkpoint
-(DisruptionTarget, SIGTERM: the trainer saves and exits 75, the JobSet restarts without spending
-`maxRestarts`, the new pod resumes from that checkpoint); the sampler Deployment becomes Ready
-through its readiness probe on the pod's own address; `coda-ctl sample` and `coda-ctl infill` get
-text through the Service with the generated API key; `spec.sampler.defaults` visibly apply. A
-second run with a bad `initFrom` fails permanently (exit 78) without a single retry.
+through `initFrom` in gs:// (the GCS emulator); midtrain runs on a two-host slice (v5p 2x2x2: two
+pods, one JAX process each, joined through the coordinator the JobSet's DNS names point at) and one
+of its hosts is preempted after the first checkpoint (DisruptionTarget, SIGTERM: the hosts agree on
+a step, save and exit, the JobSet restarts without spending `maxRestarts`, the new pods resume from
+that checkpoint); the evaluation Job scores the final checkpoint on two HumanEval / HumanEval+
+problems into `status.evaluation` (gate at 0); the sampler Deployment becomes Ready through its
+readiness probe on the pod's own address; `coda-ctl sample` and `coda-ctl infill` get text through
+the Service with the generated API key; `spec.sampler.defaults` visibly apply. A second run with a
+bad `initFrom` fails permanently (exit 78) without a single retry.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
         "num_kv_heads": 1, "head_dim": 16}  # fmt: skip
 ONE_HOST = {"tpu": {"type": "v5p", "topology": "2x2x1"}}  # 4 chips, one host
+TWO_HOSTS = {"tpu": {"type": "v5p", "topology": "2x2x2"}}  # 8 chips, two hosts of 4
 
 
 def _stage(name: str, kind: str, steps: int, data: Path, **extra: Any) -> dict[str, Any]:
@@ -62,7 +66,15 @@ def run_spec(bucket: str, corpus: dict[str, Path], **overrides: Any) -> dict[str
         "failurePolicy": {"maxRestarts": 0, "stageRetries": 1},
         "stages": [
             _stage("pretrain", "pretrain", 4, corpus["pretrain"]),
-            _stage("midtrain", "midtrain", 16, corpus["midtrain"]),
+            # 8 sequences: one per chip of the two-host slice
+            _stage(
+                "midtrain",
+                "midtrain",
+                16,
+                corpus["midtrain"],
+                accelerator=TWO_HOSTS,
+                batch={"sequences": 8, "seqLen": 32},
+            ),
             # chat rows are longer than 32 tokens: keep their first 64 rather than drop them all
             _stage(
                 "sft",
@@ -73,6 +85,14 @@ def run_spec(bucket: str, corpus: dict[str, Path], **overrides: Any) -> dict[str
                 batch={"sequences": 4, "seqLen": 64},
             ),
         ],
+        # HumanEval and HumanEval+ of the final checkpoint, two problems, short answers: the
+        # score of a model this small is ~0; the gate at 0 passes and lets the sampler start
+        "evaluation": {
+            "benchmarks": ["humaneval", "humaneval-plus"],
+            "limit": 2,
+            "sampler": {"maxNewTokens": 16, "steps": 8, "blockLength": 8},
+            "minPassAt1": {"humaneval": 0.0},
+        },
         "sampler": {"replicas": 1, "defaults": {"maxNewTokens": 8, "steps": 8}},
     }
     spec.update(overrides)
@@ -149,7 +169,7 @@ async def test_a_run_executed_from_its_rendered_objects(
     corpus = await asyncio.to_thread(build_default_corpora, tmp_path / "data", limit=25, shards=2)
     await cluster.create_run("box", run_spec(gcs_bucket, corpus))
 
-    # ---- midtrain: preempted once it has a checkpoint, restarted, resumed
+    # ---- midtrain: two hosts; one is preempted once there is a checkpoint; restarted, resumed
     async def midtrain_checkpointed() -> Any:
         run = await cluster.run("box")
         progress = (run.get("status") or {}).get("progress") or {}
@@ -157,7 +177,8 @@ async def test_a_run_executed_from_its_rendered_objects(
         return pods if progress.get("stage") == "midtrain" and progress.get("checkpoint") else None
 
     pods = await _until("a midtrain checkpoint", midtrain_checkpointed, b, timeout=400)
-    b.preempt(pods[0])
+    assert len(b.jobsets["box-midtrain"].pods) == 2
+    b.preempt(pods[-1])
 
     async def succeeded() -> Any:
         run = await cluster.run("box")
@@ -169,15 +190,28 @@ async def test_a_run_executed_from_its_rendered_objects(
     assert [s.get("retries", 0) for s in stages] == [0, 0, 0]  # preemption is not a retry
     assert stages[1]["jobSetRestarts"] == 1 and stages[0]["jobSetRestarts"] == 0
     midtrain_exits = [code for js, _, code in b.history if js == "box-midtrain"]
-    assert midtrain_exits == [75, 0], b.history  # saved on SIGTERM, then finished
-    resumed = next(p for p in b.jobsets["box-midtrain"].pods if p.name.endswith("-r1"))
-    assert "resumed" in resumed.log.read_text(), resumed.log.read_text()[-3000:]
+    # both hosts stopped at the agreed step and saved (75), then both finished
+    assert midtrain_exits == [75, 75, 0, 0], b.history
+    resumed = b.jobsets["box-midtrain"].pods
+    assert [p.name.endswith("-r1") for p in resumed] == [True, True]
+    for pod in resumed:
+        log = pod.log.read_text()
+        assert "resumed" in log and "2 process(es)" in log, log[-3000:]
     # hand-off: each stage's ConfigMap starts it from the previous stage's final
     for prev, stage in [("pretrain", "midtrain"), ("midtrain", "sft")]:
         job = yaml.safe_load(
             cluster.objects("configmaps")[f"box-{stage}-config"]["data"]["job.yaml"]
         )
         assert job["stage"]["init_from"] == f"{gcs_bucket}/runs/{prev}/final"
+
+    # ---- the evaluation Job ran the harness on the final checkpoint and filled status.evaluation
+    evaluation = run["status"]["evaluation"]["sft"]
+    assert evaluation["phase"] == "Succeeded", evaluation
+    assert evaluation["report"].startswith(f"{gcs_bucket}/runs/sft/eval"), evaluation
+    for bench in ("humaneval", "humaneval-plus"):
+        score = evaluation["results"][bench]
+        assert score["problems"] == 2 and 0.0 <= score["passAt1"] <= 1.0, evaluation
+    assert [(js, code) for js, _, code in b.history if "-eval" in js] == [("box-sft-eval", 0)]
 
     # ---- the sampler: ready through its probe on the pod's address, reached through the Service
     async def sampler_ready() -> Any:
