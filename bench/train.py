@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_mesh,
         optimizer_state_shardings,
     )
-    from coda_trainer.train import TrainState, make_train_step
+    from coda_trainer.step import TrainState, make_train_step
     from flax import nnx
 
     overrides = {

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import yaml
 from coda_operator import api, render
-from coda_trainer import contract, storage, train
+from coda_trainer import contract, distributed, storage
 from coda_trainer.checkpoint import Checkpointer
 from coda_trainer.config import DataSource
 from coda_trainer.contract import EXIT_OK, EXIT_RETRYABLE
@@ -315,34 +315,40 @@ def test_process_id_comes_from_the_rendered_pod_env():
             [*shell, f'{export} && echo "$JAX_PROCESS_ID"'], env=env, capture_output=True,
             text=True, timeout=10, check=True,
         ).stdout.strip()  # fmt: skip
-        settings = train.distributed_settings({**env, "JAX_PROCESS_ID": exported})
+        settings = distributed.distributed_settings({**env, "JAX_PROCESS_ID": exported})
         assert settings["process_id"] == int(exported)
         assert settings["coordinator_address"] == "127.0.0.1:1234"
         assert settings["num_processes"] == 4
         ids.append(settings["process_id"])
     assert ids == [0, 1, 2, 3]
-    assert settings["heartbeat_timeout_seconds"] == train.HEARTBEAT_TIMEOUT_S
-    assert settings["shutdown_timeout_seconds"] == train.SHUTDOWN_TIMEOUT_S
+    assert settings["heartbeat_timeout_seconds"] == distributed.HEARTBEAT_TIMEOUT_S
+    assert settings["shutdown_timeout_seconds"] == distributed.SHUTDOWN_TIMEOUT_S
     # Inconsistent environments fail as configuration errors (exit 78), not as a hung start.
-    with pytest.raises(train.ConfigError, match="JAX_PROCESS_ID=2"):
-        train.distributed_settings({**env, "JAX_PROCESS_ID": "2"})
-    with pytest.raises(train.ConfigError, match="JAX_NUM_PROCESSES=3"):
-        train.distributed_settings({**env, "JAX_NUM_PROCESSES": "3"})
-    with pytest.raises(train.ConfigError, match="outside"):
-        train.distributed_settings({**env, contract.ENV_HOST_ID: "2"})
+    with pytest.raises(distributed.ConfigError, match="JAX_PROCESS_ID=2"):
+        distributed.distributed_settings({**env, "JAX_PROCESS_ID": "2"})
+    with pytest.raises(distributed.ConfigError, match="JAX_NUM_PROCESSES=3"):
+        distributed.distributed_settings({**env, "JAX_NUM_PROCESSES": "3"})
+    with pytest.raises(distributed.ConfigError, match="outside"):
+        distributed.distributed_settings({**env, contract.ENV_HOST_ID: "2"})
     # Without the operator's env: JAX_PROCESS_ID, or the Job's completion index (one slice).
     base = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}
-    assert train.distributed_settings({**base, "JOB_COMPLETION_INDEX": "1"})["process_id"] == 1
-    assert "process_id" not in train.distributed_settings({})  # JAX detects a TPU slice itself
+    assert (
+        distributed.distributed_settings({**base, "JOB_COMPLETION_INDEX": "1"})["process_id"] == 1
+    )
+    assert "process_id" not in distributed.distributed_settings(
+        {}
+    )  # JAX detects a TPU slice itself
 
 
 def test_gloo_only_when_the_devices_are_cpus():
-    assert train.cpu_only("cpu", [])
-    assert train.cpu_only("cpu", ["libtpu"])  # JAX_PLATFORMS=cpu wins over installed plugins
-    assert not train.cpu_only("tpu", [])
-    assert not train.cpu_only("cuda,cpu", [])
-    assert train.cpu_only(None, [])
-    assert not train.cpu_only(None, ["xla_cuda12"]) and not train.cpu_only("", ["libtpu"])
+    assert distributed.cpu_only("cpu", [])
+    assert distributed.cpu_only("cpu", ["libtpu"])  # JAX_PLATFORMS=cpu wins over installed plugins
+    assert not distributed.cpu_only("tpu", [])
+    assert not distributed.cpu_only("cuda,cpu", [])
+    assert distributed.cpu_only(None, [])
+    assert not distributed.cpu_only(None, ["xla_cuda12"]) and not distributed.cpu_only(
+        "", ["libtpu"]
+    )
 
 
 def test_readers_split_the_data_and_rebuild_the_one_process_batch(corpus):

@@ -46,7 +46,7 @@ def test_recompute_grows_with_the_remat_policy() -> None:
 
 def test_a_stage_remat_overrides_the_model_remat() -> None:
     from coda_trainer.config import TrainJobConfig
-    from coda_trainer.train import stage_model_config
+    from coda_trainer.step import stage_model_config
 
     def job(**stage: object) -> TrainJobConfig:
         return TrainJobConfig.model_validate({

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from coda_trainer import storage, train
+from coda_trainer import distributed, storage, train
 from coda_trainer.checkpoint import Checkpointer
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.contract import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
@@ -294,7 +294,7 @@ _STATE_LAYOUT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from coda_trainer import train
+from coda_trainer import step as step_lib
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.masking import NoiseSpec
 from coda_trainer.model import create_sharded_model
@@ -310,16 +310,16 @@ for opt in ("adamw", "adafactor"):
                   "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}})
     mesh = make_mesh(cfg.stage.mesh)
     with jax.set_mesh(mesh):
-        layout = train.abstract_train_state(cfg, mesh)
+        layout = step_lib.abstract_train_state(cfg, mesh)
         graphdef, params, rest = nnx.split(create_sharded_model(layout.model_config, mesh), nnx.Param, ...)
-        state = train.initial_train_state(layout, params)
+        state = step_lib.initial_train_state(layout, params)
         replicated_before = jax.jit(layout.tx.init)(params)  # the old way, for contrast
         def moments(opt_state):
             return {jax.tree_util.keystr(p): l for p, l in jax.tree_util.tree_leaves_with_path(opt_state)
                     if l.shape == (256, 64)}
         param_specs = {str(l.sharding.spec) for l in jax.tree.leaves(params) if l.ndim == 2 and l.shape[0] == 256}
         spec = NoiseSpec.from_configs(layout.model_config, cfg.stage.masking)
-        step = train.make_train_step(graphdef, rest, layout.tx, layout.schedule, spec=spec, kind="pretrain",
+        step = step_lib.make_train_step(graphdef, rest, layout.tx, layout.schedule, spec=spec, kind="pretrain",
                                      loss_norm="tokens", grad_accum=2, state_shardings=layout.shardings)
         same = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state, layout.shardings)
         tokens = np.asarray(jax.random.randint(jax.random.key(0), (8, 32), 2, 250), np.int32)
@@ -328,7 +328,7 @@ for opt in ("adamw", "adafactor"):
         losses = []
         for i in range(3):
             batch = {**{k: jax.device_put(v, batch_sharding(mesh)) for k, v in data.items()},
-                     **train.stage_knobs(cfg.stage, spec, i)}
+                     **step_lib.stage_knobs(cfg.stage, spec, i)}
             state, metrics = step(state, batch, jax.random.key(1))
             losses.append(float(metrics["loss"]))
     out[opt] = {
@@ -554,10 +554,10 @@ def test_sft_stage_trains_with_either_prompt_span(tmp_path, corpus, span):
 
 
 def test_multihost_detection():
-    assert not train._multihost_env({})
-    assert not train._multihost_env({"TPU_WORKER_HOSTNAMES": "host-0"})
-    assert train._multihost_env({"TPU_WORKER_HOSTNAMES": "host-0,host-1"})
-    assert train._multihost_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert not distributed.multihost_env({})
+    assert not distributed.multihost_env({"TPU_WORKER_HOSTNAMES": "host-0"})
+    assert distributed.multihost_env({"TPU_WORKER_HOSTNAMES": "host-0,host-1"})
+    assert distributed.multihost_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
 
 
 def test_transient_errors_are_retryable():

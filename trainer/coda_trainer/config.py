@@ -25,6 +25,7 @@ __all__ = [
     "PRESETS",
     "BatchConfig",
     "CheckpointConfig",
+    "ConfigError",
     "DataSource",
     "EvalConfig",
     "MaskingConfig",
@@ -40,6 +41,10 @@ __all__ = [
     "TrainJobConfig",
     "load_job_config",
 ]
+
+
+class ConfigError(contract.PermanentError):
+    """The job cannot run as configured (exit 78: retrying the same config fails the same way)."""
 
 
 class StrictModel(BaseModel):

@@ -240,7 +240,7 @@ def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> dic
 
     from coda_trainer.data import batch_fields
     from coda_trainer.sharding import batch_sharding
-    from coda_trainer.train import stage_knobs
+    from coda_trainer.step import stage_knobs
 
     stage = cfg.stage
     rows_sharding = batch_sharding(mesh)
@@ -287,7 +287,7 @@ def compile_stage(
 
     from coda_trainer.masking import NoiseSpec
     from coda_trainer.sharding import make_mesh
-    from coda_trainer.train import abstract_train_state, make_eval_step, make_train_step
+    from coda_trainer.step import abstract_train_state, make_eval_step, make_train_step
 
     stage_update: dict[str, Any] = {}
     if remat is not None:
@@ -386,7 +386,7 @@ def search_stage(
     that order and the first that fits wins, so the search compiles only what it must.
     """
     from coda_trainer.sharding import make_mesh
-    from coda_trainer.train import stage_model_config
+    from coda_trainer.step import stage_model_config
 
     stage = cfg.stage
     data, fsdp, _ = make_mesh(stage.mesh, devices).devices.shape
@@ -491,7 +491,7 @@ def arithmetic_report(
     cfg: TrainJobConfig, chips: int, device_peak_flops: float | None
 ) -> dict[str, Any]:
     """What a stage costs without compiling: FLOPs per step and the ideal (100% MFU) times."""
-    from coda_trainer.train import stage_model_config
+    from coda_trainer.step import stage_model_config
 
     stage = cfg.stage
     model = stage_model_config(cfg)
@@ -564,7 +564,7 @@ def stage_report(cfg: TrainJobConfig, target: TpuTarget, *, search: bool = False
 
 
 def stage_model_config_with(cfg: TrainJobConfig, remat: str) -> Any:
-    from coda_trainer.train import stage_model_config
+    from coda_trainer.step import stage_model_config
 
     return stage_model_config(cfg).model_copy(update={"remat": remat})
 
