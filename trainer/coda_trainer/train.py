@@ -13,9 +13,9 @@ What a run does, in order:
    share of the global batch.
 4. Resume from the newest complete checkpoint in `<checkpoints.uri>/<stage>/` if any (params,
    optimiser state, data iterator, step); otherwise load `init_from` weights if set.
-5. Loop: one jitted `train_step(state, batch, rng) -> (state, metrics)` (`coda_trainer.step`);
-   metrics every `log_every` steps (see `coda_trainer.metrics` for stdout JSON lines,
-   `metrics.jsonl`, TensorBoard and `<stage>/status.json`); optional eval loss every
+5. Loop: one jitted `train_step(state, batch, knobs, rng) -> (state, metrics)`
+   (`coda_trainer.step`); metrics every `log_every` steps (see `coda_trainer.metrics` for stdout
+   JSON lines, `metrics.jsonl`, TensorBoard and `<stage>/status.json`); optional eval loss every
    `eval.every_steps`; checkpoint every `checkpoints.every_steps`.
 6. SIGTERM/SIGINT (GKE preemption, `kubectl delete`): the current step finishes, a checkpoint is
    saved and waited for, exit `EXIT_RETRYABLE` (75). A rerun resumes exactly there. With several
@@ -294,9 +294,6 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
         flops_per_token = model_config.train_flops_per_token(L)
         device_kind, n_devices = jax.devices()[0].device_kind, jax.device_count()
 
-        def knobs(step: int) -> dict[str, Any]:
-            return stage_knobs(stage, spec, step)
-
         def run_eval(step: int) -> None:
             assert stage.eval is not None
             ev_loader = make_loader(
@@ -306,8 +303,11 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
             )  # fmt: skip
             sums: dict[str, float] = {}
             for i in range(stage.eval.batches):
-                batch = {**_global_batch(next(ev_loader), sharding), **knobs(step)}
-                m = jax.device_get(eval_step(state.params, batch, jax.random.fold_in(eval_rng, i)))
+                batch = _global_batch(next(ev_loader), sharding)
+                knobs = stage_knobs(stage, spec, step)
+                m = jax.device_get(
+                    eval_step(state.params, batch, knobs, jax.random.fold_in(eval_rng, i))
+                )
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / stage.eval.batches
             writer.emit("eval", step, sums)
@@ -345,8 +345,8 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
         writer.status(state="running", step=start, checkpoint=last_ckpt)
         with StopFlag() as stop:
             while step < stage.steps:
-                batch = {**_global_batch(next(data), sharding), **knobs(step)}
-                state, metrics = train_step(state, batch, base_rng)
+                batch = _global_batch(next(data), sharding)
+                state, metrics = train_step(state, batch, stage_knobs(stage, spec, step), base_rng)
                 step += 1
                 pending.append(metrics)
                 if window_start is None:  # the first step compiles: start timing after it
