@@ -712,7 +712,9 @@ def infill(
 @app.command(name="eval")
 @handles_errors
 def eval_(
-    benchmark: Annotated[str, typer.Argument(help="humaneval | mbpp")],
+    benchmark: Annotated[
+        str, typer.Argument(help="humaneval | humaneval-plus | mbpp | mbpp-sanitized")
+    ],
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint to score.")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint to load in-process.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
@@ -721,11 +723,21 @@ def eval_(
         int | None, typer.Option(help="Tokens per answer (default: the harness's 512).")
     ] = None,
 ) -> None:
-    """pass@1 on HumanEval or MBPP, against a running sampler (--url) or a checkpoint."""
+    """pass@1 on a benchmark, against a running sampler (--url) or a checkpoint.
+
+    The names are spec.evaluation.benchmarks' (HumanEval, HumanEval+ with EvalPlus's extra tests,
+    MBPP, MBPP sanitized)."""
+    from typing import get_args
+
+    from coda_operator.api import EvalBenchmark
+
     from coda_ctl import evalbridge
 
-    if benchmark not in ("humaneval", "mbpp"):
-        raise CtlError(f"unknown benchmark {benchmark!r}: use humaneval or mbpp", Exit.USAGE)
+    known = get_args(EvalBenchmark)
+    if benchmark not in known:
+        raise CtlError(
+            f"unknown benchmark {benchmark!r}: use one of {', '.join(known)}", Exit.USAGE
+        )
     if (url is None) == (checkpoint is None):
         raise CtlError("give exactly one of --url or --checkpoint", Exit.USAGE)
     raise typer.Exit(
