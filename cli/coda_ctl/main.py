@@ -509,6 +509,7 @@ def watch(
                 n: bars.add_task(n, total=max(t, 1), info="")
                 for n, _, t, _ in views.stage_progress(obj)
             }
+            shown_eval = ""
             while True:
                 loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
                 for name, done, total, phase in views.stage_progress(obj):
@@ -518,6 +519,10 @@ def watch(
                         else ""
                     )
                     bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
+                evaluation = views.evaluation_summary(obj)
+                if evaluation != shown_eval:
+                    bars.console.print(evaluation)
+                    shown_eval = evaluation
                 if _watch_done(obj, deadline):
                     break
                 time.sleep(interval)
@@ -527,6 +532,8 @@ def watch(
         while True:
             line = "  ".join(f"{n} {d}/{t} {p}" for n, d, t, p in views.stage_progress(obj))
             line = f"{views.phase_of(obj)}  {line}"
+            if evaluation := views.evaluation_summary(obj):
+                line = f"{line}  {evaluation}"
             if line != last:
                 typer.echo(line)
                 last = line

@@ -558,6 +558,25 @@ def stage_jobset(run: dict[str, Any], stage: str | None) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------- watch
 
 
+def evaluation_summary(run: dict[str, Any]) -> str:
+    """`watch`'s evaluation part: each evaluated stage's phase and pass@1 per benchmark, e.g.
+    "eval sft Succeeded humaneval 12.2% humaneval-plus 10.4%" ("" without spec.evaluation)."""
+    spec_eval = (run.get("spec") or {}).get("evaluation")
+    status_eval = (run.get("status") or {}).get("evaluation") or {}
+    if not spec_eval and not status_eval:
+        return ""
+    if not status_eval:
+        return "eval Pending"
+    parts = []
+    for stage, ev in status_eval.items():
+        scores = [
+            f"{bench} {100 * (r.get('passAt1') or 0):.1f}%"
+            for bench, r in (ev.get("results") or {}).items()
+        ]
+        parts.append(" ".join([f"eval {stage} {ev.get('phase', 'Pending')}", *scores]))
+    return "  ".join(parts)
+
+
 def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
     """Per stage: (name, completed steps, total steps, phase) from the run's spec and status."""
     status = run.get("status") or {}

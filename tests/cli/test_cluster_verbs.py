@@ -762,3 +762,24 @@ def test_run_and_stage_names_complete_in_bash(kubeconfig: Path, cluster_state: A
     assert complete("coda-ctl logs coda-1p7b --stage ", 4) == ["pretrain", "midtrain", "sft"]
     assert complete("coda-ctl -n elsewhere describe ", 4) == []  # another namespace: no runs
     assert complete("coda-ctl describe ", 2, config="/nonexistent") == []  # no cluster: quiet
+
+
+def test_watch_shows_the_evaluation(ctl: Any, cluster_state: Any) -> None:
+    body = dict(RUNS[1][0], metadata={**RUNS[1][0]["metadata"], "name": "evaluated"})
+    body["spec"] = {**body["spec"], "evaluation": {"benchmarks": ["humaneval", "humaneval-plus"]}}
+    cluster_state.create_namespaced_custom_object(
+        "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+    )
+    try:
+        cluster_state.patch_namespaced_custom_object_status(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", "evaluated",
+            {"status": {"phase": "Succeeded", "stage": "sft",
+                        "evaluation": {"sft": {"phase": "Succeeded", "results": {
+                            "humaneval": {"passAt1": 0.122, "problems": 164},
+                            "humaneval-plus": {"passAt1": 0.104, "problems": 164}}}}}},
+        )  # fmt: skip
+        res = ctl("watch", "evaluated", "--interval", "0.1")
+    finally:
+        ctl("delete", "evaluated")
+    assert res.exit_code == 0, res.output
+    assert "eval sft Succeeded humaneval 12.2% humaneval-plus 10.4%" in res.stdout, res.stdout

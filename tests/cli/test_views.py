@@ -81,3 +81,15 @@ def test_stage_jobset_resolution() -> None:
 def test_plain_table_alignment() -> None:
     out = views.plain_table(["A", "BB"], [["xxx", "y"], ["z", ""]])
     assert out.splitlines() == ["A     BB", "xxx   y", "z"]
+
+
+def test_evaluation_summary() -> None:
+    assert views.evaluation_summary({"spec": {}, "status": {}}) == ""
+    assert views.evaluation_summary({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
+        "eval Pending"
+    )
+    run = {"status": {"evaluation": {
+        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05}}},
+        "sft": {"phase": "Running"},
+    }}}  # fmt: skip
+    assert views.evaluation_summary(run) == "eval midtrain Succeeded mbpp 5.0%  eval sft Running"
