@@ -130,8 +130,12 @@ class GPUSpec(_Wire):
         max_length=63,
         description="Value of the cloud.google.com/gke-accelerator node label, e.g. nvidia-h100-80gb.",
     )
-    gpus_per_node: int = Field(ge=1, le=16)
-    nodes: int = Field(default=1, ge=1, le=1024)
+    gpus_per_node: int = Field(
+        ge=1, le=16, description="GPUs each pod requests (nvidia.com/gpu); all of a node's GPUs."
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=1024, description="Nodes (pods, one JAX process each) of the stage."
+    )
 
 
 class AcceleratorSpec(_Wire):
@@ -205,15 +209,46 @@ class RunModelSpec(ModelSpec):
 class SamplerDefaults(_Wire):
     """Default sampling parameters of the sampler service (requests may override them)."""
 
-    steps: int | None = Field(default=None, ge=1, le=4096)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=32768)
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
-    alg_temp: float | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    block_length: int | None = Field(default=None, ge=1)
-    threshold: float | None = Field(default=None, gt=0, le=1)
+    steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Denoising steps (model forwards) over the whole generation; more is slower and usually better.",
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=32768, description="Tokens generated when a request sets no limit."
+    )
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
+        default=None,
+        description="Which masked positions are revealed each step: origin (each with "
+        "probability 1 − s/t), maskgit_plus (highest p(x0)), topk_margin (largest top-1 − top-2 "
+        "margin), entropy (lowest entropy).",
+    )
+    alg_temp: float | None = Field(
+        default=None,
+        ge=0,
+        description="0: reveal the most confident positions; > 0: draw them from softmax(confidence / algTemp).",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, description="Token sampling temperature (0: argmax)."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="Nucleus sampling: keep tokens within this mass."
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="Keep only the k most likely tokens (0: no filter)."
+    )
+    block_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="Semi-autoregressive blocks of this many tokens, decoded left to right (LLaDA); unset: one block.",
+    )
+    threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Also reveal every masked position of the current block with p(x0) ≥ this (Fast-dLLM parallel decoding).",
+    )
 
 
 EvalBenchmark = Literal["humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized"]
@@ -270,8 +305,12 @@ class EvaluationSpec(_Wire):
 class ResourcesSpec(_Wire):
     """Container requests/limits as Kubernetes quantities (strings), e.g. {cpu: "4", memory: 32Gi}."""
 
-    requests: dict[str, str] = Field(default_factory=dict)
-    limits: dict[str, str] = Field(default_factory=dict)
+    requests: dict[str, str] = Field(
+        default_factory=dict, description='Resources the scheduler reserves, e.g. {cpu: "4"}.'
+    )
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Resource caps, e.g. {memory: 32Gi}."
+    )
 
 
 class SecretKeyRef(_Wire):
@@ -286,14 +325,21 @@ class SecretKeyRef(_Wire):
 class SamplerSpec(_Wire):
     """The sampler Deployment + Service created once the last stage succeeds."""
 
-    enabled: bool = True
-    replicas: int = Field(default=1, ge=0, le=64)
+    enabled: bool = Field(
+        default=True, description="Serve the last stage's final checkpoint when training succeeds."
+    )
+    replicas: int = Field(default=1, ge=0, le=64, description="Sampler pods behind the Service.")
     image: str | None = Field(default=None, description="Defaults to spec.image.")
     accelerator: AcceleratorSpec | None = Field(
         default=None, description="Single-host TPU or one GPU node; omit to serve on CPU."
     )
-    resources: ResourcesSpec | None = None
-    defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+    resources: ResourcesSpec | None = Field(
+        default=None, description="The sampler container's CPU/memory requests and limits."
+    )
+    defaults: SamplerDefaults = Field(
+        default_factory=SamplerDefaults,
+        description="Sampling parameters used when a request does not set them.",
+    )
     api_key_secret: SecretKeyRef | None = Field(
         default=None,
         description=(
@@ -337,7 +383,10 @@ class CodaTrainingRunSpec(_Wire):
     image: str = Field(
         min_length=1, max_length=512, description="Trainer image (also the sampler's default)."
     )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None,
+        description="Pull policy of trainer and sampler containers (Kubernetes' default if unset).",
+    )
     service_account_name: str | None = Field(
         default=None,
         pattern=_DNS_SUBDOMAIN,
@@ -353,21 +402,34 @@ class CodaTrainingRunSpec(_Wire):
             "'privileged'. Single-host and GPU stages ignore it."
         ),
     )
-    model: RunModelSpec = Field(default_factory=RunModelSpec)
+    model: RunModelSpec = Field(
+        default_factory=RunModelSpec,
+        description="The model every stage trains: preset, overrides and initial weights.",
+    )
     tokenizer: str = Field(
         min_length=1, description="HF tokenizer folder (gs:// or in the image), or 'project'."
     )
-    checkpoints: CheckpointConfig
+    checkpoints: CheckpointConfig = Field(
+        description="Where and how often stages save: <uri>/<stage>/<step>/ and <uri>/<stage>/final/."
+    )
     accelerator: AcceleratorSpec | None = Field(
         default=None, description="Default accelerator of every stage (stages may override it)."
     )
-    stages: list[RunStage] = Field(min_length=1, max_length=16)
+    stages: list[RunStage] = Field(
+        min_length=1,
+        max_length=16,
+        description="Training stages run in order (e.g. pretrain, midtrain, sft), one JobSet each; "
+        "a stage starts from the previous stage's final unless it sets initFrom.",
+    )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     evaluation: EvaluationSpec | None = Field(
         default=None,
         description="Evaluate checkpoints as a step of the run (a Job per evaluated stage).",
     )
-    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    failure_policy: FailurePolicySpec = Field(
+        default_factory=FailurePolicySpec,
+        description="How often crashed slices are restarted and failed stages retried.",
+    )
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
     )
@@ -515,27 +577,39 @@ StagePhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "
 class Condition(_StatusWire):
     """metav1.Condition."""
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: str
-    observed_generation: int | None = Field(default=None, ge=0)
+    type: str = Field(description="Condition type, e.g. Running, Complete, Failed, SamplerReady.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        max_length=1024,
+        description="CamelCase reason of the last transition, for machines.",
+    )
+    message: str = Field(default="", max_length=32768, description="The transition, for humans.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
 
 
 class StageStatus(_StatusWire):
-    name: str
-    phase: StagePhase = "Pending"
+    name: str = Field(description="The stage's name (spec.stages[].name).")
+    phase: StagePhase = Field(default="Pending", description="Where the stage is in its lifecycle.")
     job_set: str | None = Field(default=None, description="Current JobSet of this stage.")
     retries: int = Field(default=0, ge=0, description="Operator retries used (JobSets replaced).")
     job_set_restarts: int = Field(
         default=0, ge=0, description="Whole-slice restarts inside the current JobSet."
     )
-    init_from: str | None = None
-    final: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    message: str | None = None
+    init_from: str | None = Field(
+        default=None, description="The weights the stage started from (URI), if any."
+    )
+    final: str | None = Field(
+        default=None, description="URI of the stage's published final checkpoint (HF folder)."
+    )
+    start_time: str | None = Field(default=None, description="When the stage started (RFC 3339).")
+    completion_time: str | None = Field(
+        default=None, description="When the stage succeeded or failed (RFC 3339)."
+    )
+    message: str | None = Field(default=None, description="Last notable event of the stage.")
     fingerprint: dict[str, str] = Field(
         default_factory=dict,
         description="Hashes of the spec parts the current JobSet was rendered from.",
@@ -543,51 +617,73 @@ class StageStatus(_StatusWire):
 
 
 class SamplerStatus(_StatusWire):
-    deployment: str | None = None
-    service: str | None = None
-    endpoint: str | None = None
-    checkpoint: str | None = None
-    ready: bool = False
-    ready_replicas: int = 0
+    deployment: str | None = Field(default=None, description="The sampler Deployment's name.")
+    service: str | None = Field(default=None, description="The sampler Service's name.")
+    endpoint: str | None = Field(
+        default=None,
+        description="In-cluster base URL of the sampler Service (http://<service>.<namespace>.svc:<port>).",
+    )
+    checkpoint: str | None = Field(default=None, description="The checkpoint being served (URI).")
+    ready: bool = Field(default=False, description="At least one replica serves requests.")
+    ready_replicas: int = Field(default=0, description="Replicas passing their readiness probe.")
 
 
 class BenchmarkScore(_StatusWire):
     """One benchmark's result, written by the evaluation Job."""
 
     pass_at1: float = Field(description="pass@1 as a fraction (0–1).")
-    problems: int
-    samples: int = 1
+    problems: int = Field(
+        description="How many of the benchmark's problems were run (evaluation.limit caps it)."
+    )
+    samples: int = Field(default=1, description="Samples generated per problem.")
     failures: int = Field(default=0, description="Samples that did not pass.")
     reasons: dict[str, int] = Field(
         default_factory=dict, description="Sample outcomes by status (passed, failed, timeout, …)."
     )
-    duration_s: float | None = None
+    duration_s: float | None = Field(
+        default=None, description="Wall time of the benchmark, seconds."
+    )
 
 
 class EvaluationStatus(_StatusWire):
     """One evaluated stage. The operator owns phase/job/retries/times/message; the evaluation Job
     merge-patches `results`, `report` and `settings` when it finishes."""
 
-    phase: StagePhase = "Pending"
-    job: str | None = None
-    retries: int = Field(default=0, ge=0)
-    checkpoint: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    message: str | None = None
+    phase: StagePhase = Field(default="Pending", description="Where the evaluation Job is.")
+    job: str | None = Field(default=None, description="The evaluation Job's name.")
+    retries: int = Field(default=0, ge=0, description="Evaluation Jobs replaced after failures.")
+    checkpoint: str | None = Field(default=None, description="The evaluated checkpoint (URI).")
+    start_time: str | None = Field(default=None, description="When the Job started (RFC 3339).")
+    completion_time: str | None = Field(
+        default=None, description="When the Job finished (RFC 3339)."
+    )
+    message: str | None = Field(default=None, description="Why it failed, or its last event.")
     report: str | None = Field(default=None, description="The JSON report's URI.")
-    settings: dict[str, Any] | None = None
-    results: dict[str, BenchmarkScore] | None = None
+    settings: dict[str, Any] | None = Field(
+        default=None, description="The sampler settings the harness ran with."
+    )
+    results: dict[str, BenchmarkScore] | None = Field(
+        default=None, description="Benchmark name → score."
+    )
 
 
 class CodaTrainingRunStatus(_StatusWire):
-    phase: Phase = "Pending"
+    phase: Phase = Field(
+        default="Pending",
+        description="Pending, Queued (Kueue), Running, Suspended, Succeeded or Failed.",
+    )
     stage: str | None = Field(default=None, description="The current (or last) stage.")
-    stage_index: int | None = None
-    message: str | None = None
-    stages: list[StageStatus] = Field(default_factory=list)
-    progress: Progress | None = None
-    sampler: SamplerStatus | None = None
+    stage_index: int | None = Field(default=None, description="Index of stage in spec.stages.")
+    message: str | None = Field(default=None, description="Human-readable state of the run.")
+    stages: list[StageStatus] = Field(
+        default_factory=list, description="One entry per stage started so far."
+    )
+    progress: Progress | None = Field(
+        default=None, description="The running stage's step, loss and throughput (trainer-written)."
+    )
+    sampler: SamplerStatus | None = Field(
+        default=None, description="The sampler Deployment once the last stage has succeeded."
+    )
     evaluation: dict[str, EvaluationStatus] | None = Field(
         default=None, description="Per evaluated stage: the evaluation Job and its scores."
     )
@@ -595,10 +691,16 @@ class CodaTrainingRunStatus(_StatusWire):
         default=None,
         description='Headline pass@1 (%) of the newest finished evaluation: "sft: humaneval 12.2".',
     )
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Standard conditions, one per type."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the operator last acted on."
+    )
+    start_time: str | None = Field(default=None, description="When the run started (RFC 3339).")
+    completion_time: str | None = Field(
+        default=None, description="When the run succeeded or failed (RFC 3339)."
+    )
     retry_handled: str | None = Field(
         default=None,
         description="The last `coda.dev/retry` annotation value the operator acted on (or ignored).",

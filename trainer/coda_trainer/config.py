@@ -313,9 +313,21 @@ PRESETS: dict[str, ModelConfig] = {
 class ModelSpec(StrictModel):
     """What to build: a preset, field overrides, and optionally weights to start from."""
 
-    preset: str = "coda-1.7b"
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    init_from: str | None = None
+    preset: str = Field(
+        default="coda-1.7b",
+        description="Model architecture preset (coda-1.7b is the paper's Qwen3-1.7B backbone; "
+        "tiny presets are for tests and local runs).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ModelConfig fields that replace the preset's values, e.g. {num_layers: 4, remat: full}; "
+        "the result is validated like a preset.",
+    )
+    init_from: str | None = Field(
+        default=None,
+        description="Weights every stage without its own initFrom starts from: a Hugging Face "
+        "folder or an orbax step directory, local or gs://. Unset: random initialisation.",
+    )
 
     @field_validator("preset")
     @classmethod
@@ -381,21 +393,67 @@ class BatchConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adafactor"] = "adamw"
-    peak_lr: float = Field(default=3e-4, gt=0)
+    name: Literal["adamw", "adafactor"] = Field(
+        default="adamw",
+        description="Optimizer (optax). adafactor is what CoDA pre-trained with (factored second "
+        "moments, no momentum unless `momentum` is set); adamw for mid-training and SFT.",
+    )
+    peak_lr: float = Field(
+        default=3e-4,
+        gt=0,
+        description="Learning rate at the end of warmup, the schedule's maximum (e.g. 3e-4).",
+    )
     end_lr_ratio: float = Field(
         default=0.1, ge=0, le=1, description="Final lr as a fraction of peak."
     )
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int | None = Field(default=None, ge=0)
-    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    b1: float = Field(default=0.9, ge=0, lt=1)
-    b2: float = Field(default=0.95, ge=0, lt=1)
-    eps: float = Field(default=1e-8, gt=0)
-    clip_norm: float | None = Field(default=1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine",
+        description="Decay after warmup, from peakLr to peakLr × endLrRatio at the stage's last "
+        "step (constant: no decay).",
+    )
+    warmup_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Linear warmup from 0 to peakLr over this many steps (capped at the stage's "
+        "steps). Unset with warmupRatio unset: no warmup.",
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Warmup as a fraction of the stage's steps (0.01 = the first 1%); the "
+        "alternative to warmupSteps.",
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="Decoupled weight decay coefficient (0: none)."
+    )
+    b1: float = Field(
+        default=0.9, ge=0, lt=1, description="AdamW first-moment decay (β1); unused by adafactor."
+    )
+    b2: float = Field(
+        default=0.95,
+        ge=0,
+        lt=1,
+        description="AdamW second-moment decay (β2); adafactor uses a fixed decay rate of 0.8.",
+    )
+    eps: float = Field(
+        default=1e-8,
+        gt=0,
+        description="AdamW ε added to the second-moment root for stability; unused by adafactor.",
+    )
+    clip_norm: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Clip gradients to this global L2 norm before the update; null: no clipping.",
+    )
     # CoDA pre-trained with Adafactor without momentum; set a value to add first-moment momentum.
-    momentum: float | None = Field(default=None, ge=0, lt=1)
+    momentum: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Adafactor first-moment momentum (β1); unset keeps the paper's momentum-free "
+        "Adafactor. Ignored by adamw (use b1).",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimizerConfig:
@@ -413,9 +471,21 @@ class OptimizerConfig(StrictModel):
 
 class DataSource(StrictModel):
     uri: str = Field(description="File, directory or glob; local or gs://.")
-    weight: float = Field(default=1.0, gt=0)
-    format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = "auto"
-    text_field: str = "text"
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="Relative share of this source in the mixture: of tokens in pre/mid-training, "
+        "of examples in SFT (weights need not sum to 1).",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = Field(
+        default="auto",
+        description="How files are read. auto: by extension (.jsonl/.json/.parquet; anything else "
+        "is text, one document per file); chat: rows with `messages` or instruction/output (SFT).",
+    )
+    text_field: str = Field(
+        default="text",
+        description="JSONL key or Parquet column holding a document's text (jsonl/parquet formats).",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -426,9 +496,27 @@ class DataSource(StrictModel):
 class MaskingProbs(StrictModel):
     """Per-sequence probabilities of the three masking strategies (paper §3, S1–S3)."""
 
-    prefix_prob: float = Field(default=0.0, ge=0, le=1)
-    truncate_prob: float = Field(default=0.0, ge=0, le=1)
-    block_prob: float = Field(default=0.0, ge=0, le=1)
+    prefix_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S1 (paper Table 3), unmaskable prefix: the share of sequences whose random-"
+        "length prefix is never masked and conditions the rest.",
+    )
+    truncate_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S2 (paper Table 3), truncated suffix: the share of sequences cut at a random "
+        "position and padded (never on S1 rows; see strategyShares).",
+    )
+    block_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S3 (paper Table 3), block masking: the share of sequences masked in whole "
+        "blocks (size drawn from blockSizes) instead of token by token.",
+    )
 
 
 # Paper Table 3 (mid-training): S1:S2:S3 per epoch.
@@ -448,8 +536,17 @@ _DEFAULT_BLOCK_SIZES = (2, 4, 8)
 
 
 class MaskingConfig(MaskingProbs):
-    sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
-    block_sizes: list[int] = Field(default_factory=lambda: list(_DEFAULT_BLOCK_SIZES), min_length=1)
+    sampling_eps: float = Field(
+        default=1e-3,
+        gt=0,
+        lt=1,
+        description="ε, the smallest mask rate: each sequence's σ = (1−ε)·u + ε with u ~ U[0, 1).",
+    )
+    block_sizes: list[int] = Field(
+        default_factory=lambda: list(_DEFAULT_BLOCK_SIZES),
+        min_length=1,
+        description="S3 block sizes in tokens; each block-masked sequence draws one uniformly.",
+    )
     block_size_phases: list[list[int]] | None = Field(
         default=None,
         description=(
@@ -457,7 +554,12 @@ class MaskingConfig(MaskingProbs):
             "equal phases, phase i drawing its block size from entry i. Replaces the flat list."
         ),
     )
-    curriculum: Literal["constant", "linear", "paper-table-3"] = "constant"
+    curriculum: Literal["constant", "linear", "paper-table-3"] = Field(
+        default="constant",
+        description="How S1/S2/S3 change over the stage. constant: the probabilities above; "
+        "linear: ramp to rampTo; paper-table-3: the paper's mid-training schedule (Table 3, "
+        "five epochs from 1/1/5% to 20/20/25%).",
+    )
     strategy_shares: Literal["paper", "release"] = Field(
         default="paper",
         description=(
@@ -468,9 +570,17 @@ class MaskingConfig(MaskingProbs):
         ),
     )
     # linear: probabilities move from the fields above to ramp_to over the stage's steps.
-    ramp_to: MaskingProbs | None = None
+    ramp_to: MaskingProbs | None = Field(
+        default=None,
+        description="curriculum linear: S1/S2/S3 probabilities reached at the stage's last step.",
+    )
     # paper-table-3: the stage's steps are split into this many equal "epochs".
-    epochs: int = Field(default=5, gt=0)
+    epochs: int = Field(
+        default=5,
+        gt=0,
+        description="curriculum paper-table-3: equal step ranges the stage is split into, stepping "
+        "through Table 3's rows (5 = the paper's five epochs).",
+    )
 
     @field_validator("block_sizes")
     @classmethod
@@ -554,7 +664,11 @@ class SFTConfig(StrictModel):
             "0.1: the paper's first of 10 epochs; the release's config uses 0.05."
         ),
     )
-    over_length: Literal["drop", "truncate"] = "drop"
+    over_length: Literal["drop", "truncate"] = Field(
+        default="drop",
+        description="Examples longer than batch.seqLen: drop skips them, truncate cuts the answer "
+        "to fit (a prompt that alone fills seqLen is dropped either way).",
+    )
     prompt_span: PromptSpan = Field(
         default="assistant-role",
         description=(
@@ -573,9 +687,18 @@ class CheckpointConfig(StrictModel):
     uri: str = Field(
         default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final."
     )
-    every_steps: int = Field(default=1000, gt=0)
-    keep: int = Field(default=3, gt=0)
-    async_save: bool = True
+    every_steps: int = Field(
+        default=1000,
+        gt=0,
+        description="Save a resumable orbax checkpoint every N optimizer steps.",
+    )
+    keep: int = Field(
+        default=3, gt=0, description="Step checkpoints kept per stage; older ones are deleted."
+    )
+    async_save: bool = Field(
+        default=True,
+        description="Write checkpoints in the background while training continues.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -584,17 +707,35 @@ class CheckpointConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    data: list[DataSource] = Field(min_length=1)
-    every_steps: int = Field(default=500, gt=0)
-    batches: int = Field(default=4, gt=0)
+    data: list[DataSource] = Field(
+        min_length=1, description="Held-out sources for the evaluation loss (same form as data)."
+    )
+    every_steps: int = Field(
+        default=500,
+        gt=0,
+        description="Compute the eval loss every N optimizer steps and at the stage's last step.",
+    )
+    batches: int = Field(
+        default=4,
+        gt=0,
+        description="Micro-batches (sequences / gradAccum each) averaged into one eval loss.",
+    )
 
 
 class MeshConfig(StrictModel):
     """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = Field(
+        default=1, description="Pure data-parallel axis size (replicas of the parameters)."
+    )
+    fsdp: int = Field(
+        default=-1,
+        description="Fully-sharded data-parallel axis (parameters and optimizer state sharded); "
+        "-1: every device the other axes leave.",
+    )
+    tensor: int = Field(
+        default=1, description="Tensor-parallel axis (attention heads and MLP columns split)."
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> MeshConfig:
@@ -630,13 +771,30 @@ class StageConfig(StrictModel):
             "CoDA-1.7B), for runs that have no such base to start from."
         )
     )
-    steps: int = Field(gt=0)
-    batch: BatchConfig
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    data: list[DataSource] = Field(min_length=1)
-    masking: MaskingConfig = Field(default_factory=MaskingConfig)
-    sft: SFTConfig | None = None
-    eval: EvalConfig | None = None
+    steps: int = Field(
+        gt=0, description="Optimizer steps this stage trains (tokens = steps × sequences × seqLen)."
+    )
+    batch: BatchConfig = Field(
+        description="Batch shape: sequences per step and tokens per sequence."
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="Optimizer and learning-rate schedule of this stage (a fresh state per stage).",
+    )
+    data: list[DataSource] = Field(
+        min_length=1, description="Training sources, mixed by weight (local or gs://)."
+    )
+    masking: MaskingConfig = Field(
+        default_factory=MaskingConfig,
+        description="Forward-noising: σ and the S1/S2/S3 strategies of paper §3 (pre/mid-training).",
+    )
+    sft: SFTConfig | None = Field(
+        default=None,
+        description="SFT-only settings (kind sft): prompt masking and length handling.",
+    )
+    eval: EvalConfig | None = Field(
+        default=None, description="Periodic held-out loss during the stage; unset: none."
+    )
     init_from: str | None = Field(
         default=None,
         description="Weights to start from: a previous stage's final, an orbax step dir, or an HF folder.",
@@ -650,8 +808,14 @@ class StageConfig(StrictModel):
             "--search` proposes the fastest policy that fits the slice."
         ),
     )
-    seed: int = 0
-    log_every: int = Field(default=10, gt=0)
+    seed: int = Field(
+        default=0, description="Seeds parameter init, data order and masking noise of the stage."
+    )
+    log_every: int = Field(
+        default=10,
+        gt=0,
+        description="Log loss, lr and tokens/s every N steps (stdout, TensorBoard).",
+    )
 
     @field_validator("name")
     @classmethod

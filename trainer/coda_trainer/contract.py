@@ -17,7 +17,7 @@ What lives here:
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -191,13 +191,15 @@ class Progress(BaseModel):
         extra="allow", alias_generator=to_camel, populate_by_name=True, protected_namespaces=()
     )
 
-    stage: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    tokens_per_second: float | None = None
-    checkpoint: str | None = None
-    update_time: str | None = None
+    stage: str | None = Field(default=None, description="The stage training.")
+    step: int | None = Field(default=None, description="Optimizer steps done in the stage.")
+    total_steps: int | None = Field(default=None, description="The stage's spec steps.")
+    loss: float | None = Field(default=None, description="Latest logged training loss.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Training throughput over the last log interval, all hosts."
+    )
+    checkpoint: str | None = Field(default=None, description="Newest saved step checkpoint (URI).")
+    update_time: str | None = Field(default=None, description="When this was written (RFC 3339).")
 
     def to_wire(self) -> dict[str, object]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
