@@ -342,7 +342,10 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
         window_steps = 0
         step = start
         exit_code = EXIT_OK
-        writer.status(state="running", step=start, checkpoint=last_ckpt)
+        # `compiling` until the first step is done (tens of seconds on a CPU, minutes at scale):
+        # `coda-ctl local run` says so instead of showing a bar frozen at 0/N.
+        writer.status(state="running", step=start, checkpoint=last_ckpt, compiling=True)
+        compile_start = time.perf_counter()
         with StopFlag() as stop:
             while step < stage.steps:
                 batch = {**_global_batch(next(data), sharding), **knobs(step)}
@@ -351,7 +354,9 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                 pending.append(metrics)
                 if window_start is None:  # the first step compiles: start timing after it
                     jax.block_until_ready(metrics)
-                    log.info("first step done (compiled)")
+                    compile_s = time.perf_counter() - compile_start
+                    log.info("first step done (compiled in %.1f s)", compile_s)
+                    writer.status(compiling=False, compile_seconds=compile_s)
                     window_start, window_steps = time.perf_counter(), 0
                 else:
                     window_steps += 1
