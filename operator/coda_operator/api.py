@@ -131,7 +131,7 @@ class GPUSpec(_Wire):
         description="Value of the cloud.google.com/gke-accelerator node label, e.g. nvidia-h100-80gb.",
     )
     gpus_per_node: int = Field(
-        ge=1, le=16, description="GPUs each pod requests (nvidia.com/gpu); all of a node's GPUs."
+        ge=1, le=16, description="GPUs per pod (its nvidia.com/gpu limit); one pod per node."
     )
     nodes: int = Field(
         default=1, ge=1, le=1024, description="Nodes (pods, one JAX process each) of the stage."
@@ -676,7 +676,8 @@ class CodaTrainingRunStatus(_StatusWire):
     stage_index: int | None = Field(default=None, description="Index of stage in spec.stages.")
     message: str | None = Field(default=None, description="Human-readable state of the run.")
     stages: list[StageStatus] = Field(
-        default_factory=list, description="One entry per stage started so far."
+        default_factory=list,
+        description="One entry per spec stage, in order (Pending until it starts).",
     )
     progress: Progress | None = Field(
         default=None, description="The running stage's step, loss and throughput (trainer-written)."

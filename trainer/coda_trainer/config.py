@@ -325,8 +325,9 @@ class ModelSpec(StrictModel):
     )
     init_from: str | None = Field(
         default=None,
-        description="Weights every stage without its own initFrom starts from: a Hugging Face "
-        "folder or an orbax step directory, local or gs://. Unset: random initialisation.",
+        description="Weights the first stage starts from (unless it sets its own initFrom; later "
+        "stages start from the previous stage's final): a Hugging Face folder or an orbax step "
+        "directory, local or gs://. Unset: random initialisation.",
     )
 
     @field_validator("preset")
