@@ -170,6 +170,8 @@ class Progress:
     loss: float | None = None
     tokens_per_second: float | None = None
     state: str | None = None
+    compiling: bool = False  # the trainer is compiling (running) its first train step
+    compile_seconds: float | None = None  # how long that took, once it is done
 
 
 def status_path(plan: StagePlan) -> Path:
@@ -201,6 +203,8 @@ def parse_status(data: dict[str, Any], total_steps: int) -> Progress:
         loss=num("loss"),
         tokens_per_second=num("tokens_per_second", "tokensPerSecond"),
         state=data.get("state") or data.get("phase"),
+        compiling=data.get("compiling") is True,
+        compile_seconds=num("compile_seconds"),
     )
 
 
@@ -271,3 +275,51 @@ def default_run() -> dict[str, Any]:
             "stages": stages,
         },
     }
+
+
+# ----------------------------------------------------------------------------- inputs, up front
+
+
+def input_problems(plan: LocalPlan) -> list[str]:
+    """Every local data source and init_from of the stages still to train that is not there.
+
+    Checked for all stages before the first one trains, so a typo in stage 4 costs seconds, not
+    stages 1–3. An init_from that an earlier stage of this plan produces (its final, or its stage
+    directory) is fine though it does not exist yet; gs:// URIs are left to the trainer (its own
+    pre-flight lists them with the credentials it runs with). One line per problem, naming the stage
+    and the spec field.
+    """
+    from coda_trainer.data import DataError, resolve_sources
+
+    produced: set[str] = set()
+    problems: list[str] = []
+    count = len(plan.stages)
+    for stage in plan.stages:
+        where = f"stage {stage.name} ({stage.index + 1}/{count})"
+        if stage_state(stage) is not StageState.DONE:
+            job = stage.job
+            sources = [(f"data[{j}]", s) for j, s in enumerate(job.stage.data)]
+            if job.stage.eval is not None:
+                sources += [(f"eval.data[{j}]", s) for j, s in enumerate(job.stage.eval.data)]
+            for field, source in sources:
+                if source.uri.startswith("gs://"):
+                    continue
+                try:
+                    resolve_sources([source], sft=job.stage.kind == "sft")
+                except DataError as e:
+                    problems.append(
+                        f"{where}: spec.stages[{stage.index}].{field}.uri {source.uri!r}: "
+                        f"{str(e).removeprefix(f'data source {source.uri!r} ')}"
+                    )
+            init, field = job.stage.init_from, f"spec.stages[{stage.index}].initFrom"
+            if init is None:
+                init, field = job.model.init_from, "spec.model.initFrom"
+            if (
+                init is not None
+                and not init.startswith("gs://")
+                and init.rstrip("/") not in produced
+                and not Path(init).exists()
+            ):
+                problems.append(f"{where}: {field} {init!r} does not exist")
+        produced |= {str(stage.final_dir), str(stage.stage_dir)}
+    return problems

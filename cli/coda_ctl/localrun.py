@@ -16,6 +16,7 @@ the kernel for a SIGTERM when its parent dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coda_trainer import contract
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
 from coda_ctl import localplan, runspec, samplerclient
@@ -70,6 +72,14 @@ def sample_settings() -> dict[str, Any]:
     return dict(SAMPLE_SETTINGS)
 
 
+EMPTY_COMPLETION = "(empty completion)"
+
+
+def shown_completion(text: str) -> str:
+    """The model's text as printed: a visible marker when it produced nothing but whitespace."""
+    return text if text.strip() else EMPTY_COMPLETION
+
+
 def print_sample(url: str, *, chat: bool) -> None:
     if chat:
         from coda_trainer.corpus import sft_instruction
@@ -79,13 +89,13 @@ def print_sample(url: str, *, chat: bool) -> None:
         answer = samplerclient.chat_text(samplerclient.post(url, "/v1/chat/completions", body))
         echo("sample:")
         echo("\n".join(f"  user> {line}" for line in question.splitlines()))
-        echo(answer)
+        echo(shown_completion(answer))
         return
     reply = samplerclient.post(
         url, "/v1/completions", {"prompt": SAMPLE_PROMPT, **sample_settings()}
     )
     echo("sample:")
-    echo(SAMPLE_PROMPT + samplerclient.completion_text(reply))
+    echo(SAMPLE_PROMPT + shown_completion(samplerclient.completion_text(reply)))
 
 
 def echo(msg: str = "", err: bool = False) -> None:
@@ -198,11 +208,60 @@ def forwarding_stop_signals() -> Any:
 # ------------------------------------------------------------------------------------- progress
 
 
+COMPILING_NOTE = "compiling the train step … (the first step; tens of seconds on a CPU)"
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m: short enough for a progress line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta_seconds(stage: StagePlan, p: localplan.Progress) -> float | None:
+    """Time left in the stage at the trainer's last measured throughput (None before it has one)."""
+    if not p.tokens_per_second or p.step >= (p.total or stage.total_steps):
+        return None
+    batch = stage.job.stage.batch
+    left = (p.total or stage.total_steps) - p.step
+    return left * batch.sequences * batch.seq_len / p.tokens_per_second
+
+
+def step_info(stage: StagePlan, p: localplan.Progress) -> str:
+    """The known parts of "loss 2.5000 · 1,000 tok/s · ETA 1m05s"."""
+    parts = []
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.4f}")
+    if p.tokens_per_second:
+        parts.append(f"{p.tokens_per_second:,.0f} tok/s")
+    eta = eta_seconds(stage, p)
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
+    return " · ".join(parts)
+
+
+def stage_summary(stage: StagePlan, p: localplan.Progress, elapsed: float) -> str:
+    """The line a finished stage leaves behind: its final loss and speed, and where it went."""
+    parts = [f"done in {duration(elapsed)}: {p.step or stage.total_steps} steps"]
+    if p.loss is not None:
+        parts.append(f"final loss {p.loss:.4f}")
+    if p.tokens_per_second:
+        parts.append(f"{p.tokens_per_second:,.0f} tok/s")
+    if p.compile_seconds is not None:
+        parts.append(f"compile {duration(p.compile_seconds)}")
+    return ", ".join(parts) + f" → {stage.final_dir}"
+
+
 class PlainProgress:
-    """Non-TTY progress: one line whenever the trainer reports a new step."""
+    """Non-TTY progress: a line when the trainer starts compiling, when it has compiled, and
+    whenever it reports a new step; notes (start, summary) as they come."""
 
     def __init__(self, plan: LocalPlan) -> None:
         self._last: dict[str, int] = {}
+        self._said: set[tuple[str, str]] = set()
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -210,19 +269,28 @@ class PlainProgress:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def _once(self, stage: StagePlan, key: str, text: str) -> None:
+        if (stage.name, key) not in self._said:
+            self._said.add((stage.name, key))
+            echo(f"[{stage.name}] {text}")
+
     def update(self, stage: StagePlan, p: localplan.Progress, note: str = "") -> None:
         if note:
             echo(f"[{stage.name}] {note}")
             return
+        if p.compiling:
+            self._once(stage, "compiling", COMPILING_NOTE)
+        if p.compile_seconds is not None:
+            self._once(stage, "compiled", f"train step compiled in {duration(p.compile_seconds)}")
         if p.step and p.step != self._last.get(stage.name):
             self._last[stage.name] = p.step
-            loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
-            tps = f" {p.tokens_per_second:,.0f} tok/s" if p.tokens_per_second else ""
-            echo(f"[{stage.name}] step {p.step}/{p.total}{loss}{tps}")
+            info = step_info(stage, p)
+            echo(f"[{stage.name}] step {p.step}/{p.total}" + (f" {info}" if info else ""))
 
 
 class RichProgress:
-    """TTY progress: one bar per stage."""
+    """TTY progress: one bar per stage (compiling, loss, tok/s, ETA); notes and each finished
+    stage's summary are printed above the bars, so they stay on screen."""
 
     def __init__(self, plan: LocalPlan) -> None:
         from rich.progress import (
@@ -255,8 +323,16 @@ class RichProgress:
     def update(self, stage: StagePlan, p: localplan.Progress, note: str = "") -> None:
         task = self._tasks[stage.name]
         self._bars.start_task(task)
-        info = note or (f"loss {p.loss:.4f}" if p.loss is not None else "")
-        completed = stage.total_steps if note.startswith(("done", "skipped")) else p.step
+        if note:
+            self._bars.console.print(f"[{stage.name}] {note}", markup=False, highlight=False)
+        finished = note.startswith(("done", "skipped"))
+        if finished:
+            info = step_info(stage, dataclasses.replace(p, tokens_per_second=None)) or "done"
+        elif p.compiling:
+            info = "compiling the train step …"
+        else:
+            info = step_info(stage, p) or note
+        completed = stage.total_steps if finished else p.step
         self._bars.update(task, completed=completed, total=p.total or stage.total_steps, info=info)
 
 
@@ -355,11 +431,18 @@ def train_all(plan: LocalPlan, tty: bool) -> None:
             )
             t0 = time.monotonic()
             run_stage(stage, progress)
-            progress.update(
-                stage,
-                localplan.read_progress(stage),
-                note=f"done in {time.monotonic() - t0:.0f}s: {stage.final_dir}",
-            )
+            done = localplan.read_progress(stage)
+            progress.update(stage, done, note=stage_summary(stage, done, time.monotonic() - t0))
+
+
+def tensorboard_line(plan: LocalPlan) -> str:
+    """Where the stages' TensorBoard event files (beside metrics.jsonl) are, and how to look."""
+    where = (
+        f"{plan.root}/<stage>/{contract.METRICS_DIR}/"
+        if len(plan.stages) > 1
+        else f"{plan.stages[0].stage_dir / contract.METRICS_DIR}/"
+    )
+    return f"TensorBoard event files: {where}  (tensorboard --logdir {plan.root})"
 
 
 # ------------------------------------------------------------------------------------- sampler
@@ -540,12 +623,20 @@ def _run(
         plan = localplan.plan_local_run(doc, workdir, steps_scale=scale)
     except ValueError as e:
         raise CtlError(f"invalid run: {e}", Exit.INVALID) from e
+    missing = localplan.input_problems(plan)
+    if missing:  # before any stage trains: a bad path in the last stage must not cost the others
+        raise CtlError(
+            "invalid run: inputs missing on this machine (no stage was started)\n"
+            + "\n".join(f"  {line}" for line in missing),
+            Exit.INVALID,
+        )
     echo(
         f"run {plan.run}: {len(plan.stages)} stage(s) → {plan.root}"
         + (f" (steps x{scale:g})" if scale != 1 else "")
     )
     train_all(plan, tty)
     echo(f"final checkpoint: {plan.final}")
+    echo(tensorboard_line(plan))
     if plan.evaluations:
         misses = evaluate_all(plan)
         if misses:

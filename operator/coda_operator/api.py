@@ -131,10 +131,10 @@ class GPUSpec(_Wire):
         description="Value of the cloud.google.com/gke-accelerator node label, e.g. nvidia-h100-80gb.",
     )
     gpus_per_node: int = Field(
-        ge=1, le=16, description="GPUs per node (the nvidia.com/gpu limit of each pod)."
+        ge=1, le=16, description="GPUs per pod (its nvidia.com/gpu limit); one pod per node."
     )
     nodes: int = Field(
-        default=1, ge=1, le=1024, description="Nodes (pods, JAX processes) in the stage's JobSet."
+        default=1, ge=1, le=1024, description="Nodes (pods, one JAX process each) of the stage."
     )
 
 
@@ -213,42 +213,41 @@ class SamplerDefaults(_Wire):
         default=None,
         ge=1,
         le=4096,
-        description="Denoising steps (model forwards) per generation; with blockLength they are split across blocks, with threshold an upper bound.",
+        description="Denoising steps (model forwards) over the whole generation; more is slower and usually better.",
     )
     max_new_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        le=32768,
-        description="Tokens generated (masks appended after the prompt) when a request does not say.",
+        default=None, ge=1, le=32768, description="Tokens generated when a request sets no limit."
     )
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
         default=None,
-        description="Which masked positions to reveal each step: origin (random), maskgit_plus (highest p), topk_margin (p1 − p2), entropy (lowest entropy; CoDA's default).",
+        description="Which masked positions are revealed each step: origin (each with "
+        "probability 1 − s/t), maskgit_plus (highest p(x0)), topk_margin (largest top-1 − top-2 "
+        "margin), entropy (lowest entropy).",
     )
     alg_temp: float | None = Field(
         default=None,
         ge=0,
-        description="0/unset = reveal the most confident positions; > 0 = draw them from softmax(confidence / algTemp).",
+        description="0: reveal the most confident positions; > 0: draw them from softmax(confidence / algTemp).",
     )
     temperature: float | None = Field(
-        default=None, ge=0, description="0 = greedy tokens; > 0 samples each revealed token."
+        default=None, ge=0, description="Token sampling temperature (0: argmax)."
     )
     top_p: float | None = Field(
-        default=None, gt=0, le=1, description="Nucleus filtering of each position's distribution."
+        default=None, gt=0, le=1, description="Nucleus sampling: keep tokens within this mass."
     )
     top_k: int | None = Field(
-        default=None, ge=0, description="Top-k filtering of each position's distribution."
+        default=None, ge=0, description="Keep only the k most likely tokens (0: no filter)."
     )
     block_length: int | None = Field(
         default=None,
         ge=1,
-        description="Decode left to right in blocks of this many tokens (semi-autoregressive); unset = one block.",
+        description="Semi-autoregressive blocks of this many tokens, decoded left to right (LLaDA); unset: one block.",
     )
     threshold: float | None = Field(
         default=None,
         gt=0,
         le=1,
-        description="Also reveal every masked position of the current block whose probability is ≥ this (confidence-threshold parallel decoding).",
+        description="Also reveal every masked position of the current block with p(x0) ≥ this (Fast-dLLM parallel decoding).",
     )
 
 
@@ -307,10 +306,10 @@ class ResourcesSpec(_Wire):
     """Container requests/limits as Kubernetes quantities (strings), e.g. {cpu: "4", memory: 32Gi}."""
 
     requests: dict[str, str] = Field(
-        default_factory=dict, description='Resource requests, e.g. {cpu: "4", memory: 32Gi}.'
+        default_factory=dict, description='Resources the scheduler reserves, e.g. {cpu: "4"}.'
     )
     limits: dict[str, str] = Field(
-        default_factory=dict, description="Resource limits, e.g. {memory: 32Gi}."
+        default_factory=dict, description="Resource caps, e.g. {memory: 32Gi}."
     )
 
 
@@ -327,8 +326,7 @@ class SamplerSpec(_Wire):
     """The sampler Deployment + Service created once the last stage succeeds."""
 
     enabled: bool = Field(
-        default=True,
-        description="Start the sampler Deployment and Service after the last stage (and a passing quality gate).",
+        default=True, description="Serve the last stage's final checkpoint when training succeeds."
     )
     replicas: int = Field(default=1, ge=0, le=64, description="Sampler pods behind the Service.")
     image: str | None = Field(default=None, description="Defaults to spec.image.")
@@ -336,10 +334,12 @@ class SamplerSpec(_Wire):
         default=None, description="Single-host TPU or one GPU node; omit to serve on CPU."
     )
     resources: ResourcesSpec | None = Field(
-        default=None,
-        description="Container requests/limits of the sampler pods (accelerator limits are added from `accelerator`).",
+        default=None, description="The sampler container's CPU/memory requests and limits."
     )
-    defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+    defaults: SamplerDefaults = Field(
+        default_factory=SamplerDefaults,
+        description="Sampling parameters used when a request does not set them.",
+    )
     api_key_secret: SecretKeyRef | None = Field(
         default=None,
         description=(
@@ -385,7 +385,7 @@ class CodaTrainingRunSpec(_Wire):
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None,
-        description="imagePullPolicy of every container the run creates; unset = Kubernetes' default.",
+        description="Pull policy of trainer and sampler containers (Kubernetes' default if unset).",
     )
     service_account_name: str | None = Field(
         default=None,
@@ -402,12 +402,15 @@ class CodaTrainingRunSpec(_Wire):
             "'privileged'. Single-host and GPU stages ignore it."
         ),
     )
-    model: RunModelSpec = Field(default_factory=RunModelSpec)
+    model: RunModelSpec = Field(
+        default_factory=RunModelSpec,
+        description="The model every stage trains: preset, overrides and initial weights.",
+    )
     tokenizer: str = Field(
         min_length=1, description="HF tokenizer folder (gs:// or in the image), or 'project'."
     )
     checkpoints: CheckpointConfig = Field(
-        description="Where and how often stages checkpoint; each stage writes <uri>/<stage>/<step> and <uri>/<stage>/final."
+        description="Where and how often stages save: <uri>/<stage>/<step>/ and <uri>/<stage>/final/."
     )
     accelerator: AcceleratorSpec | None = Field(
         default=None, description="Default accelerator of every stage (stages may override it)."
@@ -415,7 +418,8 @@ class CodaTrainingRunSpec(_Wire):
     stages: list[RunStage] = Field(
         min_length=1,
         max_length=16,
-        description="The training stages, run one after another; each starts from the previous stage's final checkpoint.",
+        description="Training stages run in order (e.g. pretrain, midtrain, sft), one JobSet each; "
+        "a stage starts from the previous stage's final unless it sets initFrom.",
     )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     evaluation: EvaluationSpec | None = Field(
@@ -424,7 +428,7 @@ class CodaTrainingRunSpec(_Wire):
     )
     failure_policy: FailurePolicySpec = Field(
         default_factory=FailurePolicySpec,
-        description="Restarts within a stage (JobSet maxRestarts) and stage retries by the operator.",
+        description="How often crashed slices are restarted and failed stages retried.",
     )
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
@@ -573,52 +577,39 @@ StagePhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "
 class Condition(_StatusWire):
     """metav1.Condition."""
 
-    type: str = Field(
-        description="Condition type: Running, Complete, Failed, Created, Invalid, QualityGate, SamplerReady or SpecChangeRejected."
-    )
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    type: str = Field(description="Condition type, e.g. Running, Complete, Failed, SamplerReady.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(
         pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
         max_length=1024,
-        description="One CamelCase word for the last transition.",
+        description="CamelCase reason of the last transition, for machines.",
     )
-    message: str = Field(
-        default="", max_length=32768, description="Human-readable detail of the last transition."
-    )
+    message: str = Field(default="", max_length=32768, description="The transition, for humans.")
     last_transition_time: str = Field(description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(
-        default=None, ge=0, description="metadata.generation the condition was set for."
+        default=None, ge=0, description="metadata.generation the condition was computed from."
     )
 
 
 class StageStatus(_StatusWire):
     name: str = Field(description="The stage's name (spec.stages[].name).")
-    phase: StagePhase = Field(
-        default="Pending",
-        description="Pending, Queued (waiting for Kueue), Running, Suspended, Succeeded or Failed.",
-    )
+    phase: StagePhase = Field(default="Pending", description="Where the stage is in its lifecycle.")
     job_set: str | None = Field(default=None, description="Current JobSet of this stage.")
     retries: int = Field(default=0, ge=0, description="Operator retries used (JobSets replaced).")
     job_set_restarts: int = Field(
         default=0, ge=0, description="Whole-slice restarts inside the current JobSet."
     )
     init_from: str | None = Field(
-        default=None,
-        description="The checkpoint the stage started from (the previous stage's final, or its own initFrom).",
+        default=None, description="The weights the stage started from (URI), if any."
     )
     final: str | None = Field(
-        default=None, description="The stage's published final checkpoint (Hugging Face layout)."
+        default=None, description="URI of the stage's published final checkpoint (HF folder)."
     )
-    start_time: str | None = Field(
-        default=None, description="When the stage's first JobSet was created (RFC 3339)."
-    )
+    start_time: str | None = Field(default=None, description="When the stage started (RFC 3339).")
     completion_time: str | None = Field(
         default=None, description="When the stage succeeded or failed (RFC 3339)."
     )
-    message: str | None = Field(
-        default=None,
-        description="Why the stage is in its phase (e.g. the failure and its exit code).",
-    )
+    message: str | None = Field(default=None, description="Last notable event of the stage.")
     fingerprint: dict[str, str] = Field(
         default_factory=dict,
         description="Hashes of the spec parts the current JobSet was rendered from.",
@@ -629,27 +620,28 @@ class SamplerStatus(_StatusWire):
     deployment: str | None = Field(default=None, description="The sampler Deployment's name.")
     service: str | None = Field(default=None, description="The sampler Service's name.")
     endpoint: str | None = Field(
-        default=None, description="The in-cluster URL of the OpenAI-compatible API."
+        default=None,
+        description="In-cluster base URL of the sampler Service (http://<service>.<namespace>.svc:<port>).",
     )
-    checkpoint: str | None = Field(default=None, description="The checkpoint being served.")
-    ready: bool = Field(
-        default=False, description="True once at least one sampler pod passes its readiness probe."
-    )
-    ready_replicas: int = Field(default=0, description="Sampler pods ready.")
+    checkpoint: str | None = Field(default=None, description="The checkpoint being served (URI).")
+    ready: bool = Field(default=False, description="At least one replica serves requests.")
+    ready_replicas: int = Field(default=0, description="Replicas passing their readiness probe.")
 
 
 class BenchmarkScore(_StatusWire):
     """One benchmark's result, written by the evaluation Job."""
 
     pass_at1: float = Field(description="pass@1 as a fraction (0–1).")
-    problems: int = Field(description="Problems evaluated.")
-    samples: int = Field(default=1, description="Samples per problem.")
+    problems: int = Field(
+        description="How many of the benchmark's problems were run (evaluation.limit caps it)."
+    )
+    samples: int = Field(default=1, description="Samples generated per problem.")
     failures: int = Field(default=0, description="Samples that did not pass.")
     reasons: dict[str, int] = Field(
         default_factory=dict, description="Sample outcomes by status (passed, failed, timeout, …)."
     )
     duration_s: float | None = Field(
-        default=None, description="Generation plus execution time, seconds."
+        default=None, description="Wall time of the benchmark, seconds."
     )
 
 
@@ -657,47 +649,41 @@ class EvaluationStatus(_StatusWire):
     """One evaluated stage. The operator owns phase/job/retries/times/message; the evaluation Job
     merge-patches `results`, `report` and `settings` when it finishes."""
 
-    phase: StagePhase = Field(
-        default="Pending",
-        description="Pending, Running, Succeeded or Failed (the evaluation Job's outcome).",
-    )
-    job: str | None = Field(default=None, description="The current evaluation Job's name.")
-    retries: int = Field(
-        default=0, ge=0, description="Evaluation Jobs replaced after a retryable failure."
-    )
-    checkpoint: str | None = Field(default=None, description="The evaluated checkpoint.")
-    start_time: str | None = Field(
-        default=None, description="When the evaluation Job was created (RFC 3339)."
-    )
+    phase: StagePhase = Field(default="Pending", description="Where the evaluation Job is.")
+    job: str | None = Field(default=None, description="The evaluation Job's name.")
+    retries: int = Field(default=0, ge=0, description="Evaluation Jobs replaced after failures.")
+    checkpoint: str | None = Field(default=None, description="The evaluated checkpoint (URI).")
+    start_time: str | None = Field(default=None, description="When the Job started (RFC 3339).")
     completion_time: str | None = Field(
-        default=None, description="When the evaluation finished (RFC 3339)."
+        default=None, description="When the Job finished (RFC 3339)."
     )
-    message: str | None = Field(default=None, description="Why the evaluation is in its phase.")
+    message: str | None = Field(default=None, description="Why it failed, or its last event.")
     report: str | None = Field(default=None, description="The JSON report's URI.")
     settings: dict[str, Any] | None = Field(
-        default=None, description="The sampler settings the evaluation used."
+        default=None, description="The sampler settings the harness ran with."
     )
     results: dict[str, BenchmarkScore] | None = Field(
-        default=None,
-        description="Per benchmark: pass@1, problems, samples, failures and their reasons.",
+        default=None, description="Benchmark name → score."
     )
 
 
 class CodaTrainingRunStatus(_StatusWire):
     phase: Phase = Field(
-        default="Pending", description="Pending, Queued, Running, Suspended, Succeeded or Failed."
+        default="Pending",
+        description="Pending, Queued (Kueue), Running, Suspended, Succeeded or Failed.",
     )
     stage: str | None = Field(default=None, description="The current (or last) stage.")
-    stage_index: int | None = Field(
-        default=None, description="Index of the current (or last) stage in spec.stages."
-    )
-    message: str | None = Field(default=None, description="A one-line account of the run's state.")
+    stage_index: int | None = Field(default=None, description="Index of stage in spec.stages.")
+    message: str | None = Field(default=None, description="Human-readable state of the run.")
     stages: list[StageStatus] = Field(
-        default_factory=list, description="One entry per stage started so far."
+        default_factory=list,
+        description="One entry per spec stage, in order (Pending until it starts).",
     )
-    progress: Progress | None = None
+    progress: Progress | None = Field(
+        default=None, description="The running stage's step, loss and throughput (trainer-written)."
+    )
     sampler: SamplerStatus | None = Field(
-        default=None, description="The sampler Deployment and Service once started."
+        default=None, description="The sampler Deployment once the last stage has succeeded."
     )
     evaluation: dict[str, EvaluationStatus] | None = Field(
         default=None, description="Per evaluated stage: the evaluation Job and its scores."
@@ -707,15 +693,12 @@ class CodaTrainingRunStatus(_StatusWire):
         description='Headline pass@1 (%) of the newest finished evaluation: "sft: humaneval 12.2".',
     )
     conditions: list[Condition] = Field(
-        default_factory=list,
-        description="Kubernetes-style conditions: Running, Complete, Failed, and the operator's own (QualityGate, SamplerReady, …).",
+        default_factory=list, description="Standard conditions, one per type."
     )
     observed_generation: int | None = Field(
-        default=None, description="The spec generation the operator last acted on."
+        default=None, description="metadata.generation the operator last acted on."
     )
-    start_time: str | None = Field(
-        default=None, description="When the operator first saw the run (RFC 3339)."
-    )
+    start_time: str | None = Field(default=None, description="When the run started (RFC 3339).")
     completion_time: str | None = Field(
         default=None, description="When the run succeeded or failed (RFC 3339)."
     )

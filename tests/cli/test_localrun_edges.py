@@ -86,7 +86,7 @@ def test_progress_printers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     plain.update(stage, localplan.Progress(step=5, total=10, loss=2.5))  # same step: no new line
     plain.update(stage, localplan.Progress(), note="done")
     assert capsys.readouterr().out.splitlines() == [
-        "[only] step 5/10 loss 2.5000 1,000 tok/s",
+        "[only] step 5/10 loss 2.5000 · 1,000 tok/s · ETA 0s",
         "[only] done",
     ]
     with localrun.RichProgress(plan) as bars:  # renders without a terminal too

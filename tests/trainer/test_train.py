@@ -185,6 +185,8 @@ def test_reference_run_learns_and_reports(reference):
         and status["step"] == STEPS
         and status["checkpoint"].endswith("final")
     )
+    # what `coda-ctl local run` shows instead of a bar frozen at 0/N while the first step compiles
+    assert status["compiling"] is False and status["compile_seconds"] > 0
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{stage_dir}/metrics"))
     assert storage.is_committed(f"{stage_dir}/final")
     # Rerunning a finished stage is a no-op.

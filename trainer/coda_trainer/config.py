@@ -315,15 +315,19 @@ class ModelSpec(StrictModel):
 
     preset: str = Field(
         default="coda-1.7b",
-        description="Architecture preset (coda-1.7b is Qwen3-1.7B's shape, bidirectional).",
+        description="Model architecture preset (coda-1.7b is the paper's Qwen3-1.7B backbone; "
+        "tiny presets are for tests and local runs).",
     )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="ModelConfig fields changed from the preset, e.g. {numLayers: 4}.",
+        description="ModelConfig fields that replace the preset's values, e.g. {num_layers: 4, remat: full}; "
+        "the result is validated like a preset.",
     )
     init_from: str | None = Field(
         default=None,
-        description="Weights the first stage starts from: a Hugging Face safetensors folder (Qwen3 or CoDA layout) or an orbax checkpoint, local or gs://.",
+        description="Weights the first stage starts from (unless it sets its own initFrom; later "
+        "stages start from the previous stage's final): a Hugging Face folder or an orbax step "
+        "directory, local or gs://. Unset: random initialisation.",
     )
 
     @field_validator("preset")
@@ -392,57 +396,64 @@ class BatchConfig(StrictModel):
 class OptimizerConfig(StrictModel):
     name: Literal["adamw", "adafactor"] = Field(
         default="adamw",
-        description="adamw (AdamW) or adafactor (factored second moments, no momentum by default, as the CoDA release uses for pre- and mid-training).",
+        description="Optimizer (optax). adafactor is what CoDA pre-trained with (factored second "
+        "moments, no momentum unless `momentum` is set); adamw for mid-training and SFT.",
     )
     peak_lr: float = Field(
         default=3e-4,
         gt=0,
-        description="Learning rate reached at the end of warm-up (the paper: 3e-4 pre-training, 2e-4 mid-training, 2e-5 SFT).",
+        description="Learning rate at the end of warmup, the schedule's maximum (e.g. 3e-4).",
     )
     end_lr_ratio: float = Field(
         default=0.1, ge=0, le=1, description="Final lr as a fraction of peak."
     )
     schedule: Literal["constant", "linear", "cosine"] = Field(
         default="cosine",
-        description="Decay after warm-up: constant, linear (to end_lr_ratio × peak) or cosine (to end_lr_ratio × peak).",
+        description="Decay after warmup, from peakLr to peakLr × endLrRatio at the stage's last "
+        "step (constant: no decay).",
     )
     warmup_steps: int | None = Field(
         default=None,
         ge=0,
-        description="Linear warm-up length in steps (set this or warmupRatio; neither = no warm-up).",
+        description="Linear warmup from 0 to peakLr over this many steps (capped at the stage's "
+        "steps). Unset with warmupRatio unset: no warmup.",
     )
     warmup_ratio: float | None = Field(
         default=None,
         ge=0,
         le=1,
-        description="Linear warm-up length as a fraction of the stage's steps (set this or warmupSteps).",
+        description="Warmup as a fraction of the stage's steps (0.01 = the first 1%); the "
+        "alternative to warmupSteps.",
     )
     weight_decay: float = Field(
-        default=0.0, ge=0, description="Decoupled weight decay; not applied to norms and biases."
+        default=0.0, ge=0, description="Decoupled weight decay coefficient (0: none)."
     )
     b1: float = Field(
-        default=0.9,
+        default=0.9, ge=0, lt=1, description="AdamW first-moment decay (β1); unused by adafactor."
+    )
+    b2: float = Field(
+        default=0.95,
         ge=0,
         lt=1,
-        description="First-moment decay (AdamW's β1; Adafactor's momentum uses `momentum`).",
+        description="AdamW second-moment decay (β2); adafactor uses a fixed decay rate of 0.8.",
     )
-    b2: float = Field(default=0.95, ge=0, lt=1, description="Second-moment decay (AdamW's β2).")
     eps: float = Field(
         default=1e-8,
         gt=0,
-        description="Numerical-stability term added to the second-moment root (AdamW).",
+        description="AdamW ε added to the second-moment root for stability; unused by adafactor.",
     )
     clip_norm: float | None = Field(
         default=1.0,
         gt=0,
-        description="Clip the global gradient norm to this value before the update; null = no clipping.",
+        description="Clip gradients to this global L2 norm before the update; null: no clipping.",
     )
     # CoDA pre-trained with Adafactor without momentum; set a value to add first-moment momentum.
     momentum: float | None = Field(
         default=None,
         ge=0,
         lt=1,
-        description="Adafactor only: first-moment decay; null = no momentum (less optimiser memory).",
+        description="Adafactor first-moment momentum (β1); unset keeps the paper's momentum-free "
+        "Adafactor. Ignored by adamw (use b1).",
     )
 
     @model_validator(mode="after")
@@ -464,14 +475,17 @@ class DataSource(StrictModel):
     weight: float = Field(
         default=1.0,
         gt=0,
-        description="Relative sampling weight of this source in the stage's mixture (weights need not sum to 1).",
+        description="Relative share of this source in the mixture: of tokens in pre/mid-training, "
+        "of examples in SFT (weights need not sum to 1).",
     )
     format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = Field(
         default="auto",
-        description="How to read the files: auto (by extension), text or python (whole files as documents), jsonl or parquet (textField per record), chat (message lists, for SFT).",
+        description="How files are read. auto: by extension (.jsonl/.json/.parquet; anything else "
+        "is text, one document per file); chat: rows with `messages` or instruction/output (SFT).",
     )
     text_field: str = Field(
-        default="text", description="The record field holding the text (jsonl/parquet)."
+        default="text",
+        description="JSONL key or Parquet column holding a document's text (jsonl/parquet formats).",
     )
 
     @field_validator("uri")
@@ -487,19 +501,22 @@ class MaskingProbs(StrictModel):
         default=0.0,
         ge=0,
         le=1,
-        description="S1, unmaskable prefix: the probability that a sequence keeps a random-length prefix clean (paper §3, Table 3).",
+        description="S1 (paper Table 3), unmaskable prefix: the share of sequences whose random-"
+        "length prefix is never masked and conditions the rest.",
     )
     truncate_prob: float = Field(
         default=0.0,
         ge=0,
         le=1,
-        description="S2, truncated suffix: the probability that a sequence is cut at a random length and padded (paper §3, Table 3).",
+        description="S2 (paper Table 3), truncated suffix: the share of sequences cut at a random "
+        "position and padded (never on S1 rows; see strategyShares).",
     )
     block_prob: float = Field(
         default=0.0,
         ge=0,
         le=1,
-        description="S3, block masking: the probability that a sequence is masked in contiguous blocks of one of blockSizes (paper §3, Table 3).",
+        description="S3 (paper Table 3), block masking: the share of sequences masked in whole "
+        "blocks (size drawn from blockSizes) instead of token by token.",
     )
 
 
@@ -520,11 +537,16 @@ _DEFAULT_BLOCK_SIZES = (2, 4, 8)
 
 
 class MaskingConfig(MaskingProbs):
-    sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
+    sampling_eps: float = Field(
+        default=1e-3,
+        gt=0,
+        lt=1,
+        description="ε, the smallest mask rate: each sequence's σ = (1−ε)·u + ε with u ~ U[0, 1).",
+    )
     block_sizes: list[int] = Field(
         default_factory=lambda: list(_DEFAULT_BLOCK_SIZES),
         min_length=1,
-        description="Block lengths S3 draws from, one per sequence (the paper's k ∈ {2, 4, 8}); each must be ≤ seqLen.",
+        description="S3 block sizes in tokens; each block-masked sequence draws one uniformly.",
     )
     block_size_phases: list[list[int]] | None = Field(
         default=None,
@@ -535,7 +557,9 @@ class MaskingConfig(MaskingProbs):
     )
     curriculum: Literal["constant", "linear", "paper-table-3"] = Field(
         default="constant",
-        description="How the S1/S2/S3 probabilities move over the stage: constant, linear (to rampTo) or paper-table-3 (1:1:5% → 20:20:25% over `epochs`).",
+        description="How S1/S2/S3 change over the stage. constant: the probabilities above; "
+        "linear: ramp to rampTo; paper-table-3: the paper's mid-training schedule (Table 3, "
+        "five epochs from 1/1/5% to 20/20/25%).",
     )
     strategy_shares: Literal["paper", "release"] = Field(
         default="paper",
@@ -549,13 +573,14 @@ class MaskingConfig(MaskingProbs):
     # linear: probabilities move from the fields above to ramp_to over the stage's steps.
     ramp_to: MaskingProbs | None = Field(
         default=None,
-        description="The S1/S2/S3 probabilities reached at the end of the stage with curriculum: linear.",
+        description="curriculum linear: S1/S2/S3 probabilities reached at the stage's last step.",
     )
     # paper-table-3: the stage's steps are split into this many equal "epochs".
     epochs: int = Field(
         default=5,
         gt=0,
-        description="Epochs the paper-table-3 curriculum spreads its steps over (the stage's steps are split evenly).",
+        description="curriculum paper-table-3: equal step ranges the stage is split into, stepping "
+        "through Table 3's rows (5 = the paper's five epochs).",
     )
 
     @field_validator("block_sizes")
@@ -642,7 +667,8 @@ class SFTConfig(StrictModel):
     )
     over_length: Literal["drop", "truncate"] = Field(
         default="drop",
-        description="Chat rows longer than seqLen: drop them (the release's choice) or truncate them to seqLen.",
+        description="Examples longer than batch.seqLen: drop skips them, truncate cuts the answer "
+        "to fit (a prompt that alone fills seqLen is dropped either way).",
     )
     prompt_span: PromptSpan = Field(
         default="assistant-role",
@@ -665,16 +691,14 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(
         default=1000,
         gt=0,
-        description="Save a checkpoint every this many optimiser steps (a stop signal also saves one at once).",
+        description="Save a resumable orbax checkpoint every N optimizer steps.",
     )
     keep: int = Field(
-        default=3,
-        gt=0,
-        description="How many step checkpoints to keep per stage; older ones are deleted (final/ is never deleted).",
+        default=3, gt=0, description="Step checkpoints kept per stage; older ones are deleted."
     )
     async_save: bool = Field(
         default=True,
-        description="Write checkpoints in the background while training continues (the signal-triggered and last saves are always waited for).",
+        description="Write checkpoints in the background while training continues.",
     )
 
     @field_validator("uri")
@@ -685,17 +709,17 @@ class CheckpointConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     data: list[DataSource] = Field(
-        min_length=1, description="Held-out sources for the eval loss, read like the training data."
+        min_length=1, description="Held-out sources for the evaluation loss (same form as data)."
     )
     every_steps: int = Field(
         default=500,
         gt=0,
-        description="Compute the eval loss every this many steps (and at the last step).",
+        description="Compute the eval loss every N optimizer steps and at the stage's last step.",
     )
     batches: int = Field(
         default=4,
         gt=0,
-        description="Batches per evaluation (fixed data and noise, so evaluations compare).",
+        description="Micro-batches (sequences / gradAccum each) averaged into one eval loss.",
     )
 
 
@@ -703,16 +727,15 @@ class MeshConfig(StrictModel):
     """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
     data: int = Field(
-        default=1,
-        description="Data-parallel axis size (batch rows split, parameters replicated); -1 = the devices left over.",
+        default=1, description="Pure data-parallel axis size (replicas of the parameters)."
     )
     fsdp: int = Field(
         default=-1,
-        description="Fully-sharded data-parallel axis size (batch rows and parameters split); -1 = the devices left over.",
+        description="Fully-sharded data-parallel axis (parameters and optimizer state sharded); "
+        "-1: every device the other axes leave.",
     )
     tensor: int = Field(
-        default=1,
-        description="Tensor-parallel axis size (heads and MLP width split); -1 = the devices left over.",
+        default=1, description="Tensor-parallel axis (attention heads and MLP columns split)."
     )
 
     @model_validator(mode="after")
@@ -750,26 +773,28 @@ class StageConfig(StrictModel):
         )
     )
     steps: int = Field(
-        gt=0,
-        description="Optimiser steps in this stage (the paper: 50,000 pre-training, ~50,000 mid-training).",
+        gt=0, description="Optimizer steps this stage trains (tokens = steps × sequences × seqLen)."
     )
     batch: BatchConfig = Field(
-        description="Global batch: sequences per step, tokens per sequence, gradient accumulation."
+        description="Batch shape: sequences per step and tokens per sequence."
     )
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig,
-        description="Optimiser and learning-rate schedule of this stage.",
+        description="Optimizer and learning-rate schedule of this stage (a fresh state per stage).",
     )
-    data: list[DataSource] = Field(min_length=1, description="Training sources, mixed by weight.")
+    data: list[DataSource] = Field(
+        min_length=1, description="Training sources, mixed by weight (local or gs://)."
+    )
     masking: MaskingConfig = Field(
         default_factory=MaskingConfig,
-        description="The diffusion noise: masking rate range and the S1/S2/S3 strategies with their curriculum.",
+        description="Forward-noising: σ and the S1/S2/S3 strategies of paper §3 (pre/mid-training).",
     )
     sft: SFTConfig | None = Field(
-        default=None, description="Instruction-tuning options (kind: sft only)."
+        default=None,
+        description="SFT-only settings (kind sft): prompt masking and length handling.",
     )
     eval: EvalConfig | None = Field(
-        default=None, description="Optional held-out eval loss during the stage."
+        default=None, description="Periodic held-out loss during the stage; unset: none."
     )
     init_from: str | None = Field(
         default=None,
@@ -785,13 +810,12 @@ class StageConfig(StrictModel):
         ),
     )
     seed: int = Field(
-        default=0,
-        description="Seeds the initialisation, data order and noise; a resumed stage replays exactly.",
+        default=0, description="Seeds parameter init, data order and masking noise of the stage."
     )
     log_every: int = Field(
         default=10,
         gt=0,
-        description="Emit a metrics line (and update status.progress) every this many steps.",
+        description="Log loss, lr and tokens/s every N steps (stdout, TensorBoard).",
     )
 
     @field_validator("name")

@@ -191,22 +191,15 @@ class Progress(BaseModel):
         extra="allow", alias_generator=to_camel, populate_by_name=True, protected_namespaces=()
     )
 
-    stage: str | None = Field(default=None, description="The stage these numbers belong to.")
-    step: int | None = Field(default=None, description="Optimiser steps done.")
-    total_steps: int | None = Field(default=None, description="The stage's steps.")
-    loss: float | None = Field(
-        default=None,
-        description="Training loss (masked cross-entropy, mean over the last log window).",
-    )
+    stage: str | None = Field(default=None, description="The stage training.")
+    step: int | None = Field(default=None, description="Optimizer steps done in the stage.")
+    total_steps: int | None = Field(default=None, description="The stage's spec steps.")
+    loss: float | None = Field(default=None, description="Latest logged training loss.")
     tokens_per_second: float | None = Field(
-        default=None, description="Training throughput over the last log window, all hosts."
+        default=None, description="Training throughput over the last log interval, all hosts."
     )
-    checkpoint: str | None = Field(
-        default=None, description="The newest complete checkpoint of the stage."
-    )
-    update_time: str | None = Field(
-        default=None, description="When the trainer wrote this (RFC 3339)."
-    )
+    checkpoint: str | None = Field(default=None, description="Newest saved step checkpoint (URI).")
+    update_time: str | None = Field(default=None, description="When this was written (RFC 3339).")
 
     def to_wire(self) -> dict[str, object]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

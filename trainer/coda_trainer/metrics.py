@@ -10,7 +10,8 @@ Where things go (process 0 only):
   the operator and `coda-ctl`:
   `{"run", "stage", "state": "running"|"checkpointed"|"done"|"failed", "step", "total_steps",
   "loss", "tokens_per_second", "mfu", "checkpoint": <uri of the newest saved step or final>,
-  "updated": <unix time>}`.
+  "compiling": true until the first step of this attempt is done, "compile_seconds": how long
+  that first step (compile included) took, "updated": <unix time>}`.
 
 MFU = train_flops_per_token(seq_len) · tokens/s / (peak FLOP/s per device · devices), with full
 (bidirectional) attention FLOPs; null where the device's peak is unknown (CPU).

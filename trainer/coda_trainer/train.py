@@ -345,7 +345,10 @@ class _StageRun:
         vote = StopVote(self.mesh) if jax.process_count() > 1 else None
         window = _Window()
         step, exit_code = self.first_step, EXIT_OK
-        self.writer.status(state="running", step=step, checkpoint=self.last_ckpt)
+        # `compiling` until the first step is done (tens of seconds on a CPU, minutes at scale):
+        # `coda-ctl local run` says so instead of showing a bar frozen at 0/N.
+        self.writer.status(state="running", step=step, checkpoint=self.last_ckpt, compiling=True)
+        compile_start = time.perf_counter()
         with StopFlag() as stop:
             while step < stage.steps:
                 batch = _global_batch(next(self.data), sharding)
@@ -355,7 +358,9 @@ class _StageRun:
                 window.pending.append(metrics)
                 if window.start is None:  # the first step compiles: start timing after it
                     jax.block_until_ready(metrics)
-                    log.info("first step done (compiled)")
+                    compile_s = time.perf_counter() - compile_start
+                    log.info("first step done (compiled in %.1f s)", compile_s)
+                    self.writer.status(compiling=False, compile_seconds=compile_s)
                     window.retime()
                 else:
                     window.steps += 1
