@@ -252,6 +252,25 @@ def test_block_decoding_streams_each_finished_block(server: Server, stop) -> Non
     assert content[0][0] <= content[-1][0]
 
 
+def test_a_client_leaving_mid_stream_does_not_disturb_the_server(server: Server) -> None:
+    """The reader goes away after its first piece of text: no error in the log, the next
+    request is served."""
+    log_before = len(server.log.read_text())
+    body = {"prompt": "def add(a, b):", "max_tokens": 32, "block_length": 4, "steps": 32,
+            "seed": 1, "stream": True}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # leave with the rest unread: the connection closes here
+    after = httpx.post(
+        server.url + "/v1/completions", json={"prompt": "x = ", "max_tokens": 8}, timeout=60
+    )
+    assert after.status_code == 200, after.text
+    time.sleep(0.5)
+    new_log = server.log.read_text()[log_before:]
+    assert "Traceback" not in new_log and "ERROR" not in new_log, new_log
+
+
 def test_streamed_chat_equals_the_plain_one(client: openai.OpenAI) -> None:
     kwargs = dict(
         model="final", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=16
