@@ -568,6 +568,30 @@ def test_a_rejected_requests_rows_never_run() -> None:
     assert generator.rows == 1  # only the accepted request's row ran
 
 
+def test_an_infill_too_long_for_the_model_is_a_400_before_any_model_call() -> None:
+    """[prefix bucket | hole | suffix bucket] can pass the model's positions where a generation
+    of the same prompt fits: 400 context_length_exceeded naming the suffix, not a 500."""
+    from coda_trainer.serve.app import create_app
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.tokenizer import load_tokenizer
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(prompt_buckets=(64, 256), gen_buckets=(32,), default_max_tokens=32)
+    settings.check_positions(512)  # generations fit: 256 + 32
+    generator = _CountingGenerator()
+    engine = Engine(generator, load_tokenizer("project"), settings, max_positions=512)
+    with TestClient(create_app(engine, warmup=False)) as client:
+        prefix = "x = 1\n" * 20  # 100 tokens: the 256 bucket, so 2 × 256 + 32 > 512
+        r = client.post("/v1/infill", json={"prefix": prefix, "suffix": "\n", "max_tokens": 32})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "suffix", error
+        assert "544 positions" in error["message"], error
+        short = client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 32})
+        assert short.status_code == 200, short.text
+    assert generator.rows == 1  # only the completion ran
+
+
 def test_buckets_beyond_the_models_positions_fail_at_start(checkpoint: Path) -> None:
     args = ["--prompt-buckets", "512", "--gen-buckets", "64", "--dtype", "float32"]
     srv = Server(checkpoint, base_args=args)
