@@ -63,7 +63,32 @@ def percentile(xs: list[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def serve_emulator(port: int) -> None:
+def serve_emulator(port: int, kind: str) -> None:
+    from operator_testkit import RESOURCES, TRAINER_SERVICE_ACCOUNT, jobset_crd
+
+    if kind == "kmock":
+        serve_kmock(port)
+        return
+    from kube_api import KubeApi, serve
+
+    async def main() -> None:
+        api = KubeApi(RESOURCES)
+        api.create(api.resource("customresourcedefinitions"), None, jobset_crd())
+        sa = {"metadata": {"name": TRAINER_SERVICE_ACCOUNT}}
+        api.create(api.resource("serviceaccounts"), NS, sa)
+        api.create(api.resource("namespaces"), None, {"metadata": {"name": NS}})
+        runner = await serve(api, port)
+        print(f"serving on http://127.0.0.1:{port}", flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        api.stopping.set()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def serve_kmock(port: int) -> None:
     import aiohttp.web
     import kmock
     from operator_testkit import RESOURCES, TRAINER_SERVICE_ACCOUNT, Cluster, Emulator, jobset_crd
@@ -206,7 +231,7 @@ async def drive(
                     data = await rsp.json()
                 seen += len(data["log"])
                 for _agent, method, plural, action, name in data["log"]:
-                    if method == "POST" and plural == "jobsets" and action == "CREATE":
+                    if method == "POST" and plural == "jobsets" and action.lower() == "create":
                         at = time.perf_counter() + rng.uniform(min_s, max_s)
                         task = asyncio.create_task(finish(name, at))
                         finishing.add(task)
@@ -294,13 +319,13 @@ def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, 
         i = STAGES.index(stage)
         if i > 0:
             latencies.append(t - completed_at[f"{run}-{STAGES[i - 1]}"])
-    if len(jobset_posts) != len(set(jobset_posts)) or len(set(jobset_posts)) != 3 * runs:
-        raise AssertionError(
-            f"{len(jobset_posts)} JobSet POSTs of {len(set(jobset_posts))} names for {runs} runs"
-        )
+    if len(set(jobset_posts)) != 3 * runs:
+        raise AssertionError(f"{len(set(jobset_posts))} JobSets created for {runs} runs × 3 stages")
     return {
         "requests_per_run": {k: round(v / runs, 2) for k, v in sorted(by_agent.items())},
         "requests_per_run_by_verb": {k: round(v / runs, 2) for k, v in sorted(by_verb.items())},
+        # a POST of a JobSet that already exists (the index had not seen it yet): answered 409
+        "jobset_posts_repeated": len(jobset_posts) - len(set(jobset_posts)),
         "handoff_ms": {
             "n": len(latencies),
             "p50": round(1000 * statistics.median(latencies), 1),
@@ -330,7 +355,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         return proc
 
     try:
-        emulator = start("emulator", [sys.executable, __file__, "--serve-emulator", str(api_port)])
+        emulator = start(
+            "emulator",
+            [
+                sys.executable,
+                __file__,
+                "--serve-emulator",
+                str(api_port),
+                "--emulator",
+                args.emulator,
+            ],
+        )
         wait_until("emulator", lambda: http_ok(f"{url}/bench/phases"), 60, emulator)
         profile_env = {"CODA_OPERATOR_PROFILE": str(args.profile)} if args.profile else {}
         operator = start(
@@ -391,11 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="process logs (default: a temp dir)")
     p.add_argument("--profile", type=Path, default=None, help="operator cProfile output")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--emulator",
+        choices=("lean", "kmock"),
+        default="lean",
+        help="API server: bench/kube_api.py (default) or the operator tests' kmock emulator",
+    )
     p.add_argument("--serve-emulator", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path[:0] = PYTHONPATH.split(os.pathsep)
     if args.serve_emulator is not None:
-        serve_emulator(args.serve_emulator)
+        serve_emulator(args.serve_emulator, args.emulator)
         return 0
     result = bench(args)
     text = json.dumps(result, indent=2)

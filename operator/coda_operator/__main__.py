@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     p.add_argument(
-        "--resync-seconds", type=float, default=None, help="safety-net timer per run (default 60)"
+        "--resync-seconds",
+        type=float,
+        default=None,
+        help="safety-net resync: every run reconciled once per this many seconds (default 60)",
     )
     p.add_argument(
         "--server", default=None, help=argparse.SUPPRESS
