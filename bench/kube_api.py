@@ -289,6 +289,8 @@ class KubeApi:
         if method == "POST":
             return self.create(r, ns, body)
         if method == "PATCH" and name:
+            if not isinstance(body, dict):  # JSON Patch (kopf's finalizer edits): not implemented
+                return _status(415, "UnsupportedMediaType", "only JSON merge patches")
             return self.patch(r, ns, name, sub, body)
         if method == "DELETE" and name:
             return self.delete(r, ns, name)
