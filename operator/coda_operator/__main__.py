@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     p.add_argument(
-        "--resync-seconds", type=float, default=None, help="safety-net timer per run (default 60)"
+        "--resync-seconds",
+        type=float,
+        default=None,
+        help="safety-net resync: every run reconciled once per this many seconds (default 60)",
     )
     p.add_argument(
         "--server", default=None, help=argparse.SUPPRESS
@@ -65,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     kopf.configure(verbose=args.verbose)
     config = OperatorConfig(server=args.server, metrics_port=args.metrics_port)
+    # CODA_OPERATOR_PROFILE=<file>: a cProfile of the whole run, written when the operator stops
+    # (SIGTERM stops it gracefully); `python -m pstats <file>` reads it.
+    profile_to = os.environ.get("CODA_OPERATOR_PROFILE")
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         asyncio.run(
             run_operator(
@@ -83,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coda-operator: not starting: {cause}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_to)
     return 0
 
 

@@ -74,6 +74,10 @@ REPLICATED_JOB = "slice"
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/coda"
 JOB_FILE = "job.yaml"
+# libyaml's emitter writes the same text as the pure-Python SafeDumper ~4× faster, and rendering a
+# stage is on the hand-off path (the operator's profile at 1,000 runs: yaml emit was the largest
+# share of a reconcile).
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 COORDINATOR_PORT = 8476
 SAMPLER_PORT = 8000
 # Seconds between SIGTERM and SIGKILL: the trainer checkpoints on SIGTERM before exiting 75.
@@ -404,7 +408,7 @@ def render_stage(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": cm_name, "namespace": namespace, "labels": dict(labels)},
-        "data": {JOB_FILE: yaml.safe_dump(job.to_yaml_dict(), sort_keys=False)},
+        "data": {JOB_FILE: yaml.dump(job.to_yaml_dict(), Dumper=_YAML_DUMPER, sort_keys=False)},
     }
 
     container: dict[str, Any] = {
