@@ -712,25 +712,41 @@ def infill(
 @app.command(name="eval")
 @handles_errors
 def eval_(
-    benchmark: Annotated[str, typer.Argument(help="humaneval | mbpp")],
+    benchmarks: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more of humaneval, humaneval-plus, mbpp, mbpp-sanitized "
+            "(the names of spec.evaluation.benchmarks).",
+            metavar="BENCHMARK...",
+        ),
+    ],
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint to score.")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint to load in-process.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Write the JSON report here.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", help="Write the JSON report here (<out>.<benchmark>.json if several)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens per answer (default: the harness's 512).")
     ] = None,
 ) -> None:
-    """pass@1 on HumanEval or MBPP, against a running sampler (--url) or a checkpoint."""
+    """pass@1 on code benchmarks, against a running sampler (--url) or a checkpoint. HumanEval
+    and HumanEval+ asked together are generated once and scored twice."""
+    from coda_trainer.evaluate.datasets import BENCHMARKS
+
     from coda_ctl import evalbridge
 
-    if benchmark not in ("humaneval", "mbpp"):
-        raise CtlError(f"unknown benchmark {benchmark!r}: use humaneval or mbpp", Exit.USAGE)
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise CtlError(f"unknown benchmark {unknown[0]!r}: use {', '.join(BENCHMARKS)}", Exit.USAGE)
     if (url is None) == (checkpoint is None):
         raise CtlError("give exactly one of --url or --checkpoint", Exit.USAGE)
     raise typer.Exit(
         evalbridge.run_eval(
-            benchmark,
+            list(dict.fromkeys(benchmarks)),
             url=url,
             checkpoint=checkpoint,
             limit=limit,
