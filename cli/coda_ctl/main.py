@@ -484,7 +484,8 @@ def watch(
     ] = None,
     namespace: Namespace = None,
 ) -> None:
-    """Live progress per stage until the run succeeds (exit 0) or fails (exit 1)."""
+    """Live progress per stage, then the evaluation (pass@1 per benchmark, the gate), until the
+    run succeeds (exit 0) or fails (exit 1)."""
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -509,6 +510,7 @@ def watch(
                 n: bars.add_task(n, total=max(t, 1), info="")
                 for n, _, t, _ in views.stage_progress(obj)
             }
+            shown = None  # the evaluation line last printed
             while True:
                 loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
                 for name, done, total, phase in views.stage_progress(obj):
@@ -518,6 +520,10 @@ def watch(
                         else ""
                     )
                     bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
+                evaluation = views.evaluation_progress(obj)
+                if evaluation and evaluation != shown:
+                    bars.console.print(evaluation)
+                    shown = evaluation
                 if _watch_done(obj, deadline):
                     break
                 time.sleep(interval)
@@ -527,6 +533,8 @@ def watch(
         while True:
             line = "  ".join(f"{n} {d}/{t} {p}" for n, d, t, p in views.stage_progress(obj))
             line = f"{views.phase_of(obj)}  {line}"
+            if evaluation := views.evaluation_progress(obj):
+                line += f"  {evaluation}"
             if line != last:
                 typer.echo(line)
                 last = line
