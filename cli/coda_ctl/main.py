@@ -602,7 +602,10 @@ def retry(
     run: Annotated[str, typer.Argument(autocompletion=_complete_runs)],
     namespace: Namespace = None,
 ) -> None:
-    """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
+    """Retry a failed run: its failed stage (a new JobSet that resumes from the stage's newest
+    checkpoint) or its failed evaluation (a new evaluation Job; nothing trains again). After
+    QualityGateFailed nothing is evaluated again (same checkpoint and seed, same score): the gate
+    is checked against the current spec, so lower minPassAt1 first (else the operator ignores it)."""
     from coda_trainer.contract import RETRY_ANNOTATION
 
     _with_ns(ctx, namespace)
