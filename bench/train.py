@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_mesh,
         optimizer_state_shardings,
     )
-    from coda_trainer.step import TrainState, make_train_step
+    from coda_trainer.step import StepKnobs, TrainState, make_train_step
     from flax import nnx
 
     overrides = {
@@ -93,18 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         sharding = batch_sharding(mesh)
         gbatch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
-        gbatch["probs_3"] = jnp.asarray([0.01, 0.01, 0.01], jnp.float32)
-        gbatch["prompt_keep_frac"] = jnp.float32(1.0)
+        knobs = StepKnobs(jnp.asarray([0.01, 0.01, 0.01], jnp.float32), jnp.float32(1.0))
         key = jax.random.PRNGKey(0)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, gbatch, key)
+        state, metrics = step_fn(state, gbatch, knobs, key)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
         if args.profile:
             jax.profiler.start_trace(args.profile)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, metrics = step_fn(state, gbatch, key)
+            state, metrics = step_fn(state, gbatch, knobs, key)
         loss = float(jax.device_get(metrics["loss"]))
         elapsed = time.perf_counter() - t0
         if args.profile:

@@ -130,8 +130,12 @@ class GPUSpec(_Wire):
         max_length=63,
         description="Value of the cloud.google.com/gke-accelerator node label, e.g. nvidia-h100-80gb.",
     )
-    gpus_per_node: int = Field(ge=1, le=16)
-    nodes: int = Field(default=1, ge=1, le=1024)
+    gpus_per_node: int = Field(
+        ge=1, le=16, description="GPUs per node (the nvidia.com/gpu limit of each pod)."
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=1024, description="Nodes (pods, JAX processes) in the stage's JobSet."
+    )
 
 
 class AcceleratorSpec(_Wire):
@@ -205,15 +209,47 @@ class RunModelSpec(ModelSpec):
 class SamplerDefaults(_Wire):
     """Default sampling parameters of the sampler service (requests may override them)."""
 
-    steps: int | None = Field(default=None, ge=1, le=4096)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=32768)
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
-    alg_temp: float | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    block_length: int | None = Field(default=None, ge=1)
-    threshold: float | None = Field(default=None, gt=0, le=1)
+    steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Denoising steps (model forwards) per generation; with blockLength they are split across blocks, with threshold an upper bound.",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=32768,
+        description="Tokens generated (masks appended after the prompt) when a request does not say.",
+    )
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
+        default=None,
+        description="Which masked positions to reveal each step: origin (random), maskgit_plus (highest p), topk_margin (p1 − p2), entropy (lowest entropy; CoDA's default).",
+    )
+    alg_temp: float | None = Field(
+        default=None,
+        ge=0,
+        description="0/unset = reveal the most confident positions; > 0 = draw them from softmax(confidence / algTemp).",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, description="0 = greedy tokens; > 0 samples each revealed token."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="Nucleus filtering of each position's distribution."
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="Top-k filtering of each position's distribution."
+    )
+    block_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="Decode left to right in blocks of this many tokens (semi-autoregressive); unset = one block.",
+    )
+    threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Also reveal every masked position of the current block whose probability is ≥ this (confidence-threshold parallel decoding).",
+    )
 
 
 EvalBenchmark = Literal["humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized"]
@@ -270,8 +306,12 @@ class EvaluationSpec(_Wire):
 class ResourcesSpec(_Wire):
     """Container requests/limits as Kubernetes quantities (strings), e.g. {cpu: "4", memory: 32Gi}."""
 
-    requests: dict[str, str] = Field(default_factory=dict)
-    limits: dict[str, str] = Field(default_factory=dict)
+    requests: dict[str, str] = Field(
+        default_factory=dict, description='Resource requests, e.g. {cpu: "4", memory: 32Gi}.'
+    )
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Resource limits, e.g. {memory: 32Gi}."
+    )
 
 
 class SecretKeyRef(_Wire):
@@ -286,13 +326,19 @@ class SecretKeyRef(_Wire):
 class SamplerSpec(_Wire):
     """The sampler Deployment + Service created once the last stage succeeds."""
 
-    enabled: bool = True
-    replicas: int = Field(default=1, ge=0, le=64)
+    enabled: bool = Field(
+        default=True,
+        description="Start the sampler Deployment and Service after the last stage (and a passing quality gate).",
+    )
+    replicas: int = Field(default=1, ge=0, le=64, description="Sampler pods behind the Service.")
     image: str | None = Field(default=None, description="Defaults to spec.image.")
     accelerator: AcceleratorSpec | None = Field(
         default=None, description="Single-host TPU or one GPU node; omit to serve on CPU."
     )
-    resources: ResourcesSpec | None = None
+    resources: ResourcesSpec | None = Field(
+        default=None,
+        description="Container requests/limits of the sampler pods (accelerator limits are added from `accelerator`).",
+    )
     defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
     api_key_secret: SecretKeyRef | None = Field(
         default=None,
@@ -337,7 +383,10 @@ class CodaTrainingRunSpec(_Wire):
     image: str = Field(
         min_length=1, max_length=512, description="Trainer image (also the sampler's default)."
     )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None,
+        description="imagePullPolicy of every container the run creates; unset = Kubernetes' default.",
+    )
     service_account_name: str | None = Field(
         default=None,
         pattern=_DNS_SUBDOMAIN,
@@ -357,17 +406,26 @@ class CodaTrainingRunSpec(_Wire):
     tokenizer: str = Field(
         min_length=1, description="HF tokenizer folder (gs:// or in the image), or 'project'."
     )
-    checkpoints: CheckpointConfig
+    checkpoints: CheckpointConfig = Field(
+        description="Where and how often stages checkpoint; each stage writes <uri>/<stage>/<step> and <uri>/<stage>/final."
+    )
     accelerator: AcceleratorSpec | None = Field(
         default=None, description="Default accelerator of every stage (stages may override it)."
     )
-    stages: list[RunStage] = Field(min_length=1, max_length=16)
+    stages: list[RunStage] = Field(
+        min_length=1,
+        max_length=16,
+        description="The training stages, run one after another; each starts from the previous stage's final checkpoint.",
+    )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     evaluation: EvaluationSpec | None = Field(
         default=None,
         description="Evaluate checkpoints as a step of the run (a Job per evaluated stage).",
     )
-    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    failure_policy: FailurePolicySpec = Field(
+        default_factory=FailurePolicySpec,
+        description="Restarts within a stage (JobSet maxRestarts) and stage retries by the operator.",
+    )
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
     )
@@ -515,27 +573,52 @@ StagePhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "
 class Condition(_StatusWire):
     """metav1.Condition."""
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: str
-    observed_generation: int | None = Field(default=None, ge=0)
+    type: str = Field(
+        description="Condition type: Running, Complete, Failed, Created, Invalid, QualityGate, SamplerReady or SpecChangeRejected."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        max_length=1024,
+        description="One CamelCase word for the last transition.",
+    )
+    message: str = Field(
+        default="", max_length=32768, description="Human-readable detail of the last transition."
+    )
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was set for."
+    )
 
 
 class StageStatus(_StatusWire):
-    name: str
-    phase: StagePhase = "Pending"
+    name: str = Field(description="The stage's name (spec.stages[].name).")
+    phase: StagePhase = Field(
+        default="Pending",
+        description="Pending, Queued (waiting for Kueue), Running, Suspended, Succeeded or Failed.",
+    )
     job_set: str | None = Field(default=None, description="Current JobSet of this stage.")
     retries: int = Field(default=0, ge=0, description="Operator retries used (JobSets replaced).")
     job_set_restarts: int = Field(
         default=0, ge=0, description="Whole-slice restarts inside the current JobSet."
     )
-    init_from: str | None = None
-    final: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    message: str | None = None
+    init_from: str | None = Field(
+        default=None,
+        description="The checkpoint the stage started from (the previous stage's final, or its own initFrom).",
+    )
+    final: str | None = Field(
+        default=None, description="The stage's published final checkpoint (Hugging Face layout)."
+    )
+    start_time: str | None = Field(
+        default=None, description="When the stage's first JobSet was created (RFC 3339)."
+    )
+    completion_time: str | None = Field(
+        default=None, description="When the stage succeeded or failed (RFC 3339)."
+    )
+    message: str | None = Field(
+        default=None,
+        description="Why the stage is in its phase (e.g. the failure and its exit code).",
+    )
     fingerprint: dict[str, str] = Field(
         default_factory=dict,
         description="Hashes of the spec parts the current JobSet was rendered from.",
@@ -543,51 +626,79 @@ class StageStatus(_StatusWire):
 
 
 class SamplerStatus(_StatusWire):
-    deployment: str | None = None
-    service: str | None = None
-    endpoint: str | None = None
-    checkpoint: str | None = None
-    ready: bool = False
-    ready_replicas: int = 0
+    deployment: str | None = Field(default=None, description="The sampler Deployment's name.")
+    service: str | None = Field(default=None, description="The sampler Service's name.")
+    endpoint: str | None = Field(
+        default=None, description="The in-cluster URL of the OpenAI-compatible API."
+    )
+    checkpoint: str | None = Field(default=None, description="The checkpoint being served.")
+    ready: bool = Field(
+        default=False, description="True once at least one sampler pod passes its readiness probe."
+    )
+    ready_replicas: int = Field(default=0, description="Sampler pods ready.")
 
 
 class BenchmarkScore(_StatusWire):
     """One benchmark's result, written by the evaluation Job."""
 
     pass_at1: float = Field(description="pass@1 as a fraction (0–1).")
-    problems: int
-    samples: int = 1
+    problems: int = Field(description="Problems evaluated.")
+    samples: int = Field(default=1, description="Samples per problem.")
     failures: int = Field(default=0, description="Samples that did not pass.")
     reasons: dict[str, int] = Field(
         default_factory=dict, description="Sample outcomes by status (passed, failed, timeout, …)."
     )
-    duration_s: float | None = None
+    duration_s: float | None = Field(
+        default=None, description="Generation plus execution time, seconds."
+    )
 
 
 class EvaluationStatus(_StatusWire):
     """One evaluated stage. The operator owns phase/job/retries/times/message; the evaluation Job
     merge-patches `results`, `report` and `settings` when it finishes."""
 
-    phase: StagePhase = "Pending"
-    job: str | None = None
-    retries: int = Field(default=0, ge=0)
-    checkpoint: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    message: str | None = None
+    phase: StagePhase = Field(
+        default="Pending",
+        description="Pending, Running, Succeeded or Failed (the evaluation Job's outcome).",
+    )
+    job: str | None = Field(default=None, description="The current evaluation Job's name.")
+    retries: int = Field(
+        default=0, ge=0, description="Evaluation Jobs replaced after a retryable failure."
+    )
+    checkpoint: str | None = Field(default=None, description="The evaluated checkpoint.")
+    start_time: str | None = Field(
+        default=None, description="When the evaluation Job was created (RFC 3339)."
+    )
+    completion_time: str | None = Field(
+        default=None, description="When the evaluation finished (RFC 3339)."
+    )
+    message: str | None = Field(default=None, description="Why the evaluation is in its phase.")
     report: str | None = Field(default=None, description="The JSON report's URI.")
-    settings: dict[str, Any] | None = None
-    results: dict[str, BenchmarkScore] | None = None
+    settings: dict[str, Any] | None = Field(
+        default=None, description="The sampler settings the evaluation used."
+    )
+    results: dict[str, BenchmarkScore] | None = Field(
+        default=None,
+        description="Per benchmark: pass@1, problems, samples, failures and their reasons.",
+    )
 
 
 class CodaTrainingRunStatus(_StatusWire):
-    phase: Phase = "Pending"
+    phase: Phase = Field(
+        default="Pending", description="Pending, Queued, Running, Suspended, Succeeded or Failed."
+    )
     stage: str | None = Field(default=None, description="The current (or last) stage.")
-    stage_index: int | None = None
-    message: str | None = None
-    stages: list[StageStatus] = Field(default_factory=list)
+    stage_index: int | None = Field(
+        default=None, description="Index of the current (or last) stage in spec.stages."
+    )
+    message: str | None = Field(default=None, description="A one-line account of the run's state.")
+    stages: list[StageStatus] = Field(
+        default_factory=list, description="One entry per stage started so far."
+    )
     progress: Progress | None = None
-    sampler: SamplerStatus | None = None
+    sampler: SamplerStatus | None = Field(
+        default=None, description="The sampler Deployment and Service once started."
+    )
     evaluation: dict[str, EvaluationStatus] | None = Field(
         default=None, description="Per evaluated stage: the evaluation Job and its scores."
     )
@@ -595,10 +706,19 @@ class CodaTrainingRunStatus(_StatusWire):
         default=None,
         description='Headline pass@1 (%) of the newest finished evaluation: "sft: humaneval 12.2".',
     )
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Kubernetes-style conditions: Running, Complete, Failed, and the operator's own (QualityGate, SamplerReady, …).",
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the operator last acted on."
+    )
+    start_time: str | None = Field(
+        default=None, description="When the operator first saw the run (RFC 3339)."
+    )
+    completion_time: str | None = Field(
+        default=None, description="When the run succeeded or failed (RFC 3339)."
+    )
     retry_handled: str | None = Field(
         default=None,
         description="The last `coda.dev/retry` annotation value the operator acted on (or ignored).",

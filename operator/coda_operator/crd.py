@@ -278,6 +278,10 @@ def spec_schema(*, with_cel: bool = True) -> dict[str, Any]:
 
 def status_schema() -> dict[str, Any]:
     schema = _json_schema(api.CodaTrainingRunStatus)
+    schema["description"] = (
+        "Observed state, written by the operator (phase, stages, evaluation, sampler, conditions) "
+        "and by the trainer (progress)."
+    )
     # kopf keeps its handler progress under status.kopf; the trainer may add progress fields.
     schema["x-kubernetes-preserve-unknown-fields"] = True
     schema["properties"]["progress"]["x-kubernetes-preserve-unknown-fields"] = True
@@ -295,9 +299,15 @@ def openapi_schema(*, with_cel: bool = True) -> dict[str, Any]:
         "and serves the result.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {
+                "type": "string",
+                "description": "Versioned schema of this object: coda.dev/v1alpha1.",
+            },
+            "kind": {"type": "string", "description": "The object's kind: CodaTrainingRun."},
+            "metadata": {
+                "type": "object",
+                "description": "Standard object metadata (name, namespace, labels, annotations).",
+            },
             "spec": spec_schema(with_cel=with_cel),
             "status": status_schema(),
         },

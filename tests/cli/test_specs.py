@@ -259,9 +259,27 @@ def test_eval_accepts_every_harness_benchmark_by_its_spec_name() -> None:
 
 def test_eval_argument_errors_and_unreachable_server() -> None:
     assert cli("eval", "humaneval").exit_code == Exit.USAGE
-    assert cli("eval", "apps", "--url", "http://127.0.0.1:1").exit_code == Exit.USAGE
+    unknown = cli("eval", "apps", "--url", "http://127.0.0.1:1")
+    assert unknown.exit_code == Exit.USAGE
+    assert "humaneval, humaneval-plus, mbpp, mbpp-sanitized" in unknown.stderr
     res = cli("eval", "humaneval", "--url", "http://127.0.0.1:1", "--limit", "1")
     # Unreachable is a per-sample reason (retried, then recorded); with no sample generated at
     # all the harness exits 1 and names the first reason.
     assert res.exit_code == Exit.ERROR
     assert "no sample could be generated" in res.stderr and "ConnectError" in res.stderr
+
+
+def test_eval_names_are_the_harness_names() -> None:
+    """One list of benchmarks: spec.evaluation, `coda-ctl eval` and the harness agree."""
+    from typing import get_args
+
+    from coda_operator.api import EvalBenchmark
+    from coda_trainer.evaluate.datasets import BENCHMARKS
+
+    assert get_args(EvalBenchmark) == BENCHMARKS
+
+
+def test_eval_runs_humaneval_plus(tmp_path: Path) -> None:
+    res = cli("eval", "humaneval-plus", "--url", "http://127.0.0.1:1", "--limit", "1")
+    # accepted and handed to the harness, which then cannot reach the server
+    assert res.exit_code == Exit.ERROR and "no sample could be generated" in res.stderr

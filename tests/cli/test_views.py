@@ -81,3 +81,20 @@ def test_stage_jobset_resolution() -> None:
 def test_plain_table_alignment() -> None:
     out = views.plain_table(["A", "BB"], [["xxx", "y"], ["z", ""]])
     assert out.splitlines() == ["A     BB", "xxx   y", "z"]
+
+
+def test_evaluation_progress() -> None:
+    """`watch`'s evaluation line (the plain and terminal output are checked in test_cluster_verbs)."""
+    assert views.evaluation_progress({"spec": {}, "status": {}}) is None
+    assert views.evaluation_progress({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
+        "eval: pending"
+    )
+    run = {"status": {"evaluation": {
+        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05}}},
+        "sft": {"phase": "Running"},
+    }}}  # fmt: skip
+    assert views.evaluation_progress(run) == "eval: midtrain Succeeded mbpp 5.0%; sft Running"
+    run["spec"] = {"evaluation": {"benchmarks": ["mbpp"], "minPassAt1": {"mbpp": 0.01}}}
+    assert views.evaluation_progress(run).endswith("  gate: pending")
+    run["status"]["conditions"] = [{"type": "QualityGate", "status": "True", "message": "ok"}]
+    assert views.evaluation_progress(run).endswith("  gate: passed")

@@ -362,3 +362,28 @@ def test_local_checkpoints_are_fine_for_local_runs() -> None:
     api.parse_spec(spec, cluster=False)
     with pytest.raises(api.InvalidSpec):
         api.parse_spec(spec)
+
+
+def test_every_field_is_documented_for_kubectl_explain() -> None:
+    """`kubectl explain codatrainingrun.spec.stages.masking` reads these: none may be empty or
+    just repeat the field's name."""
+    schema = yaml.safe_load(crd.crd_yaml())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    undocumented, restated = [], []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for name, sub in (node.get("properties") or {}).items():
+            text = (sub.get("description") or "").strip()
+            if not text:
+                undocumented.append(f"{path}.{name}")
+            elif len(text.split()) < 2 or text.rstrip(".").lower() == name.lower():
+                restated.append(f"{path}.{name}: {text!r}")
+            walk(sub, f"{path}.{name}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key], path + ("[]" if key == "items" else "{}"))
+
+    walk(schema, "")
+    assert not undocumented, f"{len(undocumented)} fields without a description: {undocumented}"
+    assert not restated, restated
+    masking = crd._at(schema["properties"]["spec"], "stages[].masking")["properties"]
+    assert "S1" in masking["prefixProb"]["description"]

@@ -350,3 +350,26 @@ def test_a_rows_draws_depend_on_its_own_key_only(golden_model):
     assert all(r.tolist() == alone.tolist() for r in copies.generated_BxN)
     other_stream = generate(golden_model, [row], config, rng=row_keys([7], [4])).generated_BxN[0]
     assert other_stream.tolist() != alone.tolist()
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_finished_blocks_reach_the_listener_as_they_finish(golden_model, cache):
+    """report_blocks: after block b the first (b+1)·block tokens are final; tokens unchanged."""
+    from coda_trainer.sampling import block_listener
+
+    config = SamplingConfig(
+        steps=8, max_new_tokens=16, block_length=4, alg="entropy", cache=cache, temperature=1.0
+    )
+    prompts = [[5, 6, 7], [8, 9]]
+    plain = generate(golden_model, prompts, config, rng=3)
+    seen: list[tuple[int, np.ndarray]] = []
+    with block_listener(lambda b, gen: seen.append((b, gen.copy()))):
+        reported = generate(golden_model, prompts, config, rng=3, report_blocks=True)
+        quiet = generate(golden_model, prompts, config, rng=3)  # not a report_blocks program
+    np.testing.assert_array_equal(reported.generated_BxN, plain.generated_BxN)
+    assert [b for b, _ in seen] == [0, 1, 2, 3]
+    for b, gen in seen:
+        upto = (b + 1) * 4
+        np.testing.assert_array_equal(gen[:, :upto], plain.generated_BxN[:, :upto])
+        assert (gen[:, upto:] == MASK).all()  # later blocks not started yet
+    np.testing.assert_array_equal(quiet.generated_BxN, plain.generated_BxN)

@@ -218,6 +218,40 @@ def test_streamed_completion_equals_the_plain_one(client: openai.OpenAI) -> None
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def _sse_events(url: str, body: dict) -> list[tuple[float, dict]]:
+    """(arrival seconds, event) of a streamed request, read as it arrives."""
+    out = []
+    start = time.monotonic()
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append((time.monotonic() - start, json.loads(line[6:])))
+    return out
+
+
+@pytest.mark.parametrize("stop", [None, ["\n\n"]])
+def test_block_decoding_streams_each_finished_block(server: Server, stop) -> None:
+    """Four blocks of 4 tokens: text arrives block by block, never taken back, and adds up to
+    the non-streamed answer (stop strings held back until settled)."""
+    body = {"prompt": "def add(a, b):", "max_tokens": 16, "block_length": 4, "steps": 16,
+            "seed": 1, "stop": stop}  # fmt: skip
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    events = _sse_events(
+        server.url + "/v1/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    texts = [(t, e["choices"][0]["text"]) for t, e in events if e["choices"]]
+    content = [(t, x) for t, x in texts if x]
+    assert "".join(x for _, x in content) == plain["choices"][0]["text"]
+    assert events[-1][1]["usage"] == plain["usage"]
+    assert events[-2][1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    # the (greedy, seeded) answer spans more than two blocks, so it comes in several pieces
+    assert plain["usage"]["completion_tokens"] > 8, plain
+    assert len(content) >= 2, events
+    assert content[0][0] <= content[-1][0]
+
+
 def test_streamed_chat_equals_the_plain_one(client: openai.OpenAI) -> None:
     kwargs = dict(
         model="final", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=16

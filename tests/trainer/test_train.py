@@ -327,9 +327,9 @@ for opt in ("adamw", "adafactor"):
                 "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
         losses = []
         for i in range(3):
-            batch = {**{k: jax.device_put(v, batch_sharding(mesh)) for k, v in data.items()},
-                     **step_lib.stage_knobs(cfg.stage, spec, i)}
-            state, metrics = step(state, batch, jax.random.key(1))
+            batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in data.items()}
+            knobs = step_lib.stage_knobs(cfg.stage, spec, i)
+            state, metrics = step(state, batch, knobs, jax.random.key(1))
             losses.append(float(metrics["loss"]))
     out[opt] = {
         "state_in_layout": all(jax.tree.leaves(same)),

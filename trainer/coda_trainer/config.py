@@ -313,9 +313,18 @@ PRESETS: dict[str, ModelConfig] = {
 class ModelSpec(StrictModel):
     """What to build: a preset, field overrides, and optionally weights to start from."""
 
-    preset: str = "coda-1.7b"
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    init_from: str | None = None
+    preset: str = Field(
+        default="coda-1.7b",
+        description="Architecture preset (coda-1.7b is Qwen3-1.7B's shape, bidirectional).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ModelConfig fields changed from the preset, e.g. {numLayers: 4}.",
+    )
+    init_from: str | None = Field(
+        default=None,
+        description="Weights the first stage starts from: a Hugging Face safetensors folder (Qwen3 or CoDA layout) or an orbax checkpoint, local or gs://.",
+    )
 
     @field_validator("preset")
     @classmethod
@@ -381,21 +390,60 @@ class BatchConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adafactor"] = "adamw"
-    peak_lr: float = Field(default=3e-4, gt=0)
+    name: Literal["adamw", "adafactor"] = Field(
+        default="adamw",
+        description="adamw (AdamW) or adafactor (factored second moments, no momentum by default, as the CoDA release uses for pre- and mid-training).",
+    )
+    peak_lr: float = Field(
+        default=3e-4,
+        gt=0,
+        description="Learning rate reached at the end of warm-up (the paper: 3e-4 pre-training, 2e-4 mid-training, 2e-5 SFT).",
+    )
     end_lr_ratio: float = Field(
         default=0.1, ge=0, le=1, description="Final lr as a fraction of peak."
     )
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int | None = Field(default=None, ge=0)
-    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    b1: float = Field(default=0.9, ge=0, lt=1)
-    b2: float = Field(default=0.95, ge=0, lt=1)
-    eps: float = Field(default=1e-8, gt=0)
-    clip_norm: float | None = Field(default=1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine",
+        description="Decay after warm-up: constant, linear (to end_lr_ratio × peak) or cosine (to end_lr_ratio × peak).",
+    )
+    warmup_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Linear warm-up length in steps (set this or warmupRatio; neither = no warm-up).",
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Linear warm-up length as a fraction of the stage's steps (set this or warmupSteps).",
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="Decoupled weight decay; not applied to norms and biases."
+    )
+    b1: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="First-moment decay (AdamW's β1; Adafactor's momentum uses `momentum`).",
+    )
+    b2: float = Field(default=0.95, ge=0, lt=1, description="Second-moment decay (AdamW's β2).")
+    eps: float = Field(
+        default=1e-8,
+        gt=0,
+        description="Numerical-stability term added to the second-moment root (AdamW).",
+    )
+    clip_norm: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Clip the global gradient norm to this value before the update; null = no clipping.",
+    )
     # CoDA pre-trained with Adafactor without momentum; set a value to add first-moment momentum.
-    momentum: float | None = Field(default=None, ge=0, lt=1)
+    momentum: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Adafactor only: first-moment decay; null = no momentum (less optimiser memory).",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimizerConfig:
@@ -413,9 +461,18 @@ class OptimizerConfig(StrictModel):
 
 class DataSource(StrictModel):
     uri: str = Field(description="File, directory or glob; local or gs://.")
-    weight: float = Field(default=1.0, gt=0)
-    format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = "auto"
-    text_field: str = "text"
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="Relative sampling weight of this source in the stage's mixture (weights need not sum to 1).",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "chat", "python"] = Field(
+        default="auto",
+        description="How to read the files: auto (by extension), text or python (whole files as documents), jsonl or parquet (textField per record), chat (message lists, for SFT).",
+    )
+    text_field: str = Field(
+        default="text", description="The record field holding the text (jsonl/parquet)."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -426,9 +483,24 @@ class DataSource(StrictModel):
 class MaskingProbs(StrictModel):
     """Per-sequence probabilities of the three masking strategies (paper §3, S1–S3)."""
 
-    prefix_prob: float = Field(default=0.0, ge=0, le=1)
-    truncate_prob: float = Field(default=0.0, ge=0, le=1)
-    block_prob: float = Field(default=0.0, ge=0, le=1)
+    prefix_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S1, unmaskable prefix: the probability that a sequence keeps a random-length prefix clean (paper §3, Table 3).",
+    )
+    truncate_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S2, truncated suffix: the probability that a sequence is cut at a random length and padded (paper §3, Table 3).",
+    )
+    block_prob: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="S3, block masking: the probability that a sequence is masked in contiguous blocks of one of blockSizes (paper §3, Table 3).",
+    )
 
 
 # Paper Table 3 (mid-training): S1:S2:S3 per epoch.
@@ -449,7 +521,11 @@ _DEFAULT_BLOCK_SIZES = (2, 4, 8)
 
 class MaskingConfig(MaskingProbs):
     sampling_eps: float = Field(default=1e-3, gt=0, lt=1, description="σ = (1−ε)·u + ε")
-    block_sizes: list[int] = Field(default_factory=lambda: list(_DEFAULT_BLOCK_SIZES), min_length=1)
+    block_sizes: list[int] = Field(
+        default_factory=lambda: list(_DEFAULT_BLOCK_SIZES),
+        min_length=1,
+        description="Block lengths S3 draws from, one per sequence (the paper's k ∈ {2, 4, 8}); each must be ≤ seqLen.",
+    )
     block_size_phases: list[list[int]] | None = Field(
         default=None,
         description=(
@@ -457,7 +533,10 @@ class MaskingConfig(MaskingProbs):
             "equal phases, phase i drawing its block size from entry i. Replaces the flat list."
         ),
     )
-    curriculum: Literal["constant", "linear", "paper-table-3"] = "constant"
+    curriculum: Literal["constant", "linear", "paper-table-3"] = Field(
+        default="constant",
+        description="How the S1/S2/S3 probabilities move over the stage: constant, linear (to rampTo) or paper-table-3 (1:1:5% → 20:20:25% over `epochs`).",
+    )
     strategy_shares: Literal["paper", "release"] = Field(
         default="paper",
         description=(
@@ -468,9 +547,16 @@ class MaskingConfig(MaskingProbs):
         ),
     )
     # linear: probabilities move from the fields above to ramp_to over the stage's steps.
-    ramp_to: MaskingProbs | None = None
+    ramp_to: MaskingProbs | None = Field(
+        default=None,
+        description="The S1/S2/S3 probabilities reached at the end of the stage with curriculum: linear.",
+    )
     # paper-table-3: the stage's steps are split into this many equal "epochs".
-    epochs: int = Field(default=5, gt=0)
+    epochs: int = Field(
+        default=5,
+        gt=0,
+        description="Epochs the paper-table-3 curriculum spreads its steps over (the stage's steps are split evenly).",
+    )
 
     @field_validator("block_sizes")
     @classmethod
@@ -554,7 +640,10 @@ class SFTConfig(StrictModel):
             "0.1: the paper's first of 10 epochs; the release's config uses 0.05."
         ),
     )
-    over_length: Literal["drop", "truncate"] = "drop"
+    over_length: Literal["drop", "truncate"] = Field(
+        default="drop",
+        description="Chat rows longer than seqLen: drop them (the release's choice) or truncate them to seqLen.",
+    )
     prompt_span: PromptSpan = Field(
         default="assistant-role",
         description=(
@@ -573,9 +662,20 @@ class CheckpointConfig(StrictModel):
     uri: str = Field(
         default="./checkpoints", description="Root for <uri>/<stage>/<step>/ and <stage>/final."
     )
-    every_steps: int = Field(default=1000, gt=0)
-    keep: int = Field(default=3, gt=0)
-    async_save: bool = True
+    every_steps: int = Field(
+        default=1000,
+        gt=0,
+        description="Save a checkpoint every this many optimiser steps (a stop signal also saves one at once).",
+    )
+    keep: int = Field(
+        default=3,
+        gt=0,
+        description="How many step checkpoints to keep per stage; older ones are deleted (final/ is never deleted).",
+    )
+    async_save: bool = Field(
+        default=True,
+        description="Write checkpoints in the background while training continues (the signal-triggered and last saves are always waited for).",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -584,17 +684,36 @@ class CheckpointConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    data: list[DataSource] = Field(min_length=1)
-    every_steps: int = Field(default=500, gt=0)
-    batches: int = Field(default=4, gt=0)
+    data: list[DataSource] = Field(
+        min_length=1, description="Held-out sources for the eval loss, read like the training data."
+    )
+    every_steps: int = Field(
+        default=500,
+        gt=0,
+        description="Compute the eval loss every this many steps (and at the last step).",
+    )
+    batches: int = Field(
+        default=4,
+        gt=0,
+        description="Batches per evaluation (fixed data and noise, so evaluations compare).",
+    )
 
 
 class MeshConfig(StrictModel):
     """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = Field(
+        default=1,
+        description="Data-parallel axis size (batch rows split, parameters replicated); -1 = the devices left over.",
+    )
+    fsdp: int = Field(
+        default=-1,
+        description="Fully-sharded data-parallel axis size (batch rows and parameters split); -1 = the devices left over.",
+    )
+    tensor: int = Field(
+        default=1,
+        description="Tensor-parallel axis size (heads and MLP width split); -1 = the devices left over.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> MeshConfig:
@@ -630,13 +749,28 @@ class StageConfig(StrictModel):
             "CoDA-1.7B), for runs that have no such base to start from."
         )
     )
-    steps: int = Field(gt=0)
-    batch: BatchConfig
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    data: list[DataSource] = Field(min_length=1)
-    masking: MaskingConfig = Field(default_factory=MaskingConfig)
-    sft: SFTConfig | None = None
-    eval: EvalConfig | None = None
+    steps: int = Field(
+        gt=0,
+        description="Optimiser steps in this stage (the paper: 50,000 pre-training, ~50,000 mid-training).",
+    )
+    batch: BatchConfig = Field(
+        description="Global batch: sequences per step, tokens per sequence, gradient accumulation."
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="Optimiser and learning-rate schedule of this stage.",
+    )
+    data: list[DataSource] = Field(min_length=1, description="Training sources, mixed by weight.")
+    masking: MaskingConfig = Field(
+        default_factory=MaskingConfig,
+        description="The diffusion noise: masking rate range and the S1/S2/S3 strategies with their curriculum.",
+    )
+    sft: SFTConfig | None = Field(
+        default=None, description="Instruction-tuning options (kind: sft only)."
+    )
+    eval: EvalConfig | None = Field(
+        default=None, description="Optional held-out eval loss during the stage."
+    )
     init_from: str | None = Field(
         default=None,
         description="Weights to start from: a previous stage's final, an orbax step dir, or an HF folder.",
@@ -650,8 +784,15 @@ class StageConfig(StrictModel):
             "--search` proposes the fastest policy that fits the slice."
         ),
     )
-    seed: int = 0
-    log_every: int = Field(default=10, gt=0)
+    seed: int = Field(
+        default=0,
+        description="Seeds the initialisation, data order and noise; a resumed stage replays exactly.",
+    )
+    log_every: int = Field(
+        default=10,
+        gt=0,
+        description="Emit a metrics line (and update status.progress) every this many steps.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -17,7 +17,7 @@ What lives here:
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -191,13 +191,22 @@ class Progress(BaseModel):
         extra="allow", alias_generator=to_camel, populate_by_name=True, protected_namespaces=()
     )
 
-    stage: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    tokens_per_second: float | None = None
-    checkpoint: str | None = None
-    update_time: str | None = None
+    stage: str | None = Field(default=None, description="The stage these numbers belong to.")
+    step: int | None = Field(default=None, description="Optimiser steps done.")
+    total_steps: int | None = Field(default=None, description="The stage's steps.")
+    loss: float | None = Field(
+        default=None,
+        description="Training loss (masked cross-entropy, mean over the last log window).",
+    )
+    tokens_per_second: float | None = Field(
+        default=None, description="Training throughput over the last log window, all hosts."
+    )
+    checkpoint: str | None = Field(
+        default=None, description="The newest complete checkpoint of the stage."
+    )
+    update_time: str | None = Field(
+        default=None, description="When the trainer wrote this (RFC 3339)."
+    )
 
     def to_wire(self) -> dict[str, object]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

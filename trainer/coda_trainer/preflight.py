@@ -232,8 +232,8 @@ def _memory_peak(compiled: Any) -> int:
     )
 
 
-def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> dict[str, Any]:
-    """ShapeDtypeStructs of a global batch of `rows` as the loader yields it, plus the knobs."""
+def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> tuple[Any, Any]:
+    """ShapeDtypeStructs of a global batch of `rows` as the loader yields it, and of the knobs."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
@@ -249,10 +249,12 @@ def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> dic
         for name, dtype in batch_fields(stage.kind).items()
     }
     replicated = NamedSharding(mesh, PartitionSpec())
-    for name, value in stage_knobs(stage, spec, 0).items():
+
+    def abstract(value: Any) -> Any:
         value = np.asarray(value)
-        batch[name] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=replicated)
-    return batch
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=replicated)
+
+    return batch, jax.tree.map(abstract, stage_knobs(stage, spec, 0))
 
 
 class _CompileFailed(Exception):
@@ -312,9 +314,9 @@ def compile_stage(
             layout.graphdef, layout.rest, layout.tx, layout.schedule, spec=spec, kind=stage.kind,
             loss_norm=loss_norm, grad_accum=accum, state_shardings=layout.shardings,
         )  # fmt: skip
-        batch = _abstract_batch(cfg, mesh, stage.batch.sequences, spec)
+        batch, knobs = _abstract_batch(cfg, mesh, stage.batch.sequences, spec)
         try:
-            compiled, seconds = _compile(train_step, layout.state, batch, rng)
+            compiled, seconds = _compile(train_step, layout.state, batch, knobs, rng)
         except _CompileFailed as e:
             return _refused(e.error, policy, accum, hbm_bytes, e.seconds)
         peak = _memory_peak(compiled)
@@ -322,9 +324,11 @@ def compile_stage(
         if eval_step and stage.eval is not None:
             step = make_eval_step(layout.graphdef, layout.rest, spec=spec, kind=stage.kind,
                                   loss_norm=loss_norm)  # fmt: skip
-            eval_batch = _abstract_batch(cfg, mesh, stage.batch.sequences // accum, spec)
+            eval_batch, knobs = _abstract_batch(cfg, mesh, stage.batch.sequences // accum, spec)
             try:
-                compiled_eval, eval_seconds = _compile(step, layout.state.params, eval_batch, rng)
+                compiled_eval, eval_seconds = _compile(
+                    step, layout.state.params, eval_batch, knobs, rng
+                )
             except _CompileFailed as e:
                 return _refused(e.error, policy, accum, hbm_bytes, seconds + e.seconds, peak=peak,
                                 what="eval step")  # fmt: skip

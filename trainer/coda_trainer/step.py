@@ -3,7 +3,7 @@
 `abstract_train_state` describes a stage's model, optimiser and train state on a mesh without
 allocating anything (shapes, dtypes, shardings): `train` allocates into it and
 `coda_trainer.preflight` compiles the same step from it for TPU devices it does not have.
-`make_train_step` builds `train_step(state, batch, rng) -> (state, metrics)` (state donated,
+`make_train_step` builds `train_step(state, batch, knobs, rng) -> (state, metrics)` (state donated,
 gradient accumulation inside); `stage_knobs` computes the per-step values of the masking
 curriculum on the host.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import struct
 
 from coda_trainer.config import TrainJobConfig
 
 __all__ = [
+    "StepKnobs",
     "TrainLayout",
     "TrainState",
     "abstract_train_state",
@@ -112,7 +113,17 @@ def initial_train_state(layout: TrainLayout, params: Any, step: int = 0) -> Trai
     return TrainState(step=step_array, params=params, opt_state=opt_state)
 
 
-def stage_knobs(stage: Any, spec: Any, step: int) -> dict[str, Any]:
+class StepKnobs(NamedTuple):
+    """The masking curriculum's values at one step, computed on the host and passed to the jitted
+    step as traced (replicated) arrays, so a curriculum change never recompiles."""
+
+    probs_3: Any  # f32[3]: S1 (unmaskable prefix), S2 (truncated suffix), S3 (block) probabilities
+    prompt_keep_frac: Any  # f32[]: SFT prompt ramp, the share of prompts kept unmaskable (1 else)
+    # f32[K]: S3 block-size weights over `spec`'s sizes for the current phase (None: uniform)
+    block_weights: Any = None
+
+
+def stage_knobs(stage: Any, spec: Any, step: int) -> StepKnobs:
     """The host-computed per-step values the step reads beside the data (numpy, by step)."""
     import numpy as np
 
@@ -120,29 +131,20 @@ def stage_knobs(stage: Any, spec: Any, step: int) -> dict[str, Any]:
 
     p = stage.masking.probs_at(step, stage.steps)
     ramp = stage.sft_config.prompt_ramp_fraction
-    return {
-        "probs_3": np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
-        "block_weights": spec.block_weights(stage.masking.block_sizes_at(step, stage.steps)),
-        "prompt_keep_frac": np.float32(
+    return StepKnobs(
+        probs_3=np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
+        prompt_keep_frac=np.float32(
             prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
         ),
-    }
+        block_weights=spec.block_weights(stage.masking.block_sizes_at(step, stage.steps)),
+    )
 
 
-# Host-computed per-step values that travel in the batch dict beside the data arrays.
-_KNOBS = ("probs_3", "prompt_keep_frac", "block_weights")
-
-
-def _split_knobs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    data = {k: v for k, v in batch.items() if k not in _KNOBS}
-    return data, {k: batch[k] for k in _KNOBS if k in batch}
-
-
-def _knob_loss(model: Any, data: dict[str, Any], rng: Any, knobs: dict[str, Any], **static: Any):
+def _knob_loss(model: Any, data: dict[str, Any], rng: Any, knobs: StepKnobs, **static: Any):
     from coda_trainer.loss import model_loss
 
-    return model_loss(model, data, rng, knobs["probs_3"], knobs["prompt_keep_frac"],
-                      block_weights_K=knobs.get("block_weights"), **static)  # fmt: skip
+    return model_loss(model, data, rng, knobs.probs_3, knobs.prompt_keep_frac,
+                      block_weights_K=knobs.block_weights, **static)  # fmt: skip
 
 
 def make_train_step(
@@ -157,16 +159,15 @@ def make_train_step(
     grad_accum: int,
     state_shardings: Any = None,
 ) -> Callable[..., Any]:
-    """`train_step(state, batch, rng) -> (state, metrics)`, jitted, state donated.
+    """`train_step(state, batch, knobs, rng) -> (state, metrics)`, jitted, state donated.
 
     With `state_shardings` (a TrainState of shardings, `TrainLayout.shardings`) the new state is
     laid out exactly like the old one, so the step compiles once and runs in place; metrics are
     replicated.
 
-    `batch` holds the data arrays (global B×L: tokens, segment_ids, positions[, prompt_mask]) plus
-    the host-computed per-step knobs `probs_3` (f32[3]), `prompt_keep_frac` (f32[]) and optionally
-    `block_weights` (f32[K], the S3 block sizes of the current phase). `rng` is
-    the stage's base key; the step's key is `fold_in(rng, state.step)`. With `grad_accum` A the
+    `batch` holds the data arrays (global B×L: tokens, segment_ids, positions[, prompt_mask]);
+    `knobs` the step's curriculum values (`StepKnobs`, from `stage_knobs`). `rng` is the stage's
+    base key; the step's key is `fold_in(rng, state.step)`. With `grad_accum` A the
     B rows are split into A interleaved micro-batches (row i → micro-batch i mod A, which keeps
     every device's rows local) whose gradients are averaged before one optimiser update.
     """
@@ -181,8 +182,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch, rng):
-        data, knobs = _split_knobs(batch)
+    def train_step(state, data, knobs, rng):
         rng = jax.random.fold_in(rng, state.step)
         if grad_accum == 1:
             (_, metrics), grads = grad_fn(state.params, data, rng, knobs)
@@ -228,8 +228,7 @@ def make_eval_step(
     import jax
     from flax import nnx
 
-    def eval_step(params, batch, rng):
-        data, knobs = _split_knobs(batch)
+    def eval_step(params, data, knobs, rng):
         model = nnx.merge(graphdef, params, rest)
         _, metrics = _knob_loss(model, data, rng, knobs, spec=spec, kind=kind, loss_norm=loss_norm)
         return metrics

@@ -13,9 +13,9 @@ What a run does, in order:
    share of the global batch.
 4. Resume from the newest complete checkpoint in `<checkpoints.uri>/<stage>/` if any (params,
    optimiser state, data iterator, step); otherwise load `init_from` weights if set.
-5. Loop: one jitted `train_step(state, batch, rng) -> (state, metrics)` (`coda_trainer.step`);
-   metrics every `log_every` steps (see `coda_trainer.metrics` for stdout JSON lines,
-   `metrics.jsonl`, TensorBoard and `<stage>/status.json`); optional eval loss every
+5. Loop: one jitted `train_step(state, batch, knobs, rng) -> (state, metrics)`
+   (`coda_trainer.step`); metrics every `log_every` steps (see `coda_trainer.metrics` for stdout
+   JSON lines, `metrics.jsonl`, TensorBoard and `<stage>/status.json`); optional eval loss every
    `eval.every_steps`; checkpoint every `checkpoints.every_steps`.
 6. SIGTERM/SIGINT (GKE preemption, `kubectl delete`): the current step finishes, a checkpoint is
    saved and waited for, exit `EXIT_RETRYABLE` (75). A rerun resumes exactly there. With several
@@ -41,7 +41,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from coda_trainer import storage
@@ -238,22 +238,70 @@ def _progress_reporter() -> Any:
 
 def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progress=None) -> int:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
 
-    from coda_trainer import checkpoint as ckpt_lib
-    from coda_trainer.data import make_loader
-    from coda_trainer.masking import NoiseSpec
-    from coda_trainer.metrics import mfu
-    from coda_trainer.sharding import batch_sharding
-
-    cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
-    pi, pc = jax.process_index(), jax.process_count()
-    primary = pi == 0
-    B, L, A = stage.batch.sequences, stage.batch.seq_len, stage.batch.grad_accum
-    over_length, prompt_span = stage.sft_config.over_length, stage.sft_config.prompt_span
     with jax.set_mesh(mesh):
+        stage_run = _StageRun.start(plan, mesh, model, layout, data, ckpt, writer, progress)
+        exit_code, step = stage_run.loop(stop_after_steps)
+        if exit_code == EXIT_OK:
+            stage_run.publish(step)
+    return exit_code
+
+
+@dataclasses.dataclass
+class _Window:
+    """Train metrics since the last log line, and the steps timed since the first (compiling) step."""
+
+    pending: list[Any] = dataclasses.field(default_factory=list)
+    start: float | None = None  # None until the first step has compiled and run
+    steps: int = 0
+
+    def retime(self) -> None:
+        """Time from now (after a compile or an eval, which are not training throughput)."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def restart(self) -> None:
+        """A new window after a log line."""
+        self.pending = []
+        self.retime()
+
+
+@dataclasses.dataclass
+class _StageRun:
+    """One stage on this process once its model exists: the train state, the compiled steps and
+    where results go (checkpoints, metrics, the run's status). `start` restores or initialises,
+    `loop` trains until done or told to stop, `publish` writes the final checkpoint."""
+
+    plan: Plan
+    mesh: Any
+    data: Any  # Prefetch over this process's loader (checkpointable)
+    ckpt: Any  # checkpoint.Checkpointer
+    writer: Any  # metrics.MetricsWriter
+    progress: Any  # k8s_progress.BackgroundProgress | None
+    graphdef: Any
+    rest: Any
+    state: TrainState
+    spec: Any  # masking.NoiseSpec
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    first_step: int
+    last_ckpt: str | None
+
+    @property
+    def stage(self) -> Any:
+        return self.plan.cfg.stage
+
+    @classmethod
+    def start(cls, plan, mesh, model, layout, data, ckpt, writer, progress) -> _StageRun:
+        """Resume from the newest complete checkpoint, else start from `init_from` or the random
+        initialisation, and build the jitted steps."""
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from coda_trainer import checkpoint as ckpt_lib
+        from coda_trainer.masking import NoiseSpec
+
+        cfg, stage = plan.cfg, plan.cfg.stage
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Created in its shardings (as a restore target too): no replicated copy of the moments.
         opt_state = initial_train_state(layout, params).opt_state
@@ -267,121 +315,64 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                 uri = ckpt_lib.load_init_params(plan.init_from[1], model)
                 graphdef, params, rest = nnx.split(model, nnx.Param, ...)
                 log.info("initialised weights from %s", uri)
-        del model
         log.info("model and optimiser ready at step %d; compiling the train step", start)
         step_array = jax.device_put(jnp.asarray(start, jnp.int32), layout.shardings.step)
         state = TrainState(step=step_array, params=params, opt_state=opt_state)
-        del params, opt_state
 
-        spec = NoiseSpec.from_configs(model_config, stage.masking)
+        spec = NoiseSpec.from_configs(plan.model_config, stage.masking)
         loss_norm = stage.sft_config.loss_norm if stage.kind == "sft" else "tokens"
         train_step = make_train_step(
-            graphdef,
-            rest,
-            layout.tx,
-            layout.schedule,
-            spec=spec,
-            kind=stage.kind,
-            loss_norm=loss_norm,
-            grad_accum=A,
+            graphdef, rest, layout.tx, layout.schedule, spec=spec, kind=stage.kind,
+            loss_norm=loss_norm, grad_accum=stage.batch.grad_accum,
             state_shardings=layout.shardings,
-        )
+        )  # fmt: skip
         eval_step = make_eval_step(graphdef, rest, spec=spec, kind=stage.kind, loss_norm=loss_norm)
-        sharding = batch_sharding(mesh)
-        base_rng = jax.random.PRNGKey(stage.seed)
-        # Eval batches see the same noise at every eval (a separate stream from training).
-        eval_rng = jax.random.fold_in(jax.random.PRNGKey(stage.seed), 0x7FFFFFFF)
-        flops_per_token = model_config.train_flops_per_token(L)
-        device_kind, n_devices = jax.devices()[0].device_kind, jax.device_count()
-
-        def knobs(step: int) -> dict[str, Any]:
-            return stage_knobs(stage, spec, step)
-
-        def run_eval(step: int) -> None:
-            assert stage.eval is not None
-            ev_loader = make_loader(
-                stage.eval.data, plan.tokenizer, kind=stage.kind, batch_size=B // A // pc, seq_len=L,
-                seed=stage.seed + 1, process_index=pi, process_count=pc,
-                readers=stage.batch.readers, over_length=over_length, prompt_span=prompt_span,
-            )  # fmt: skip
-            sums: dict[str, float] = {}
-            for i in range(stage.eval.batches):
-                batch = {**_global_batch(next(ev_loader), sharding), **knobs(step)}
-                m = jax.device_get(eval_step(state.params, batch, jax.random.fold_in(eval_rng, i)))
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / stage.eval.batches
-            writer.emit("eval", step, sums)
-
         last_ckpt = ckpt.step_uri(start) if restored is not None else None
+        return cls(plan, mesh, data, ckpt, writer, progress, graphdef, rest, state, spec,
+                   train_step, eval_step, start, last_ckpt)  # fmt: skip
 
-        def save(step: int, wait: bool) -> None:
-            nonlocal last_ckpt
-            ckpt.save(step, state.params, state.opt_state, data.get_state(),
-                      {"run": cfg.run, "stage": stage.name, "seed": stage.seed})  # fmt: skip
-            if wait:
-                ckpt.wait()
-            last_ckpt = ckpt.step_uri(step)
-            writer.emit("checkpoint", step, {"uri": last_ckpt})
-            writer.status(step=step, checkpoint=last_ckpt)
-            if progress is not None:
-                progress.submit(
-                    step=step, total_steps=stage.steps, checkpoint=last_ckpt, force=True
-                )
+    def loop(self, stop_after_steps: int | None) -> tuple[int, int]:
+        """Train until the last step (EXIT_OK) or a stop (checkpoint, EXIT_RETRYABLE): a signal to
+        any process, or `stop_after_steps` steps of this invocation. Returns (exit code, step)."""
+        import jax
 
-        bar = None
-        if primary and sys.stderr.isatty():
-            from tqdm import tqdm
+        from coda_trainer.sharding import batch_sharding
 
-            bar = tqdm(
-                total=stage.steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True
-            )
-
-        vote = StopVote(mesh) if pc > 1 else None
-        pending: list[Any] = []
-        window_start: float | None = None
-        window_steps = 0
-        step = start
-        exit_code = EXIT_OK
-        writer.status(state="running", step=start, checkpoint=last_ckpt)
+        stage, cfg = self.stage, self.plan.cfg
+        base_rng = jax.random.PRNGKey(stage.seed)
+        sharding = batch_sharding(self.mesh)
+        bar = self._progress_bar()
+        vote = StopVote(self.mesh) if jax.process_count() > 1 else None
+        window = _Window()
+        step, exit_code = self.first_step, EXIT_OK
+        self.writer.status(state="running", step=step, checkpoint=self.last_ckpt)
         with StopFlag() as stop:
             while step < stage.steps:
-                batch = {**_global_batch(next(data), sharding), **knobs(step)}
-                state, metrics = train_step(state, batch, base_rng)
+                batch = _global_batch(next(self.data), sharding)
+                knobs = stage_knobs(stage, self.spec, step)
+                self.state, metrics = self.train_step(self.state, batch, knobs, base_rng)
                 step += 1
-                pending.append(metrics)
-                if window_start is None:  # the first step compiles: start timing after it
+                window.pending.append(metrics)
+                if window.start is None:  # the first step compiles: start timing after it
                     jax.block_until_ready(metrics)
                     log.info("first step done (compiled)")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window.retime()
                 else:
-                    window_steps += 1
+                    window.steps += 1
                 if bar is not None:
                     bar.update(1)
                 if step % stage.log_every == 0 or step == stage.steps:
-                    host = jax.device_get(pending)
-                    now = time.perf_counter()
-                    values = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                    values["lr"] = float(host[-1]["lr"])
-                    if window_start is not None and window_steps:
-                        tps = window_steps * B * L / (now - window_start)
-                        values.update(tokens_per_second=tps, step_seconds=(now - window_start) / window_steps,
-                                      mfu=mfu(flops_per_token, tps, device_kind, n_devices))  # fmt: skip
-                    values["tokens"] = step * B * L
-                    writer.emit("train", step, values)
-                    writer.status(step=step, loss=values["loss"], tokens_per_second=values.get("tokens_per_second"),
-                                  mfu=values.get("mfu"))  # fmt: skip
-                    if progress is not None:
-                        progress.submit(step=step, total_steps=stage.steps, loss=values["loss"],
-                                        tokens_per_second=values.get("tokens_per_second"))  # fmt: skip
+                    loss = self._log_train(step, window)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.3f}")
-                    pending, window_start, window_steps = [], time.perf_counter(), 0
+                        bar.set_postfix(loss=f"{loss:.3f}")
                 if stage.eval is not None and (
                     step % stage.eval.every_steps == 0 or step == stage.steps
                 ):
-                    run_eval(step)
-                    window_start, window_steps = time.perf_counter(), 0
-                stopping = stop_after_steps is not None and step - start >= stop_after_steps
+                    self._run_eval(step)
+                    window.retime()
+                stopping = (
+                    stop_after_steps is not None and step - self.first_step >= stop_after_steps
+                )
                 if vote is None:
                     stopping = stopping or stop.signal is not None
                 else:  # one host's SIGTERM stops every host at the same step (see StopVote)
@@ -389,38 +380,130 @@ def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progre
                 if step == stage.steps:
                     break
                 if stopping:
-                    save(step, wait=True)
-                    writer.status(state="checkpointed")
+                    self._save(step, wait=True)
+                    self.writer.status(state="checkpointed")
                     exit_code = EXIT_RETRYABLE
                     break
                 if step % cfg.checkpoints.every_steps == 0:
-                    save(step, wait=False)
+                    self._save(step, wait=False)
         if bar is not None:
             bar.close()
         if vote is not None:
             log.info(
                 "stop votes: %.2f ms of host time per step",
-                1000 * vote.seconds / max(step - start, 1),
+                1000 * vote.seconds / max(step - self.first_step, 1),
             )
-        if exit_code == EXIT_OK:
-            if last_ckpt != ckpt.step_uri(step):
-                save(step, wait=True)
-            ckpt.wait()
-            final_model = nnx.merge(graphdef, state.params, rest)
-            ckpt_lib.write_final(
-                final_model, model_config, cfg.final_dir, tokenizer_path=cfg.tokenizer,
-                meta={"run": cfg.run, "stage": stage.name, "kind": stage.kind, "step": step,
-                      "checkpoint": last_ckpt},
-            )  # fmt: skip
-            # 1 unless a state's layout changed between steps (each compile costs minutes at scale).
-            compiles = train_step._cache_size()
-            writer.emit("done", step, {"final": cfg.final_dir, "train_step_compiles": compiles})
-            writer.status(state="done", step=step, checkpoint=cfg.final_dir)
-            if progress is not None:
-                progress.submit(
-                    step=step, total_steps=stage.steps, checkpoint=cfg.final_dir, force=True
-                )
-    return exit_code
+        return exit_code, step
+
+    def publish(self, step: int) -> None:
+        """The last step's checkpoint, then `final/` (HF export) and the done event."""
+        from flax import nnx
+
+        from coda_trainer import checkpoint as ckpt_lib
+
+        cfg, stage = self.plan.cfg, self.stage
+        if self.last_ckpt != self.ckpt.step_uri(step):
+            self._save(step, wait=True)
+        self.ckpt.wait()
+        final_model = nnx.merge(self.graphdef, self.state.params, self.rest)
+        ckpt_lib.write_final(
+            final_model, self.plan.model_config, cfg.final_dir, tokenizer_path=cfg.tokenizer,
+            meta={"run": cfg.run, "stage": stage.name, "kind": stage.kind, "step": step,
+                  "checkpoint": self.last_ckpt},
+        )  # fmt: skip
+        # 1 unless a state's layout changed between steps (each compile costs minutes at scale).
+        compiles = self.train_step._cache_size()
+        self.writer.emit("done", step, {"final": cfg.final_dir, "train_step_compiles": compiles})
+        self.writer.status(state="done", step=step, checkpoint=cfg.final_dir)
+        if self.progress is not None:
+            self.progress.submit(
+                step=step, total_steps=stage.steps, checkpoint=cfg.final_dir, force=True
+            )
+
+    def _log_train(self, step: int, window: _Window) -> float:
+        """Average the window's metrics into one train event (and status/progress); returns the loss."""
+        import jax
+        import numpy as np
+
+        from coda_trainer.metrics import mfu
+
+        stage = self.stage
+        tokens_per_step = stage.batch.sequences * stage.batch.seq_len
+        host = jax.device_get(window.pending)
+        now = time.perf_counter()
+        values = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        values["lr"] = float(host[-1]["lr"])
+        if window.start is not None and window.steps:
+            tps = window.steps * tokens_per_step / (now - window.start)
+            flops_per_token = self.plan.model_config.train_flops_per_token(stage.batch.seq_len)
+            devices = jax.devices()
+            values.update(tokens_per_second=tps, step_seconds=(now - window.start) / window.steps,
+                          mfu=mfu(flops_per_token, tps, devices[0].device_kind, len(devices)))  # fmt: skip
+        values["tokens"] = step * tokens_per_step
+        self.writer.emit("train", step, values)
+        self.writer.status(step=step, loss=values["loss"], tokens_per_second=values.get("tokens_per_second"),
+                           mfu=values.get("mfu"))  # fmt: skip
+        if self.progress is not None:
+            self.progress.submit(step=step, total_steps=stage.steps, loss=values["loss"],
+                                 tokens_per_second=values.get("tokens_per_second"))  # fmt: skip
+        window.restart()
+        return values["loss"]
+
+    def _run_eval(self, step: int) -> None:
+        """Mean eval metrics over `eval.batches` fixed batches with fixed noise (comparable
+        between evals: a separate data stream and rng from training)."""
+        import jax
+
+        from coda_trainer.data import make_loader
+        from coda_trainer.sharding import batch_sharding
+
+        stage = self.stage
+        assert stage.eval is not None
+        pi, pc = jax.process_index(), jax.process_count()
+        ev_loader = make_loader(
+            stage.eval.data, self.plan.tokenizer, kind=stage.kind,
+            batch_size=stage.batch.sequences // stage.batch.grad_accum // pc,
+            seq_len=stage.batch.seq_len, seed=stage.seed + 1, process_index=pi, process_count=pc,
+            readers=stage.batch.readers, over_length=stage.sft_config.over_length,
+            prompt_span=stage.sft_config.prompt_span,
+        )  # fmt: skip
+        eval_rng = jax.random.fold_in(jax.random.PRNGKey(stage.seed), 0x7FFFFFFF)
+        sharding = batch_sharding(self.mesh)
+        knobs = stage_knobs(stage, self.spec, step)
+        sums: dict[str, float] = {}
+        for i in range(stage.eval.batches):
+            batch = _global_batch(next(ev_loader), sharding)
+            m = jax.device_get(
+                self.eval_step(self.state.params, batch, knobs, jax.random.fold_in(eval_rng, i))
+            )
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / stage.eval.batches
+        self.writer.emit("eval", step, sums)
+
+    def _save(self, step: int, wait: bool) -> None:
+        cfg, stage = self.plan.cfg, self.stage
+        self.ckpt.save(step, self.state.params, self.state.opt_state, self.data.get_state(),
+                       {"run": cfg.run, "stage": stage.name, "seed": stage.seed})  # fmt: skip
+        if wait:
+            self.ckpt.wait()
+        self.last_ckpt = self.ckpt.step_uri(step)
+        self.writer.emit("checkpoint", step, {"uri": self.last_ckpt})
+        self.writer.status(step=step, checkpoint=self.last_ckpt)
+        if self.progress is not None:
+            self.progress.submit(
+                step=step, total_steps=stage.steps, checkpoint=self.last_ckpt, force=True
+            )
+
+    def _progress_bar(self) -> Any:
+        import jax
+
+        if jax.process_index() != 0 or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        stage = self.stage
+        return tqdm(total=stage.steps, initial=self.first_step, desc=stage.name, unit="step",
+                    dynamic_ncols=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

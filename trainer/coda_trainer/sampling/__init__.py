@@ -58,6 +58,7 @@ Numeric knobs (temperature, top_p, alg_temp, threshold, eps) are traced values a
 """
 
 from coda_trainer.sampling.config import Alg, CacheMode, SamplingConfig
+from coda_trainer.sampling.decode import block_listener
 from coda_trainer.sampling.sampler import (
     Canvas,
     GenerateOutput,
@@ -74,6 +75,7 @@ __all__ = [
     "Canvas",
     "GenerateOutput",
     "SamplingConfig",
+    "block_listener",
     "build_canvas",
     "compile_generate",
     "generate",

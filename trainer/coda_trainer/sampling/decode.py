@@ -11,22 +11,31 @@ that also returns every layer's keys/values; the block's later steps run only th
 column to its left, whose logits predict the block's first token: the logit shift) against that cache.
 The cache always spans the whole canvas so its shape never changes; which columns a step may see is
 expressed by setting the others' segment id to 0.
+
+Progress (`Plan.report_blocks`): a revealed token never changes, and block decoding finishes a block
+before the next starts, so after block b the first (b+1)·block generated tokens of every row are
+final. With `report_blocks` the program hands them to the host after each block (one
+`jax.debug.callback` per block, the generated region only) and `block_listener` says who receives
+them; the server streams text from it. The tokens are the same with or without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coda_trainer.model import KVCache
 from coda_trainer.sampling.scoring import choose_tokens, rank_descending
 
-__all__ = ["Knobs", "Plan", "decode"]
+__all__ = ["Knobs", "Plan", "block_listener", "decode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Plan:
     pad_token_id: int
     eos_token_id: int
     record_history: bool = False  # keep the generated region after every step (tests, debugging)
+    report_blocks: bool = False  # hand each finished block to the host (`block_listener`)
 
 
 class Knobs(NamedTuple):
@@ -68,6 +78,28 @@ class _Carry(NamedTuple):
     full_forwards: jax.Array
     block_forwards: jax.Array
     history_SxBxN: jax.Array | None  # -1 = step not run (its block finished early)
+
+
+# Who gets finished blocks: (block index, generated region B×N) → None, called on a runtime thread.
+# One listener per process: model calls run one at a time (the server's single model thread).
+_block_listener: Callable[[int, np.ndarray], None] | None = None
+
+
+@contextlib.contextmanager
+def block_listener(fn: Callable[[int, np.ndarray], None] | None) -> Iterator[None]:
+    """Send the finished blocks of the `report_blocks` programs run inside to `fn`."""
+    global _block_listener
+    previous, _block_listener = _block_listener, fn
+    try:
+        yield
+    finally:
+        _block_listener = previous
+
+
+def _emit_block(b: jax.Array, gen_BxN: jax.Array) -> None:
+    listener = _block_listener
+    if listener is not None:
+        listener(int(b), np.asarray(gen_BxN))
 
 
 def _record(plan: Plan, carry: _Carry, step: jax.Array) -> _Carry:
@@ -237,7 +269,11 @@ def _decode(
             return step_loop(carry, c0, 1, functools.partial(cached_logits, kv=kv, c0=c0))
 
         body = uncached if plan.cache == "none" else cached
-        return jax.lax.cond(jnp.any(block_masks(carry.x_BxT, c0)), body, lambda c: c, carry)
+        carry = jax.lax.cond(jnp.any(block_masks(carry.x_BxT, c0)), body, lambda c: c, carry)
+        if plan.report_blocks:
+            lo, n = plan.gen_start, plan.gen_len
+            jax.debug.callback(_emit_block, b, carry.x_BxT[:, lo : lo + n])
+        return carry
 
     zero = jnp.int32(0)
     history = None

@@ -146,6 +146,7 @@ def _plan(
     *,
     stop_at_eos: bool,
     record_history: bool = False,
+    report_blocks: bool = False,
 ) -> Plan:
     return Plan(
         alg=config.alg,
@@ -167,6 +168,8 @@ def _plan(
         pad_token_id=mc.pad_token_id,
         eos_token_id=mc.eos_token_id,
         record_history=record_history,
+        # one block is the whole answer: nothing to report before the end
+        report_blocks=report_blocks and config.num_blocks > 1,
     )
 
 
@@ -220,11 +223,13 @@ def _run(
     stop_at_eos: bool,
     model_config: ModelConfig,
     record_history: bool,
+    report_blocks: bool = False,
 ) -> GenerateOutput:
     graphdef, state = nnx.split(model)
     plan = _plan(
-        config, canvas, model_config, stop_at_eos=stop_at_eos, record_history=record_history
-    )
+        config, canvas, model_config, stop_at_eos=stop_at_eos, record_history=record_history,
+        report_blocks=report_blocks,
+    )  # fmt: skip
     tokens_BxT, full, block, history = decode(
         graphdef,
         plan,
@@ -270,6 +275,7 @@ def compile_generate(
     prompt_len: int,
     *,
     model_config: ModelConfig | None = None,
+    report_blocks: bool = False,
 ) -> None:
     """Compile (without running) the program `generate` uses for `batch` prompts padded to
     `prompt_len` columns: a later call with those shapes finds it compiled."""
@@ -279,7 +285,7 @@ def compile_generate(
         pad_to_multiple_of=prompt_len,
     )  # fmt: skip
     graphdef, state = nnx.split(model)
-    plan = _plan(config, canvas, mc, stop_at_eos=config.stop_at_eos)
+    plan = _plan(config, canvas, mc, stop_at_eos=config.stop_at_eos, report_blocks=report_blocks)
     decode.lower(
         graphdef, plan, state, jnp.asarray(canvas.tokens_BxT),
         jnp.asarray(canvas.segment_ids_BxT), jnp.asarray(canvas.positions_BxT), _knobs(config),
@@ -297,8 +303,12 @@ def generate(
     pad_to_multiple_of: int = 16,
     model_config: ModelConfig | None = None,
     record_history: bool = False,
+    report_blocks: bool = False,
 ) -> GenerateOutput:
     """Generate `config.max_new_tokens` tokens after each prompt.
+
+    With `report_blocks` (and several blocks) each finished block goes to the current
+    `block_listener` while the program runs (see `decode`).
 
     `prompt_ids` is a list of token-id lists (any lengths), or a 2-D array whose row b holds its
     prompt in the first `prompt_lengths[b]` columns (all columns when `prompt_lengths` is None).
@@ -318,6 +328,7 @@ def generate(
         stop_at_eos=config.stop_at_eos,
         model_config=mc,
         record_history=record_history,
+        report_blocks=report_blocks,
     )
 
 

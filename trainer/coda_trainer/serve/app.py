@@ -10,9 +10,14 @@ Usage counts the tokens of the text returned: after the eos/max_tokens cut and a
 string's cut (the fewest generated tokens whose text covers what is returned).
 
 Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format and ends with
-`data: [DONE]`. A diffusion model fixes text in no particular order, and the sampler returns a
-batch at once, so the stream carries the finalized text (cut at eos/stop/max_tokens) in
-line-sized chunks as soon as the row's batch is done; it is not token-by-token progress.
+`data: [DONE]` (with `stream_options.include_usage`, a usage chunk before it). A revealed token
+never changes, and block decoding (`block_length` below the generation length) finishes blocks left
+to right, so after each block the row's settled text is sent as it grows: the first text arrives
+after the first block, not at the end. What is sent is never taken back: text that a stop string
+could still claim (its longest length − 1 characters) and a trailing incomplete UTF-8 character
+are held back until they are settled, and the concatenated deltas equal the non-streamed answer.
+Whole-sequence decoding (one block) has nothing final before its last step: its text comes in one
+piece when the row is done.
 
 Stopping (`begin_shutdown`, called by the server as soon as it starts shutting down): new requests
 get 503 `shutting_down`, /readyz turns 503, warm-up stops at its next program boundary, queued and
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -80,6 +86,70 @@ async def _client_gone(request: Request) -> None:
 
 class UnknownModel(EngineError):
     """`model` names something this server does not serve (HTTP 404, as OpenAI and vLLM)."""
+
+
+class _TextStream:
+    """What of one row's answer may be sent before the row is done (see the module docstring)."""
+
+    def __init__(self, svc: _Service, max_tokens: int, stops: list[str] | None) -> None:
+        self.svc, self.max_tokens, self.stops = svc, max_tokens, stops
+        self.hold = max((len(s) for s in stops or ()), default=1) - 1
+        self.sent = ""
+
+    def delta(self, settled_ids: list[int]) -> str:
+        """New sendable text, given the row's settled tokens so far."""
+        text, reason, _ = self.svc.finish(settled_ids, self.max_tokens, self.stops)
+        if reason != "stop":  # not cut at eos or a stop string: its end may still change
+            text = text[: len(text) - self.hold].rstrip("\ufffd")
+        return self._advance(text)
+
+    def rest(self, final_text: str) -> str:
+        """The part of the finished answer not sent yet."""
+        if not final_text.startswith(self.sent):  # a decoder that rewrites earlier text
+            log.warning("streamed text is not a prefix of the answer; sending only its tail")
+            return final_text[len(self.sent) :]
+        return self._advance(final_text)
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+
+async def _progressive(
+    svc: _Service, key: Any, rows: list[Row], request: Request, max_tokens: int,
+    stops: list[str] | None,
+) -> AsyncIterator[tuple[int, str] | list[tuple[str, str, int]]]:  # fmt: skip
+    """Run a request's rows; yield (row, text delta) as blocks finish, then, last, each row's
+    (rest of the text, finish reason, completion tokens)."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
+
+    def on_settled(i: int, ids: list[int]) -> None:  # a runtime thread
+        loop.call_soon_threadsafe(updates.put_nowait, (i, ids))
+
+    streaming = [
+        dataclasses.replace(r, on_settled=functools.partial(on_settled, i))
+        for i, r in enumerate(rows)
+    ]
+    texts = [_TextStream(svc, max_tokens, stops) for _ in rows]
+    task = asyncio.ensure_future(svc.run_rows(key, streaming, request))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            i, ids = getter.result()
+            if delta := texts[i].delta(ids):
+                yield i, delta
+        done = [svc.finish(o, max_tokens, stops) for o in task.result()]
+        svc.metrics.generated_tokens.inc(sum(n for _, _, n in done))
+        yield [(texts[i].rest(text), reason, n) for i, (text, reason, n) in enumerate(done)]
+    finally:
+        task.cancel()
 
 
 class _Service:
@@ -309,12 +379,6 @@ def _sse_error_and_done(e: Exception) -> str:
     return _sse({"error": error}) + "data: [DONE]\n\n"
 
 
-def _chunks(text: str) -> list[str]:
-    """Split text into line-sized pieces for streaming (at least one, possibly empty)."""
-    pieces = text.splitlines(keepends=True)
-    return pieces or [""]
-
-
 def create_app(
     engine: Engine, *, api_key: str | None = None, warmup: bool | None = None
 ) -> FastAPI:
@@ -453,29 +517,28 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
+
+            def chunk(i: int, text: str, reason: str | None = None) -> str:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                return _sse({**base, "choices": [choice]})
+
+            for i in range(len(rows)):
+                if echo[i // req.n]:
+                    yield chunk(i, echo[i // req.n])
+            done: list[tuple[str, str, int]] = []
             try:
-                done = await results()
+                async for event in _progressive(svc, key, rows, request, max_tokens, req.stop):
+                    if isinstance(event, tuple):
+                        yield chunk(*event)
+                    else:
+                        done = event
             except Exception as e:
                 yield _sse_error_and_done(e)
                 return
-            for i, (text, reason, _) in enumerate(done):
-                for piece in _chunks(echo[i // req.n] + text):
-                    yield _sse(
-                        {
-                            **base,
-                            "choices": [
-                                {"index": i, "text": piece, "logprobs": None, "finish_reason": None}
-                            ],
-                        }
-                    )
-                yield _sse(
-                    {
-                        **base,
-                        "choices": [
-                            {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
-                        ],
-                    }
-                )
+            for i, (rest, reason, _) in enumerate(done):
+                if rest:
+                    yield chunk(i, rest)
+                yield chunk(i, "", reason)
             if req.include_usage:
                 ct = sum(d[2] for d in done)
                 usage = {
@@ -536,20 +599,27 @@ def create_app(
                 "created": created,
                 "model": model_name,
             }
+
+            def chunk(i: int, delta: dict[str, str], reason: str | None = None) -> str:
+                choice = {"index": i, "logprobs": None, "finish_reason": reason, "delta": delta}
+                return _sse({**base, "choices": [choice]})
+
+            for i in range(len(rows)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            done: list[tuple[str, str, int]] = []
             try:
-                done = await results()
+                async for event in _progressive(svc, key, rows, request, max_tokens, req.stop):
+                    if isinstance(event, tuple):
+                        yield chunk(event[0], {"content": event[1]})
+                    else:
+                        done = event
             except Exception as e:
                 yield _sse_error_and_done(e)
                 return
-            for i, (text, reason, _) in enumerate(done):
-                choice = {"index": i, "logprobs": None, "finish_reason": None}
-                yield _sse(
-                    {**base, "choices": [{**choice, "delta": {"role": "assistant", "content": ""}}]}
-                )
-                for piece in _chunks(text):
-                    if piece:
-                        yield _sse({**base, "choices": [{**choice, "delta": {"content": piece}}]})
-                yield _sse({**base, "choices": [{**choice, "delta": {}, "finish_reason": reason}]})
+            for i, (rest, reason, _) in enumerate(done):
+                if rest:
+                    yield chunk(i, {"content": rest})
+                yield chunk(i, {}, reason)
             if req.include_usage:
                 ct = sum(d[2] for d in done)
                 usage = {

@@ -34,7 +34,7 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -197,6 +197,9 @@ class Row:
     prompt: list[int]  # generate: prompt ids; infill: prefix ids
     suffix: list[int] | None = None
     seed: RowSeed = (0, 0)
+    # Streaming: receives the row's settled tokens (a growing prefix of its answer) after each
+    # finished block of a block-decoding generation; called on a runtime thread, must not block.
+    on_settled: Callable[[list[int]], None] | None = None
 
 
 class Engine:
@@ -361,7 +364,8 @@ class Engine:
         seeds = [r.seed for r in padded]
         start = time.monotonic()
         if kind == "generate":
-            out = self.generator.generate([r.prompt for r in padded], config, shapes, seeds)
+            with _settled_tokens_to(rows, config.block):
+                out = self.generator.generate([r.prompt for r in padded], config, shapes, seeds)
         else:
             out = self.generator.infill(
                 [r.prompt for r in padded], [r.suffix or [] for r in padded], config, shapes, seeds
@@ -399,8 +403,25 @@ class Engine:
         self.generator.compile(config, shapes)
 
 
+def _settled_tokens_to(rows: Sequence[Row], block: int) -> Any:
+    """While a generation runs: each finished block's settled tokens to the rows that stream."""
+    from coda_trainer import sampling
+
+    listeners = [(i, r.on_settled) for i, r in enumerate(rows) if r.on_settled is not None]
+    if not listeners:
+        return sampling.block_listener(None)
+
+    def deliver(b: int, gen_BxN: np.ndarray) -> None:
+        upto = (b + 1) * block
+        for i, on_settled in listeners:
+            on_settled(gen_BxN[i, :upto].tolist())
+
+    return sampling.block_listener(deliver)
+
+
 class SamplerGenerator:
-    """`Generator` over `coda_trainer.sampling` and an in-process model."""
+    """`Generator` over `coda_trainer.sampling` and an in-process model. Its programs report
+    finished blocks (the server streams from them; a callback per block, nothing otherwise)."""
 
     def __init__(self, model: Any, model_config: Any):
         self.model = model
@@ -416,7 +437,7 @@ class SamplerGenerator:
         # pad_to_multiple_of = the bucket makes the canvas exactly `shapes.prompt` columns of prompt.
         out = sampling.generate(
             self.model, [list(p) for p in prompts], config, _keys(seeds),
-            pad_to_multiple_of=shapes.prompt, model_config=self.model_config,
+            pad_to_multiple_of=shapes.prompt, model_config=self.model_config, report_blocks=True,
         )  # fmt: skip
         return np.asarray(out.generated_BxN).tolist()
 
@@ -424,8 +445,9 @@ class SamplerGenerator:
         from coda_trainer import sampling
 
         sampling.compile_generate(
-            self.model, config, shapes.batch, shapes.prompt, model_config=self.model_config
-        )
+            self.model, config, shapes.batch, shapes.prompt, model_config=self.model_config,
+            report_blocks=True,
+        )  # fmt: skip
 
     def infill(
         self, prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], config: SamplingConfig,
