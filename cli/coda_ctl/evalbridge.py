@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def eval_argv(
-    benchmark: str,
+    benchmark: str | list[str],
     *,
     url: str | None,
     checkpoint: str | None,
@@ -12,7 +12,8 @@ def eval_argv(
     out: str | None,
     max_new_tokens: int | None = None,
 ) -> list[str]:
-    argv = ["--benchmark", benchmark]
+    names = [benchmark] if isinstance(benchmark, str) else benchmark
+    argv = [arg for name in names for arg in ("--benchmark", name)]
     argv += ["--url", url] if url else ["--checkpoint", str(checkpoint)]
     if limit is not None:
         argv += ["--limit", str(limit)]
@@ -24,7 +25,7 @@ def eval_argv(
 
 
 def run_eval(
-    benchmark: str,
+    benchmark: str | list[str],
     *,
     url: str | None,
     checkpoint: str | None,
@@ -51,6 +52,7 @@ def run_eval(
         Exception
     ) as e:  # the harness's own errors (unreachable server, bad checkpoint): one line
         where = url or checkpoint
+        names = [benchmark] if isinstance(benchmark, str) else benchmark
         raise CtlError(
-            f"evaluation of {benchmark} against {where} failed: {type(e).__name__}: {e}"
+            f"evaluation of {', '.join(names)} against {where} failed: {type(e).__name__}: {e}"
         ) from e

@@ -6,6 +6,7 @@ Nothing here starts a process or touches the network; `localrun` does that with 
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import math
@@ -229,8 +230,6 @@ def uses_corpus(run: dict[str, Any]) -> bool:
 
 def expand_corpus(run: dict[str, Any], corpus_root: Path) -> dict[str, Any]:
     """A copy of `run` with the corpus placeholder replaced by `corpus_root`."""
-    import copy
-
     out = copy.deepcopy(run)
     for d in _data_sources(out):
         uri = str(d.get("uri", ""))
@@ -242,12 +241,16 @@ def expand_corpus(run: dict[str, Any], corpus_root: Path) -> dict[str, Any]:
 def default_run() -> dict[str, Any]:
     """The embedded default (coda_trainer.presets) as a CodaTrainingRun for this machine.
 
-    The presets give one job per stage; as a resource they share one model, tokenizer and checkpoint
+    The presets give one job per stage (and a small evaluation of the last); as a resource they share one model, tokenizer and checkpoint
     policy, and the init_from chain is the implicit stage handoff. Data URIs use the corpus
     placeholder, so `manifests/examples/local-tiny.yaml` can be this very object.
     """
     from coda_trainer.config import CheckpointConfig
-    from coda_trainer.presets import PRESET_NAMES, embedded_default_spec
+    from coda_trainer.presets import (
+        EMBEDDED_DEFAULT_EVALUATION,
+        PRESET_NAMES,
+        embedded_default_spec,
+    )
 
     corpus = {name: Path(CORPUS_PLACEHOLDER) / name for name in PRESET_NAMES}
     jobs = embedded_default_spec(".", corpus_dirs=corpus)
@@ -273,6 +276,8 @@ def default_run() -> dict[str, Any]:
             "checkpoints": {"everySteps": ckpt.every_steps, "keep": ckpt.keep},
             "accelerator": {"tpu": {"type": "v6e", "topology": "1x1"}},
             "stages": stages,
+            # The run ends with a measured pass@1 (no gate: a 5M model scores ≈0 by design).
+            "evaluation": copy.deepcopy(EMBEDDED_DEFAULT_EVALUATION),
         },
     }
 

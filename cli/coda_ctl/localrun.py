@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -535,24 +535,58 @@ def evaluate_all(plan: LocalPlan) -> list[str]:
     scores: dict[str, float] = {}
     for stage, command in plan.evaluations:
         log_path = plan.root / localplan.META_DIR / f"eval-{stage}.log"
-        echo(f"evaluating {stage} ({' '.join(command[4:])})  log: {log_path}")
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-            try:
-                rc = proc.wait(timeout=EVAL_TIMEOUT_S)
-            finally:
-                stop(proc)
-        if rc != 0:
-            raise CtlError(f"evaluation of {stage} failed (exit {rc})\n{_tail(log_path)}")
+        # A rerun does not evaluate again what this very command already scored (the operator
+        # evaluates each stage once too): the reports are read back.
+        done_path = plan.root / localplan.META_DIR / f"eval-{stage}.done.json"
         report_dir = Path(command[command.index("--report-dir") + 1])
         benchmarks = [command[k + 1] for k, arg in enumerate(command) if arg == "--benchmark"]
+        if _evaluated(done_path, command, report_dir, benchmarks):
+            echo(f"evaluation of {stage} is up to date (reports in {report_dir})")
+        else:
+            _evaluate(stage, command, log_path)
+            done_path.write_text(json.dumps(_evaluation_record(command)))
         reports = {b: json.loads((report_dir / f"{b}.json").read_text()) for b in benchmarks}
         scores = {b: r["pass_at_k"]["pass@1"] for b, r in reports.items()}
         echo(eval_table(stage, reports))
     return gate_misses(dict(plan.min_pass_at1), scores) if plan.min_pass_at1 else []
+
+
+def _evaluation_record(command: Sequence[str]) -> dict[str, Any]:
+    """What an evaluation's result depends on: its command and when the checkpoint was written
+    (a stage trained again after its final was deleted is evaluated again)."""
+    record: dict[str, Any] = {"command": list(command), "checkpoint_mtime_ns": None}
+    if "--checkpoint" in command:
+        checkpoint = Path(command[command.index("--checkpoint") + 1])
+        with contextlib.suppress(OSError):
+            record["checkpoint_mtime_ns"] = checkpoint.stat().st_mtime_ns
+    return record
+
+
+def _evaluated(
+    done_path: Path, command: Sequence[str], report_dir: Path, benchmarks: list[str]
+) -> bool:
+    import json
+
+    try:
+        same = json.loads(done_path.read_text()) == _evaluation_record(command)
+    except (OSError, ValueError):
+        return False
+    return same and all((report_dir / f"{b}.json").is_file() for b in benchmarks)
+
+
+def _evaluate(stage: str, command: Sequence[str], log_path: Path) -> None:
+    echo(f"evaluating {stage} ({' '.join(command[4:])})  log: {log_path}")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            rc = proc.wait(timeout=EVAL_TIMEOUT_S)
+        finally:
+            stop(proc)
+    if rc != 0:
+        raise CtlError(f"evaluation of {stage} failed (exit {rc})\n{_tail(log_path)}")
 
 
 def eval_table(stage: str, reports: dict[str, dict[str, Any]]) -> str:

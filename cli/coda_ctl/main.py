@@ -484,7 +484,8 @@ def watch(
     ] = None,
     namespace: Namespace = None,
 ) -> None:
-    """Live progress per stage until the run succeeds (exit 0) or fails (exit 1)."""
+    """Live progress per stage, then the evaluation (pass@1 per benchmark, the gate), until the
+    run succeeds (exit 0) or fails (exit 1)."""
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -509,7 +510,7 @@ def watch(
                 n: bars.add_task(n, total=max(t, 1), info="")
                 for n, _, t, _ in views.stage_progress(obj)
             }
-            shown_eval = ""
+            shown = None  # the evaluation line last printed
             while True:
                 loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
                 for name, done, total, phase in views.stage_progress(obj):
@@ -519,10 +520,10 @@ def watch(
                         else ""
                     )
                     bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
-                evaluation = views.evaluation_summary(obj)
-                if evaluation != shown_eval:
+                evaluation = views.evaluation_progress(obj)
+                if evaluation and evaluation != shown:
                     bars.console.print(evaluation)
-                    shown_eval = evaluation
+                    shown = evaluation
                 if _watch_done(obj, deadline):
                     break
                 time.sleep(interval)
@@ -532,8 +533,8 @@ def watch(
         while True:
             line = "  ".join(f"{n} {d}/{t} {p}" for n, d, t, p in views.stage_progress(obj))
             line = f"{views.phase_of(obj)}  {line}"
-            if evaluation := views.evaluation_summary(obj):
-                line = f"{line}  {evaluation}"
+            if evaluation := views.evaluation_progress(obj):
+                line += f"  {evaluation}"
             if line != last:
                 typer.echo(line)
                 last = line
@@ -601,7 +602,10 @@ def retry(
     run: Annotated[str, typer.Argument(autocompletion=_complete_runs)],
     namespace: Namespace = None,
 ) -> None:
-    """Retry a failed run's failed stage (a new JobSet that resumes from the stage's newest checkpoint)."""
+    """Retry a failed run: its failed stage (a new JobSet that resumes from the stage's newest
+    checkpoint) or its failed evaluation (a new evaluation Job; nothing trains again). After
+    QualityGateFailed nothing is evaluated again (same checkpoint and seed, same score): the gate
+    is checked against the current spec, so lower minPassAt1 first (else the operator ignores it)."""
     from coda_trainer.contract import RETRY_ANNOTATION
 
     _with_ns(ctx, namespace)
@@ -719,37 +723,41 @@ def infill(
 @app.command(name="eval")
 @handles_errors
 def eval_(
-    benchmark: Annotated[
-        str, typer.Argument(help="humaneval | humaneval-plus | mbpp | mbpp-sanitized")
+    benchmarks: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more of humaneval, humaneval-plus, mbpp, mbpp-sanitized "
+            "(the names of spec.evaluation.benchmarks).",
+            metavar="BENCHMARK...",
+        ),
     ],
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint to score.")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint to load in-process.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Write the JSON report here.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", help="Write the JSON report here (<out>.<benchmark>.json if several)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens per answer (default: the harness's 512).")
     ] = None,
 ) -> None:
-    """pass@1 on a benchmark, against a running sampler (--url) or a checkpoint.
-
-    The names are spec.evaluation.benchmarks' (HumanEval, HumanEval+ with EvalPlus's extra tests,
-    MBPP, MBPP sanitized)."""
-    from typing import get_args
-
-    from coda_operator.api import EvalBenchmark
+    """pass@1 on code benchmarks, against a running sampler (--url) or a checkpoint. HumanEval
+    and HumanEval+ asked together are generated once and scored twice."""
+    from coda_trainer.evaluate.datasets import BENCHMARKS
 
     from coda_ctl import evalbridge
 
-    known = get_args(EvalBenchmark)
-    if benchmark not in known:
-        raise CtlError(
-            f"unknown benchmark {benchmark!r}: use one of {', '.join(known)}", Exit.USAGE
-        )
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise CtlError(f"unknown benchmark {unknown[0]!r}: use {', '.join(BENCHMARKS)}", Exit.USAGE)
     if (url is None) == (checkpoint is None):
         raise CtlError("give exactly one of --url or --checkpoint", Exit.USAGE)
     raise typer.Exit(
         evalbridge.run_eval(
-            benchmark,
+            list(dict.fromkeys(benchmarks)),
             url=url,
             checkpoint=checkpoint,
             limit=limit,

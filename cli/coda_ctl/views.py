@@ -558,25 +558,6 @@ def stage_jobset(run: dict[str, Any], stage: str | None) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------- watch
 
 
-def evaluation_summary(run: dict[str, Any]) -> str:
-    """`watch`'s evaluation part: each evaluated stage's phase and pass@1 per benchmark, e.g.
-    "eval sft Succeeded humaneval 12.2% humaneval-plus 10.4%" ("" without spec.evaluation)."""
-    spec_eval = (run.get("spec") or {}).get("evaluation")
-    status_eval = (run.get("status") or {}).get("evaluation") or {}
-    if not spec_eval and not status_eval:
-        return ""
-    if not status_eval:
-        return "eval Pending"
-    parts = []
-    for stage, ev in status_eval.items():
-        scores = [
-            f"{bench} {100 * (r.get('passAt1') or 0):.1f}%"
-            for bench, r in (ev.get("results") or {}).items()
-        ]
-        parts.append(" ".join([f"eval {stage} {ev.get('phase', 'Pending')}", *scores]))
-    return "  ".join(parts)
-
-
 def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
     """Per stage: (name, completed steps, total steps, phase) from the run's spec and status."""
     status = run.get("status") or {}
@@ -595,3 +576,33 @@ def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
             done = 0
         out.append((name, done, total, phase))
     return out
+
+
+def evaluation_progress(run: dict[str, Any]) -> str | None:
+    """`watch`'s evaluation line: per evaluated stage its phase and pass@1 per benchmark, then the
+    gate's verdict (QualityGate condition); None for a run without spec.evaluation."""
+    spec = (run.get("spec") or {}).get("evaluation")
+    status = run.get("status") or {}
+    evaluations = status.get("evaluation") or {}
+    if not spec and not evaluations:
+        return None
+    parts = []
+    for stage, ev in evaluations.items():
+        part = f"{stage} {ev.get('phase', 'Pending')}"
+        results = ev.get("results") or {}
+        if results:
+            part += " " + ", ".join(
+                f"{b} {100 * r.get('passAt1', 0):.1f}%" for b, r in results.items()
+            )
+        parts.append(part)
+    line = "eval: " + ("; ".join(parts) or "pending")
+    gate = next(
+        (c for c in status.get("conditions", []) or [] if c.get("type") == "QualityGate"), None
+    )
+    if gate is not None:
+        line += "  gate: " + (
+            "passed" if gate.get("status") == "True" else f"FAILED ({gate.get('message', '')})"
+        )
+    elif (spec or {}).get("minPassAt1"):
+        line += "  gate: pending"
+    return line

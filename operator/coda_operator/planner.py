@@ -378,9 +378,19 @@ def _retry_request(
             "Normal", "RetryIgnored", f"{what}: the run is {phase}, not Failed; nothing to retry"
         )
         return
+    if spec is not None and failed.reason == "EvaluationFailed":
+        _retry_evaluation(ctx, name, what, spec)
+        return
+    if spec is not None and failed.reason == "QualityGateFailed":
+        _retry_gate(ctx, what, spec)
+        return
     if spec is None or failed.reason != "StageFailed":
         why = "its spec is invalid" if spec is None else f"it failed with {failed.reason}"
-        ctx.event("Warning", "RetryIgnored", f"{what}: {why}; only a failed stage can be retried")
+        ctx.event(
+            "Warning",
+            "RetryIgnored",
+            f"{what}: {why}; only a failed stage or a failed evaluation can be retried",
+        )
         return
     i = next((k for k, ss in enumerate(st.stages) if ss.phase == "Failed"), None)
     if i is None or st.stages[i].name not in spec.stage_names():
@@ -397,6 +407,62 @@ def _retry_request(
         f"stage's newest checkpoint"
     )
     ctx.cond("Failed", False, "RetryRequested", msg)
+    st.message, st.completion_time = msg, None
+    ctx.event("Normal", "RetryRequested", msg)
+
+
+def _retry_evaluation(ctx: _Ctx, name: str, what: str, spec: CodaTrainingRunSpec) -> None:
+    """EvaluationFailed (the eval Job's retries exhausted, or exit 78): one more evaluation Job of
+    the failed stage's final checkpoint; training is not touched."""
+    st = ctx.st
+    failed = [s for s, ev in (st.evaluation or {}).items() if ev.phase == "Failed"]
+    if not failed or failed[0] not in spec.evaluated_stages():
+        ctx.event("Warning", "RetryIgnored", f"{what}: no failed evaluation of the spec to retry")
+        return
+    stage, ev = failed[0], st.evaluation[failed[0]]  # type: ignore[index]
+    before = ev.message or "Job failed"
+    ev.retries += 1
+    ev.phase, ev.job, ev.completion_time = "Pending", None, None
+    ev.results = None  # a Job that completed without all its scores: the new one reports afresh
+    job = render.eval_job_name(name, stage, ev.retries)
+    msg = (
+        f"retry of the evaluation of stage {stage} requested ({what}): creating Job {job} "
+        f"(attempt {ev.retries + 1}) after: {before}"
+    )
+    ctx.cond("Failed", False, "RetryRequested", msg)
+    st.message, st.completion_time = msg, None
+    ctx.event("Normal", "RetryRequested", msg)
+
+
+def _retry_gate(ctx: _Ctx, what: str, spec: CodaTrainingRunSpec) -> None:
+    """QualityGateFailed: the scores are not measured again — the same checkpoint, sampler
+    settings and seed give the same pass@1 — but the gate is checked again against the spec as it
+    is now, so lowering (or removing) `spec.evaluation.minPassAt1` and retrying lets the run
+    complete and serve. Otherwise the request is ignored and the event says what would help."""
+    st = ctx.st
+    stages = spec.evaluated_stages()
+    results = (st.evaluation or {}).get(stages[-1]) if stages else None
+    scores = {b: r.pass_at1 for b, r in ((results and results.results) or {}).items()}
+    gate = spec.evaluation.min_pass_at1 if spec.evaluation else {}
+    unmeasured = [b for b in gate if b not in scores]
+    misses = gate_misses({b: v for b, v in gate.items() if b in scores}, scores)
+    if misses or unmeasured:
+        ctx.event(
+            "Warning",
+            "RetryIgnored",
+            f"{what}: the quality gate still fails ("
+            + "; ".join(misses + [f"{b} was not measured" for b in unmeasured])
+            + "). Evaluating the same checkpoint again gives the same score (same settings and "
+            "seed): lower spec.evaluation.minPassAt1 and retry, or train a better model",
+        )
+        return
+    met = ", ".join(f"{b} {100 * scores[b]:.1f}% >= {100 * v:.1f}%" for b, v in gate.items())
+    msg = (
+        f"retry requested ({what}): the quality gate of the current spec is met "
+        f"({met or 'no minPassAt1'}); completing the run without evaluating again"
+    )
+    ctx.cond("Failed", False, "RetryRequested", msg)
+    ctx.cond("QualityGate", True, "RetryRequested", msg)
     st.message, st.completion_time = msg, None
     ctx.event("Normal", "RetryRequested", msg)
 

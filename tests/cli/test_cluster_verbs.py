@@ -764,22 +764,62 @@ def test_run_and_stage_names_complete_in_bash(kubeconfig: Path, cluster_state: A
     assert complete("coda-ctl describe ", 2, config="/nonexistent") == []  # no cluster: quiet
 
 
-def test_watch_shows_the_evaluation(ctl: Any, cluster_state: Any) -> None:
-    body = dict(RUNS[1][0], metadata={**RUNS[1][0]["metadata"], "name": "evaluated"})
-    body["spec"] = {**body["spec"], "evaluation": {"benchmarks": ["humaneval", "humaneval-plus"]}}
-    cluster_state.create_namespaced_custom_object(
-        "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
-    )
-    try:
+def test_watch_shows_the_evaluation_and_the_gate(
+    ctl: Any, cluster_state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the evaluation Job runs, then its pass@1 per benchmark and the gate's verdict, on
+    plain output and on a terminal."""
+    import threading
+
+    import coda_ctl.main as main_mod
+
+    stages = [{"name": s["name"], "phase": "Succeeded"} for s in STAGES]
+
+    def create(name: str) -> None:
+        body, _ = _run(name, {"hours": 1}, None)
+        body["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+        body["spec"]["evaluation"] = {
+            "benchmarks": ["humaneval", "humaneval-plus"], "minPassAt1": {"humaneval": 0.3},
+        }  # fmt: skip
+        cluster_state.create_namespaced_custom_object(
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", body
+        )
+
+    def patch(name: str, status: dict[str, Any]) -> None:
         cluster_state.patch_namespaced_custom_object_status(
-            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", "evaluated",
-            {"status": {"phase": "Succeeded", "stage": "sft",
-                        "evaluation": {"sft": {"phase": "Succeeded", "results": {
-                            "humaneval": {"passAt1": 0.122, "problems": 164},
-                            "humaneval-plus": {"passAt1": 0.104, "problems": 164}}}}}},
-        )  # fmt: skip
-        res = ctl("watch", "evaluated", "--interval", "0.1")
-    finally:
-        ctl("delete", "evaluated")
-    assert res.exit_code == 0, res.output
-    assert "eval sft Succeeded humaneval 12.2% humaneval-plus 10.4%" in res.stdout, res.stdout
+            "coda.dev", "v1alpha1", NAMESPACE, "codatrainingruns", name, {"status": status}
+        )
+
+    miss = "quality gate failed after stage sft: humaneval pass@1 25.0% < minPassAt1 30.0% (...)"
+    results = {"humaneval": {"passAt1": 0.25, "problems": 164},
+               "humaneval-plus": {"passAt1": 0.2, "problems": 164}}  # fmt: skip
+    running = {"phase": "Running", "stage": "sft", "stages": stages,
+               "evaluation": {"sft": {"phase": "Running", "job": "gated-sft-eval"}}}  # fmt: skip
+    failed = {
+        "phase": "Failed", "stage": "sft", "stages": stages,
+        "evaluation": {"sft": {"phase": "Succeeded", "results": results}},
+        "conditions": [_cond("QualityGate", "False", "QualityGateFailed", miss),
+                       _cond("Failed", "True", "QualityGateFailed", miss)],
+    }  # fmt: skip
+    for tty in (False, True):
+        name = f"gated-{'tty' if tty else 'plain'}"
+        create(name)
+        try:
+            monkeypatch.setattr(main_mod, "_tty", lambda tty=tty: tty)
+            patch(name, running)
+            timer = threading.Timer(2.0, patch, (name, failed))
+            timer.start()
+            try:
+                res = ctl("watch", name, "--interval", "0.1", "--timeout", "10")
+            finally:
+                timer.cancel()
+            assert res.exit_code == Exit.ERROR and "QualityGateFailed" not in res.stdout
+            assert "eval: sft Running  gate: pending" in res.stdout, res.stdout
+            # (a terminal may wrap the long line: compare with whitespace collapsed)
+            want = (
+                f"eval: sft Succeeded humaneval 25.0%, humaneval-plus 20.0% gate: FAILED ({miss})"
+            )
+            assert " ".join(want.split()) in " ".join(res.stdout.split()), res.stdout
+            assert "quality gate failed after stage sft" in res.stderr
+        finally:
+            ctl("delete", name)

@@ -26,7 +26,8 @@ def test_the_plan_carries_the_operators_eval_command_with_local_paths(tmp_path: 
                            str(root / "sft" / "final"))  # fmt: skip
     assert command[-2:] == ("--report-dir", str(root / "sft" / "eval"))
     assert "--max-new-tokens" in command and plan.min_pass_at1 == (("mbpp", 0.1),)
-    assert localplan.plan_local_run(localplan.default_run(), tmp_path).evaluations == ()
+    default = localplan.plan_local_run(localplan.default_run(), tmp_path)
+    assert [s for s, _ in default.evaluations] == ["sft"] and default.min_pass_at1 == ()
 
 
 def _plan(tmp_path: Path, reference: str, gate: float) -> LocalPlan:
@@ -84,3 +85,27 @@ def test_describe_and_get_wide_show_the_evaluation() -> None:
     assert views.run_row(run, now, wide=True)[-1] == "sft: humaneval 25.0, mbpp 50.0"
     headers, _ = views.get_table([run], now, wide=True)
     assert headers[-1] == "PASS@1"
+
+
+def test_a_rerun_reads_back_the_reports_of_the_same_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """`local run` again (nothing left to train) does not evaluate again; another command does."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "trainer"))
+    plan = _plan(tmp_path, "canonical", 1.0)
+    assert localrun.evaluate_all(plan) == []
+    first = capsys.readouterr().out
+    assert "evaluating sft" in first and "up to date" not in first
+    assert localrun.evaluate_all(plan) == []
+    second = capsys.readouterr().out
+    assert "evaluation of sft is up to date" in second and "evaluating sft" not in second
+    assert [line.split()[:2] for line in second.splitlines() if line.startswith("humaneval ")] == [
+        ["humaneval", "100.0"]
+    ]
+    stage, command = plan.evaluations[0]
+    other = LocalPlan(
+        run=plan.run, root=plan.root, stages=(), min_pass_at1=plan.min_pass_at1,
+        evaluations=((stage, tuple(c if c != "2" else "1" for c in command)),),
+    )  # fmt: skip
+    localrun.evaluate_all(other)
+    assert "evaluating sft" in capsys.readouterr().out

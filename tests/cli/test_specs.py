@@ -239,6 +239,24 @@ def test_train_delegates_to_the_trainer(tmp_path: Path) -> None:
     assert res.exit_code == 78
 
 
+def test_eval_accepts_every_harness_benchmark_by_its_spec_name() -> None:
+    """`coda-ctl eval` takes the names spec.evaluation.benchmarks takes, several at once."""
+    from typing import get_args
+
+    from coda_operator.api import EvalBenchmark
+    from coda_trainer.evaluate.datasets import BENCHMARKS
+
+    assert set(get_args(EvalBenchmark)) == set(BENCHMARKS)
+    res = cli("eval", "mbpp-plus", "--url", "http://127.0.0.1:1")
+    assert res.exit_code == Exit.USAGE
+    assert all(name in res.stderr for name in BENCHMARKS), res.stderr
+    # Every name reaches the harness (which here finds the server unreachable for each of them).
+    res = cli("eval", *BENCHMARKS, "--url", "http://127.0.0.1:1", "--limit", "1")
+    assert res.exit_code == Exit.ERROR, res.output
+    for name in BENCHMARKS:
+        assert f"error: {name}: no sample could be generated" in res.stderr
+
+
 def test_eval_argument_errors_and_unreachable_server() -> None:
     assert cli("eval", "humaneval").exit_code == Exit.USAGE
     unknown = cli("eval", "apps", "--url", "http://127.0.0.1:1")

@@ -83,13 +83,18 @@ def test_plain_table_alignment() -> None:
     assert out.splitlines() == ["A     BB", "xxx   y", "z"]
 
 
-def test_evaluation_summary() -> None:
-    assert views.evaluation_summary({"spec": {}, "status": {}}) == ""
-    assert views.evaluation_summary({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
-        "eval Pending"
+def test_evaluation_progress() -> None:
+    """`watch`'s evaluation line (the plain and terminal output are checked in test_cluster_verbs)."""
+    assert views.evaluation_progress({"spec": {}, "status": {}}) is None
+    assert views.evaluation_progress({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
+        "eval: pending"
     )
     run = {"status": {"evaluation": {
         "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05}}},
         "sft": {"phase": "Running"},
     }}}  # fmt: skip
-    assert views.evaluation_summary(run) == "eval midtrain Succeeded mbpp 5.0%  eval sft Running"
+    assert views.evaluation_progress(run) == "eval: midtrain Succeeded mbpp 5.0%; sft Running"
+    run["spec"] = {"evaluation": {"benchmarks": ["mbpp"], "minPassAt1": {"mbpp": 0.01}}}
+    assert views.evaluation_progress(run).endswith("  gate: pending")
+    run["status"]["conditions"] = [{"type": "QualityGate", "status": "True", "message": "ok"}]
+    assert views.evaluation_progress(run).endswith("  gate: passed")

@@ -307,3 +307,135 @@ async def test_operator_retries_a_failed_eval_job_then_stops_on_exit_78(
     await asyncio.sleep(0.3)
     assert sorted(cluster.objects("jobs")) == ["evr-sft-eval", "evr-sft-eval-r1"]
     assert cluster.objects("deployments") == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# `coda-ctl retry` (a new coda.dev/retry annotation value) after an evaluation failure
+# --------------------------------------------------------------------------------------------------
+
+
+def _retry(sim: EvalSim, value: str) -> planner.Plan:
+    from coda_trainer.contract import RETRY_ANNOTATION
+
+    sim.run["metadata"].setdefault("annotations", {})[RETRY_ANNOTATION] = value
+    return sim.step()
+
+
+def test_retry_after_evaluation_failed_runs_only_the_evaluation_again() -> None:
+    sim = EvalSim(spec_with())
+    sim.train_until("sft")
+    sim.step()
+    sim.job_done("demo-sft-eval", "Failed", "BackoffLimitExceeded")
+    sim.step()
+    sim.job_done("demo-sft-eval-r1", "Failed", "BackoffLimitExceeded")
+    sim.step()
+    assert sim.cond("Failed")["reason"] == "EvaluationFailed"
+    jobsets = sorted(sim.jobsets)
+
+    p = _retry(sim, "2026-01-01T01:00:00Z")
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == [
+        "demo-sft-eval-r2"
+    ]
+    assert sorted(sim.jobsets) == jobsets  # no stage trains again
+    assert sim.status["phase"] == "Running" and sim.status["retryHandled"] == "2026-01-01T01:00:00Z"
+    assert sim.cond("Failed")["status"] == "False"
+    ev = sim.status["evaluation"]["sft"]
+    assert ev["phase"] == "Running" and ev["job"] == "demo-sft-eval-r2" and ev["retries"] == 2
+    assert (
+        "creating Job demo-sft-eval-r2 (attempt 3) after: evaluation of stage sft failed"
+        in next(e.message for e in p.events if e.reason == "RetryRequested")
+    )
+    # The new Job reports and completes: the run completes and serves.
+    sim.report("sft", humaneval=0.2, mbpp=0.0)
+    sim.job_done("demo-sft-eval-r2")
+    p = sim.step()
+    assert sim.status["phase"] == "Succeeded" and "Create:Deployment" in kinds(p)
+
+
+def test_retry_after_exit_78_also_retries_the_evaluation_once() -> None:
+    """A permanent evaluation failure is not retried by the operator, but a user who fixed what
+    was wrong (a checkpoint written again, an image) may ask for one more attempt."""
+    sim = EvalSim(spec_with())
+    sim.train_until("sft")
+    sim.step()
+    sim.job_done("demo-sft-eval", "Failed", "PodFailurePolicy")
+    sim.step()
+    p = _retry(sim, "r1")
+    assert [a.obj["metadata"]["name"] for a in p.actions if isinstance(a, Create)] == [
+        "demo-sft-eval-r1"
+    ]
+    sim.job_done("demo-sft-eval-r1", "Failed", "PodFailurePolicy")
+    sim.step()
+    assert sim.status["phase"] == "Failed" and sim.cond("Failed")["reason"] == "EvaluationFailed"
+
+
+def test_retry_after_the_gate_failed_does_not_evaluate_again() -> None:
+    """QualityGateFailed: a retry is refused (with what would help) while the current spec's gate
+    still misses; after minPassAt1 is lowered, a retry completes the run on the scores it has."""
+    sim = EvalSim(spec_with(minPassAt1={"humaneval": 0.3}))
+    sim.train_until("sft")
+    sim.step()
+    sim.report("sft", humaneval=0.2, mbpp=0.4)
+    sim.job_done("demo-sft-eval")
+    sim.step()
+    assert sim.cond("Failed")["reason"] == "QualityGateFailed"
+
+    p = _retry(sim, "first")
+    assert p.actions == [] and sim.status["phase"] == "Failed"
+    assert sim.status["retryHandled"] == "first"
+    ignored = [e for e in p.events if e.reason == "RetryIgnored"]
+    assert len(ignored) == 1 and "humaneval pass@1 20.0% < minPassAt1 30.0%" in ignored[0].message
+    assert "same score" in ignored[0].message and "lower spec.evaluation.minPassAt1" in (
+        ignored[0].message
+    )
+
+    sim.run["spec"]["evaluation"]["minPassAt1"] = {"humaneval": 0.2}
+    sim.step()
+    assert sim.status["phase"] == "Failed"  # a spec edit alone does not reopen a finished run
+    p = _retry(sim, "second")
+    assert sim.status["phase"] == "Succeeded" and "Create:Deployment" in kinds(p)
+    assert not any(isinstance(a, Create) and a.obj["kind"] == "Job" for a in p.actions)
+    assert sorted(sim.jobs) == ["demo-sft-eval"]  # never evaluated again
+    assert sim.cond("QualityGate")["status"] == "True"
+
+
+@pytest.mark.asyncio
+async def test_operator_retry_annotation_reruns_a_failed_evaluation(
+    cluster: Any, operator: Any
+) -> None:
+    """What `coda-ctl retry` does, against the real operator: a new Job for the evaluation only."""
+    from coda_trainer.contract import RETRY_ANNOTATION
+
+    spec = spec_with()
+    spec["failurePolicy"] = {**spec.get("failurePolicy", {}), "stageRetries": 0}
+    await cluster.create_run("evagain", spec)
+    await _train_all(cluster, "evagain")
+    await _wait_job(cluster, "evagain-sft-eval")
+    await _finish_job(cluster, "evagain-sft-eval", "Failed", "BackoffLimitExceeded")
+    run = await cluster.wait_run(
+        "evagain", lambda r: r["status"].get("phase") == "Failed", "Failed"
+    )
+    assert next(c for c in run["status"]["conditions"] if c["type"] == "Failed")["reason"] == (
+        "EvaluationFailed"
+    )
+    await cluster.patch(
+        "codatrainingruns", "evagain",
+        {"metadata": {"annotations": {RETRY_ANNOTATION: "2026-01-01T00:00:00Z"}}},
+    )  # fmt: skip
+    await _wait_job(cluster, "evagain-sft-eval-r1")
+    await cluster.patch(
+        "codatrainingruns", "evagain",
+        {"status": {"evaluation": {"sft": {"results": {
+            "humaneval": {"passAt1": 0.5, "problems": 2}, "mbpp": {"passAt1": 0.0, "problems": 2},
+        }}}}},
+        sub="status",
+    )  # fmt: skip
+    await _finish_job(cluster, "evagain-sft-eval-r1")
+    run = await cluster.wait_run(
+        "evagain", lambda r: r["status"].get("phase") == "Succeeded", "Succeeded"
+    )
+    assert run["status"]["retryHandled"] == "2026-01-01T00:00:00Z"
+    assert sorted(cluster.objects("jobs")) == ["evagain-sft-eval", "evagain-sft-eval-r1"]
+    assert sorted(cluster.objects("jobsets")) == [
+        f"evagain-{s}" for s in ("midtrain", "pretrain", "sft")
+    ]

@@ -147,11 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     if max(ks) > args.n_samples:
         print(f"error: pass@{max(ks)} needs --n-samples >= {max(ks)}", file=sys.stderr)
         return 2
-    from coda_trainer.evaluate.runner import format_table, run_eval
+    from coda_trainer.evaluate.runner import (
+        DEFAULT_LIMITS,
+        SharedGenerations,
+        format_table,
+        run_eval,
+    )
     from coda_trainer.evaluate.sandbox import SandboxLimits
 
     source, settings = _source(args)
-    from coda_trainer.evaluate.runner import DEFAULT_LIMITS
+    # HumanEval and HumanEval+ share their prompts: with both asked for, generate once, score both.
+    # Not for --reference: its "responses" are each benchmark's own reference solution (EvalPlus
+    # rewrote HumanEval's canonical solutions), not a model's answer to the prompt.
+    if not args.reference:
+        source = SharedGenerations(source)
 
     reports = []
     failed = 0

@@ -39,6 +39,7 @@ __all__ = [
     "InProcessSource",
     "OpenAISource",
     "ReferenceSource",
+    "SharedGenerations",
     "format_table",
     "run_eval",
 ]
@@ -162,6 +163,52 @@ class InProcessSource:
             for (i, j, _), ids in zip(chunk, generated_rows(out), strict=True):
                 texts[i][j] = decode_until_eos(self.tokenizer, ids)
         return texts
+
+
+def model_input_key(problem: Problem) -> str:
+    """What a model is shown for `problem` (the user turn and the generation prefix): two problems
+    with the same key get the same responses from the same model and sampler settings."""
+    return json.dumps([prompts.chat_messages(problem), prompts.gen_prefix(problem)])
+
+
+@dataclasses.dataclass
+class SharedGenerations:
+    """Wraps a source so a prompt already answered is not generated again: HumanEval+ asks exactly
+    HumanEval's questions (163 of 164 prompts are identical; HumanEval/115's docstring differs), so
+    when both are evaluated HE+ is scored from HE's responses and only the differing prompts are
+    generated. Scores are those of separate runs with a deterministic sampler; with temperature > 0
+    both benchmarks then score the same draw of samples, which is what a paired comparison wants.
+    `reused` counts the problems of the last `complete` call answered from the cache."""
+
+    inner: CompletionSource
+    _cache: dict[tuple[str, int], list[Response]] = dataclasses.field(default_factory=dict)
+    reused: int = 0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def prefixed(self) -> bool:  # type: ignore[override]
+        return self.inner.prefixed
+
+    def complete(self, problems: Sequence[Problem], n: int) -> list[list[Response]]:
+        keys = [(model_input_key(p), n) for p in problems]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        # Distinct prompts only, once each, in the order first asked.
+        todo = list(dict.fromkeys(keys[i] for i in missing))
+        first = {k: next(problems[i] for i in missing if keys[i] == k) for k in todo}
+        if todo:
+            fresh = self.inner.complete([first[k] for k in todo], n)
+            # A failed generation (a server that was down) is not remembered: a later ask retries.
+            for k, responses in zip(todo, fresh, strict=True):
+                self._cache[k] = responses
+        self.reused = len(problems) - len(missing)
+        out = [list(self._cache[k]) for k in keys]
+        for k in todo:
+            if any(isinstance(r, GenerationFailure) for r in self._cache[k]):
+                del self._cache[k]
+        return out
 
 
 def generated_rows(out: Any) -> list[list[int]]:
@@ -336,6 +383,11 @@ class EvalReport(BaseModel):
     execution_s: float
     sandbox: dict[str, Any]
     settings: dict[str, Any] = Field(default_factory=dict)
+    reused_generations: int = Field(
+        default=0,
+        description="Problems answered with another benchmark's responses to the same prompt "
+        "(HumanEval+ after HumanEval); generation_s counts only the rest.",
+    )
     problems: list[ProblemResult]
 
     def write(self, path: str | Path) -> None:
@@ -449,6 +501,7 @@ def run_eval(
         execution_s=round(t2 - t1, 3),
         sandbox={**dataclasses.asdict(limits), **dataclasses.asdict(info)},
         settings=settings or {},
+        reused_generations=getattr(source, "reused", 0),
         problems=per_problem,
     )
     if out is not None:
