@@ -368,6 +368,16 @@ class CodaTrainingRunSpec(_Wire):
         description="Evaluate checkpoints as a step of the run (a Job per evaluated stage).",
     )
     failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
+    preflight: bool = Field(
+        default=True,
+        description=(
+            "Before each TPU stage's JobSet, compile the stage's train and eval steps for its "
+            "slice in a CPU Job (`python -m coda_trainer.preflight`, minutes of 2 CPUs) and fail "
+            "the stage without requesting TPUs when it does not fit. GPU and CPU stages skip it "
+            "(a GPU program cannot be compiled without the GPU). The result is cached in "
+            "status.preflight per stage spec and image."
+        ),
+    )
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
     )
@@ -580,6 +590,37 @@ class EvaluationStatus(_StatusWire):
     results: dict[str, BenchmarkScore] | None = None
 
 
+class PreflightReport(_StatusWire):
+    """What the pre-flight Job merge-patches into `status.preflight.<stage>.report` (the stage
+    entry of `coda-ctl plan -o json`, trimmed to the numbers)."""
+
+    fits: bool
+    peak_bytes_per_device: int | None = None
+    eval_peak_bytes_per_device: int | None = None
+    hbm_bytes_per_device: int | None = None
+    compile_seconds: float | None = None
+    ideal_step_seconds: float | None = None
+    problems: list[str] = Field(default_factory=list)
+    versions: dict[str, str | None] | None = None
+
+
+class PreflightStatus(_StatusWire):
+    """One stage's pre-flight. The operator owns key/job/attempt/retries/phase/message; the Job
+    writes `reportKey` and `report` (its key says which spec the report is for)."""
+
+    key: str | None = Field(
+        default=None, description="Hash of the stage's spec parts and image being checked."
+    )
+    phase: StagePhase = "Pending"
+    job: str | None = None
+    attempt: int = Field(default=0, ge=0, description="Suffix of the newest pre-flight Job.")
+    retries: int = Field(default=0, ge=0, description="Infrastructure retries for this key.")
+    message: str | None = None
+    waiting_since: str | None = None
+    report_key: str | None = None
+    report: PreflightReport | None = None
+
+
 class CodaTrainingRunStatus(_StatusWire):
     phase: Phase = "Pending"
     stage: str | None = Field(default=None, description="The current (or last) stage.")
@@ -590,6 +631,10 @@ class CodaTrainingRunStatus(_StatusWire):
     sampler: SamplerStatus | None = None
     evaluation: dict[str, EvaluationStatus] | None = Field(
         default=None, description="Per evaluated stage: the evaluation Job and its scores."
+    )
+    preflight: dict[str, PreflightStatus] | None = Field(
+        default=None,
+        description="Per TPU stage: the pre-flight compile's Job and report (the cache).",
     )
     score: str | None = Field(
         default=None,
