@@ -632,7 +632,12 @@ def _preflight(
             _fail_stage(ctx, ss, "PreflightFailed", msg)
             return False
         if pf.retries >= spec.failure_policy.stage_retries:
-            msg = f"pre-flight Job {job} failed after {pf.retries + 1} attempt(s): {why}"
+            msg = (
+                f"pre-flight Job {job} failed after {pf.retries + 1} attempt(s): {why} (see its "
+                "log; a pod that cannot write its report needs a ServiceAccount allowed to patch "
+                "codatrainingruns/status, the chart's trainerServiceAccount with reportProgress; "
+                "or set spec.preflight: false)"
+            )
             pf.phase, pf.message = "Failed", msg
             ctx.cond("Preflight", False, "PreflightFailed", msg)
             _fail_stage(ctx, ss, "StageFailed", msg)
