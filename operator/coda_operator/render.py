@@ -720,10 +720,11 @@ def render_eval_job(
 # --------------------------------------------------------------------------------------------------
 
 PREFLIGHT_CONFIG_ENV = "CODA_PREFLIGHT_CONFIG"
-# What one pre-flight pod asks for: compiling is single-threaded XLA work plus a few helper threads
-# (a 64-chip 1.7B step took ~8 min on 2 cores); the memory is a bound on the compiler's host
-# buffers for the example stages, not a measurement per size (see README "Will my run fit?").
-PREFLIGHT_RESOURCES = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+# What one pre-flight pod asks for: the compile is mostly one XLA thread plus helpers (a 1.7B
+# stage on 16-64 chips: 5-8 min on 2 cores). Measured peak RSS: 1.55 GiB for the 1.7B SFT stage on
+# v5p 2x2x4 (bench/preflight.py under /usr/bin/time); the limit leaves room for bigger meshes and
+# models, which were not measured.
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "16Gi"}}
 # A compile that has not finished in this long will not: the Job fails (not retried).
 PREFLIGHT_DEADLINE_SECONDS = 7200
 

@@ -178,7 +178,7 @@ def test_the_rendered_job_is_a_valid_cpu_job_running_the_trainers_preflight() ->
         "--tpu", "v6e:4x4", "--slices", "2", "--report-key", key,
     ]  # fmt: skip
     assert "nodeSelector" not in pod and "tolerations" not in pod  # no TPU node
-    assert container["resources"]["requests"]["cpu"] == "2"
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
     assert render.TPU_RESOURCE not in str(container["resources"])
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["serviceAccountName"] == parsed.service_account_name
