@@ -430,6 +430,16 @@ class CodaTrainingRunSpec(_Wire):
         default_factory=FailurePolicySpec,
         description="How often crashed slices are restarted and failed stages retried.",
     )
+    preflight: bool = Field(
+        default=True,
+        description=(
+            "Before each TPU stage's JobSet, compile the stage's train and eval steps for its "
+            "slice in a CPU Job (`python -m coda_trainer.preflight`, minutes of 2 CPUs) and fail "
+            "the stage without requesting TPUs when it does not fit. GPU and CPU stages skip it "
+            "(a GPU program cannot be compiled without the GPU). The result is cached in "
+            "status.preflight per stage spec and image."
+        ),
+    )
     suspend: bool = Field(
         default=False, description="Suspend the running stage's JobSet (kept, not deleted)."
     )
@@ -667,6 +677,68 @@ class EvaluationStatus(_StatusWire):
     )
 
 
+class PreflightReport(_StatusWire):
+    """What the pre-flight Job merge-patches into `status.preflight.<stage>.report` (the stage
+    entry of `coda-ctl plan -o json`, trimmed to the numbers)."""
+
+    fits: bool = Field(description="Whether the train (and eval) step fit 90% of the chip's HBM.")
+    peak_bytes_per_device: int | None = Field(
+        default=None,
+        description="The train step's peak bytes per chip (XLA's static buffer assignment).",
+    )
+    eval_peak_bytes_per_device: int | None = Field(
+        default=None, description="The eval step's peak bytes per chip."
+    )
+    hbm_bytes_per_device: int | None = Field(
+        default=None, description="HBM per chip the TPU compiler allows."
+    )
+    compile_seconds: float | None = Field(
+        default=None, description="Seconds the compiles took on the pod's CPUs."
+    )
+    ideal_step_seconds: float | None = Field(
+        default=None, description="Step time at 100% MFU: a floor, not a forecast."
+    )
+    problems: list[str] = Field(
+        default_factory=list,
+        description="Why the stage cannot run as written, with a suggested fix.",
+    )
+    versions: dict[str, str | None] | None = Field(
+        default=None,
+        description="jax and libtpu versions the compile used (results hold for these).",
+    )
+
+
+class PreflightStatus(_StatusWire):
+    """One stage's pre-flight. The operator owns key/job/attempt/retries/phase/message; the Job
+    writes `reportKey` and `report` (its key says which spec the report is for)."""
+
+    key: str | None = Field(
+        default=None, description="Hash of the stage's spec parts and image being checked."
+    )
+    phase: StagePhase = Field(
+        default="Pending",
+        description="Pending, Running, Succeeded (fits) or Failed (does not fit, or the Job failed for good).",
+    )
+    job: str | None = Field(default=None, description="The newest pre-flight Job's name.")
+    attempt: int = Field(default=0, ge=0, description="Suffix of the newest pre-flight Job.")
+    retries: int = Field(default=0, ge=0, description="Infrastructure retries for this key.")
+    message: str | None = Field(
+        default=None,
+        description="Why the pre-flight is in its phase (the report's verdict or the Job's failure).",
+    )
+    waiting_since: str | None = Field(
+        default=None,
+        description="When a finished Job's report was first missed (RFC 3339); a new Job follows after a grace period.",
+    )
+    report_key: str | None = Field(
+        default=None,
+        description="The key the pod computed its report for; a report counts only when it equals `key`.",
+    )
+    report: PreflightReport | None = Field(
+        default=None, description="The compile's result, written by the pre-flight pod."
+    )
+
+
 class CodaTrainingRunStatus(_StatusWire):
     phase: Phase = Field(
         default="Pending",
@@ -687,6 +759,10 @@ class CodaTrainingRunStatus(_StatusWire):
     )
     evaluation: dict[str, EvaluationStatus] | None = Field(
         default=None, description="Per evaluated stage: the evaluation Job and its scores."
+    )
+    preflight: dict[str, PreflightStatus] | None = Field(
+        default=None,
+        description="Per TPU stage: the pre-flight compile's Job and report (the cache).",
     )
     score: str | None = Field(
         default=None,

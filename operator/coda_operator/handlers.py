@@ -44,7 +44,8 @@ RUNS = (contract.GROUP, contract.VERSION, contract.PLURAL)
 JOBSETS = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 JOBS = ("batch", "v1", "jobs")
-_EVAL_JOB_LABELS = {render.LABEL_RUN: kopf.PRESENT, render.LABEL_COMPONENT: "evaluation"}
+# Every Job coda renders (evaluation and pre-flight): the planner tells them apart by name.
+_JOB_LABELS = {render.LABEL_RUN: kopf.PRESENT, render.LABEL_COMPONENT: kopf.PRESENT}
 RESYNC_SECONDS = float(os.environ.get("CODA_OPERATOR_RESYNC_SECONDS", "60"))
 _API_ERRORS = (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -311,7 +312,7 @@ def coda_samplers(
     return {(namespace, labels[render.LABEL_RUN]): planner.DeploymentObs.from_body(body)}
 
 
-@kopf.index(*JOBS, labels=_EVAL_JOB_LABELS, registry=registry)
+@kopf.index(*JOBS, labels=_JOB_LABELS, registry=registry)
 def coda_eval_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, planner.JobObs]:
     return {(namespace, labels[render.LABEL_RUN]): planner.JobObs.from_body(body)}
 
@@ -382,7 +383,7 @@ async def jobset_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) ->
     await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="jobset")
 
 
-@kopf.on.event(*JOBS, labels=_EVAL_JOB_LABELS, registry=registry)
+@kopf.on.event(*JOBS, labels=_JOB_LABELS, registry=registry)
 async def eval_job_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -> None:
     await reconcile(_state(memo, kwargs), namespace, labels[render.LABEL_RUN], trigger="evaljob")
 

@@ -25,6 +25,7 @@ from coda_operator.api import (
     Condition,
     EvaluationStatus,
     InvalidSpec,
+    PreflightStatus,
     Progress,
     SamplerStatus,
     StageStatus,
@@ -70,6 +71,7 @@ CONDITION_TYPES = (
     "QualityGate",
     "SpecChangeRejected",
     "Invalid",
+    "Preflight",
 )
 _WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
 # The reason Kubernetes gives a Job failed by a FailJob podFailurePolicy rule (the evaluation's
@@ -515,7 +517,9 @@ def _advance(
         st.stage, st.stage_index = stage.name, i
 
         if obs is None:
-            if not _service_account_missing(ctx, namespace, spec, observed):
+            if not _service_account_missing(ctx, namespace, spec, observed) and _preflight(
+                ctx, name, namespace, spec, i, observed
+            ):
                 _start_stage(ctx, name, namespace, spec, i, fp)
             break
 
@@ -617,6 +621,140 @@ def _service_account_missing(
     ctx.st.message = message
     ctx.requeue_in(SERVICE_ACCOUNT_RECHECK_S)
     return True
+
+
+# A pre-flight Job that completed without its report in status (the pod's patch was lost): wait
+# this long for it, then count the Job as an infrastructure failure.
+PREFLIGHT_REPORT_GRACE_S = 60.0
+# Job failure reasons no new pre-flight Job fixes: exit 78 (does not fit, bad config, an image
+# without libtpu) through the podFailurePolicy, and a compile past activeDeadlineSeconds.
+_PREFLIGHT_PERMANENT = (JOB_POD_FAILURE_POLICY_REASON, "DeadlineExceeded")
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.2f}"
+
+
+def _preflight(
+    ctx: _Ctx, name: str, namespace: str, spec: CodaTrainingRunSpec, i: int, observed: Observed
+) -> bool:
+    """Stage `i`'s pre-flight compile (TPU stages, unless spec.preflight is false); True when its
+    JobSet may be created. A report for the stage's current key (spec parts + image) is a cache
+    hit: a retry, an operator restart or a re-run of the same spec never compiles again."""
+    if i not in render.preflights(spec):
+        return True
+    st, ss, stage = ctx.st, ctx.st.stages[i], spec.stages[i]
+    tpu = spec.stage_accelerator(i).tpu
+    assert tpu is not None
+    where = f"{tpu.slices} x {tpu.type} {tpu.topology}"
+    key = render.preflight_key(name, spec, i)
+    st.preflight = st.preflight or {}
+    pf = st.preflight.get(stage.name)
+    if pf is None or pf.key != key:
+        # The first pre-flight of this stage, or its spec or image changed: a new Job, new name.
+        attempt = 0 if pf is None else pf.attempt + (1 if pf.job else 0)
+        pf = st.preflight[stage.name] = PreflightStatus(key=key, attempt=attempt)
+    elif pf.phase == "Failed" and pf.report_key != key:
+        # A manual retry (`coda-ctl retry`) of a stage whose pre-flight Job kept failing: try anew.
+        pf.phase, pf.retries, pf.attempt, pf.job = "Pending", 0, pf.attempt + 1, None
+
+    if pf.report is not None and pf.report_key == key:
+        r = pf.report
+        numbers = (
+            f"peak {_gib(r.peak_bytes_per_device)} GiB of {_gib(r.hbm_bytes_per_device)} GiB "
+            f"HBM per chip"
+        )
+        if r.fits:
+            pf.phase, pf.message = "Succeeded", numbers
+            ctx.cond("Preflight", True, "Fits", f"stage {stage.name} on {where}: {numbers}")
+            return True
+        why = "; ".join(r.problems) or f"does not fit ({numbers})"
+        pf.phase, pf.message = "Failed", why
+        ctx.cond("Preflight", False, "DoesNotFit", f"stage {stage.name} on {where}: {why}")
+        _fail_stage(ctx, ss, "PreflightFailed", f"pre-flight on {where}: {why}")
+        return False
+
+    job = render.preflight_job_name(name, stage.name, pf.attempt)
+    obs = observed.jobs.get(job)
+    if obs is not None and obs.state == "Completed":
+        # Exit 0 comes after the report's patch; wait a little for the watch to bring it.
+        first_seen = pf.waiting_since or ctx.now_s
+        pf.waiting_since = first_seen
+        waited = (ctx.now - parse_time(first_seen)).total_seconds()
+        if waited < PREFLIGHT_REPORT_GRACE_S:
+            ctx.requeue_in(PREFLIGHT_REPORT_GRACE_S - waited)
+            _preflight_waiting(ctx, ss, pf, f"Job {job} completed; waiting for its report")
+            return False
+    if obs is not None and obs.state != "Active":
+        why = (
+            obs.message or obs.reason or "Job failed"
+            if obs.state == "Failed"
+            else f"Job {job} completed without writing status.preflight.{stage.name}"
+        )
+        if obs.state == "Failed" and obs.reason in _PREFLIGHT_PERMANENT:
+            msg = f"pre-flight Job {job} failed, not retried (see its log): {why}"
+            pf.phase, pf.message = "Failed", msg
+            ctx.cond("Preflight", False, "PreflightFailed", msg)
+            _fail_stage(ctx, ss, "PreflightFailed", msg)
+            return False
+        if pf.retries >= spec.failure_policy.stage_retries:
+            msg = (
+                f"pre-flight Job {job} failed after {pf.retries + 1} attempt(s): {why} (see its "
+                "log; a pod that cannot write its report needs a ServiceAccount allowed to patch "
+                "codatrainingruns/status, the chart's trainerServiceAccount with reportProgress; "
+                "or set spec.preflight: false)"
+            )
+            pf.phase, pf.message = "Failed", msg
+            ctx.cond("Preflight", False, "PreflightFailed", msg)
+            _fail_stage(ctx, ss, "StageFailed", msg)
+            return False
+        # Evicted, exit 75, a crash: the same contract as training, a new Job (no TPU involved).
+        pf.retries += 1
+        pf.attempt += 1
+        pf.waiting_since = None
+        ctx.event(
+            "Warning",
+            "PreflightRetrying",
+            f"Pre-flight of stage {stage.name}: {why}; retry "
+            f"{pf.retries}/{spec.failure_policy.stage_retries}",
+        )
+        job, obs = render.preflight_job_name(name, stage.name, pf.attempt), None
+
+    if obs is None:
+        # Create is create-if-absent: repeating it until the Job is observed is safe.
+        ctx.actions.append(
+            Create(render.render_preflight_job(name, namespace, spec, i, key, pf.attempt))
+        )
+        if pf.job != job:
+            pf.job = job
+            ctx.event(
+                "Normal",
+                "PreflightStarted",
+                f"Stage {stage.name}: compiling its step for {where} in CPU Job {job} before "
+                "requesting TPUs",
+            )
+    _preflight_waiting(ctx, ss, pf, f"compiling the step for {where} in Job {job}")
+    return False
+
+
+def _preflight_waiting(ctx: _Ctx, ss: StageStatus, pf: PreflightStatus, what: str) -> None:
+    pf.phase, pf.message = "Running", what
+    ss.phase = "Pending"
+    msg = f"stage {ss.name}: pre-flight, {what}"
+    ctx.cond("Preflight", False, "Compiling", msg)
+    ctx.cond("Running", False, "Preflight", msg)
+    ctx.cond("Complete", False, "StagesRemaining", msg)
+    ctx.st.message = msg
+
+
+def _fail_stage(ctx: _Ctx, ss: StageStatus, reason: str, why: str) -> None:
+    """Stage `ss` failed before its JobSet existed: the run fails, no TPU was asked for."""
+    ss.phase, ss.message, ss.completion_time = "Failed", why, ctx.now_s
+    msg = f"stage {ss.name} failed: {why}"
+    ctx.cond("Failed", True, reason, msg)
+    ctx.cond("Running", False, reason, msg)
+    ctx.st.message = msg
+    ctx.st.completion_time = ctx.now_s
 
 
 def _start_stage(

@@ -102,6 +102,10 @@ def eval_job_name(run: str, stage: str, attempt: int = 0) -> str:
     return f"{run}-{stage}-eval" + (f"-r{attempt}" if attempt else "")
 
 
+def preflight_job_name(run: str, stage: str, attempt: int = 0) -> str:
+    return f"{run}-{stage}-preflight" + (f"-r{attempt}" if attempt else "")
+
+
 def configmap_name(run: str, stage: str, attempt: int = 0) -> str:
     return f"{jobset_name(run, stage, attempt)}-config"
 
@@ -192,6 +196,17 @@ def fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, st
         # only when set: hashes of runs without it stay what they were
         **({"hostNetwork": _digest(True)} if spec.host_network else {}),
     }
+
+
+# The fingerprint parts a compiled step depends on: a new queue, ServiceAccount or restart budget
+# reuses the cached pre-flight; a new stage, model, tokenizer, slice or image compiles again.
+PREFLIGHT_KEY_FIELDS = ("stage", "model", "tokenizer", "accelerator", "image")
+
+
+def preflight_key(run: str, spec: CodaTrainingRunSpec, index: int) -> str:
+    """The cache key of stage `index`'s pre-flight (status.preflight.<stage>.key)."""
+    fp = fingerprint(run, spec, index)
+    return _digest({k: fp[k] for k in PREFLIGHT_KEY_FIELDS})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -704,6 +719,114 @@ def render_eval_job(
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# Pre-flight: the stage's step compiled for its TPU slice in a CPU Job
+# --------------------------------------------------------------------------------------------------
+
+PREFLIGHT_CONFIG_ENV = "CODA_PREFLIGHT_CONFIG"
+# What one pre-flight pod asks for: the compile is mostly one XLA thread plus helpers (a 1.7B
+# stage on 16-64 chips: 5-8 min on 2 cores). Measured peak RSS: 1.55 GiB for the 1.7B SFT stage on
+# v5p 2x2x4 (bench/preflight.py under /usr/bin/time); the limit leaves room for bigger meshes and
+# models, which were not measured.
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "16Gi"}}
+# A compile that has not finished in this long will not: the Job fails (not retried).
+PREFLIGHT_DEADLINE_SECONDS = 7200
+
+
+def preflight_command(spec: CodaTrainingRunSpec, index: int, key: str) -> list[str]:
+    tpu = spec.stage_accelerator(index).tpu
+    assert tpu is not None, "only TPU stages are pre-flighted"
+    return [
+        "python", "-m", "coda_trainer.preflight", "--config-env", PREFLIGHT_CONFIG_ENV,
+        "--tpu", f"{tpu.type}:{tpu.topology}", "--slices", str(tpu.slices), "--report-key", key,
+    ]  # fmt: skip
+
+
+def render_preflight_job(
+    run: str, namespace: str, spec: CodaTrainingRunSpec, index: int, key: str, attempt: int = 0
+) -> dict[str, Any]:
+    """Stage `index`'s pre-flight: one CPU pod in the trainer image compiles the stage's train and
+    eval steps for its TPU slice (compile-only devices, no TPU node) and merge-patches its report,
+    with `key`, into `status.preflight.<stage>`. The stage's job config travels in an env var, so
+    the Job is the only object (the stage's ConfigMap is created with its JobSet).
+
+    Exit 78 (does not fit, bad config) fails the Job through the podFailurePolicy (reason
+    PodFailurePolicy: not retried); an evicted pod is replaced by the Job controller (Ignore rule);
+    75 or a crash ends the Job with BackoffLimitExceeded, which the operator retries.
+    """
+    stage = spec.stages[index].name
+    name = preflight_job_name(run, stage, attempt)
+    labels = _labels(run, "preflight", **{LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)})
+    job = stage_job_config(run, spec, index)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "command": preflight_command(spec, index, key),
+        "env": [
+            {"name": contract.ENV_RUN_NAME, "value": run},
+            _field_env(contract.ENV_RUN_NAMESPACE, "metadata.namespace"),
+            {"name": contract.ENV_STAGE, "value": stage},
+            {"name": contract.ENV_PROGRESS, "value": contract.PROGRESS_TO_STATUS},
+            {"name": "JAX_PLATFORMS", "value": "cpu"},
+            {"name": "HOME", "value": "/tmp"},
+            {
+                "name": PREFLIGHT_CONFIG_ENV,
+                "value": yaml.safe_dump(job.to_yaml_dict(), sort_keys=False),
+            },
+        ],
+        "resources": {k: dict(v) for k, v in PREFLIGHT_RESOURCES.items()},
+        "securityContext": _container_security(read_only_root=True),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    _place(pod_spec, spec, _placement(AcceleratorSpec()))  # identity only: no accelerator node
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {"coda.dev/preflight-key": key},
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_PERMANENT],
+                        },
+                    },
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                ]
+            },
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+
+
+def preflights(spec: CodaTrainingRunSpec) -> list[int]:
+    """Indexes of the stages the operator pre-flights (TPU stages, unless spec.preflight is false)."""
+    if not spec.preflight:
+        return []
+    return [i for i in range(len(spec.stages)) if spec.stage_accelerator(i).tpu is not None]
+
+
 def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, Any]]:
     """Every object the operator would create for a CodaTrainingRun (first attempts; sampler last).
 
@@ -716,6 +839,9 @@ def render_all(run: dict[str, Any], *, cluster: bool = True) -> list[dict[str, A
     spec = parse_spec(run.get("spec"), cluster=cluster)
     objects: list[dict[str, Any]] = []
     for i in range(len(spec.stages)):
+        if i in preflights(spec):
+            key = preflight_key(name, spec, i)
+            objects.append(render_preflight_job(name, namespace, spec, i, key))
         objects += render_stage(name, namespace, spec, i, suspend=spec.suspend).all()
     objects += [render_eval_job(name, namespace, spec, s) for s in spec.evaluated_stages()]
     if spec.sampler.enabled:

@@ -458,6 +458,9 @@ def run_spec(**overrides: Any) -> dict[str, Any]:
             "defaults": {"steps": 64, "alg": "entropy"},
         },
         "failurePolicy": {"maxRestarts": 2, "stageRetries": 1},
+        # The pre-flight Job before each TPU stage has its own tests (test_preflight_job.py); the
+        # others start at the JobSet.
+        "preflight": False,
     }
     spec.update(overrides)
     return spec

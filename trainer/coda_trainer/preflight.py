@@ -51,6 +51,7 @@ __all__ = [
     "recompute_flops_per_token",
     "search_stage",
     "stage_report",
+    "status_report",
     "tpu_devices",
     "usable_hbm_bytes",
 ]
@@ -573,30 +574,89 @@ def stage_model_config_with(cfg: TrainJobConfig, remat: str) -> Any:
     return stage_model_config(cfg).model_copy(update={"remat": remat})
 
 
+# The report fields the operator keeps in status.preflight.<stage>.report (the rest stays in the log).
+_STATUS_FIELDS = (
+    "fits", "peakBytesPerDevice", "evalPeakBytesPerDevice", "hbmBytesPerDevice",
+    "compileSeconds", "idealStepSeconds", "problems", "versions",
+)  # fmt: skip
+
+
+def status_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage report the operator caches in the run's status."""
+    return {k: report[k] for k in _STATUS_FIELDS if k in report}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m coda_trainer.preflight --config job.yaml --tpu v5p:2x2x2 [--slices N] [--search]`:
-    one stage's report as JSON on stdout; exit 0 when it fits, 1 when it does not."""
+    one stage's report as JSON on stdout. Exit codes as the trainer's (coda_trainer.contract):
+    0 it fits; 78 (EXIT_PERMANENT) it does not fit, the config is invalid or this image cannot
+    compile for TPUs; 75 (EXIT_RETRYABLE) the report could not be written to the run's status.
+
+    In the operator's pre-flight Job (`--report-key`, with the pod env `CODA_PROGRESS=status`,
+    `CODA_RUN_NAME`, `CODA_RUN_NAMESPACE`, `CODA_STAGE`) the report is also merge-patched into
+    `status.preflight.<stage>` with that key, which tells the operator which spec it is for."""
     import argparse
     import json
+    import sys
 
+    import pydantic
     import yaml
+
+    from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
     parser = argparse.ArgumentParser(
         prog="python -m coda_trainer.preflight", description=main.__doc__
     )
-    parser.add_argument("--config", required=True, help="stage job YAML (the operator's ConfigMap)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="stage job YAML (the operator's ConfigMap)")
+    source.add_argument("--config-env", help="environment variable holding the stage job YAML")
     parser.add_argument("--tpu", required=True, help="TYPE:TOPOLOGY, e.g. v5p:4x4x4")
     parser.add_argument("--slices", type=int, default=1)
     parser.add_argument("--search", action="store_true", help="try remat × gradAccum")
+    parser.add_argument(
+        "--report-key", help="write the report to the run's status.preflight.<stage> with this key"
+    )
     args = parser.parse_args(argv)
-    with open(args.config) as f:
-        cfg = TrainJobConfig.model_validate(yaml.safe_load(f))
+
+    reporter = None
+    if args.report_key:
+        from coda_trainer.k8s_progress import ProgressReporter
+
+        reporter = ProgressReporter.from_env()
+        if reporter is None:
+            print("--report-key needs the operator's pod env (CODA_PROGRESS=status, CODA_RUN_NAME, "
+                  "CODA_STAGE)", file=sys.stderr)  # fmt: skip
+            return EXIT_PERMANENT
+
+    def publish(report: dict[str, Any]) -> bool:
+        print(json.dumps(report, indent=2), flush=True)
+        if reporter is None:
+            return True
+        entry = {"reportKey": args.report_key, "report": status_report(report)}
+        return reporter.patch_status({"preflight": {reporter.stage: entry}})
+
     tpu_type, _, topology = args.tpu.partition(":")
-    target = TpuTarget(tpu_type, topology, args.slices)
-    report = {"name": cfg.stage.name, **stage_report(cfg, target, search=args.search),
-              "versions": versions()}  # fmt: skip
-    print(json.dumps(report, indent=2))
-    return 0 if report["fits"] else 1
+    try:
+        if args.config_env:
+            text = os.environ.get(args.config_env)
+            if text is None:
+                raise ValueError(f"environment variable {args.config_env} is not set")
+        else:
+            with open(args.config) as f:
+                text = f.read()
+        cfg = TrainJobConfig.model_validate(yaml.safe_load(text))
+        target = TpuTarget(tpu_type, topology, args.slices)
+        report = {"name": cfg.stage.name, **stage_report(cfg, target, search=args.search),
+                  "versions": versions()}  # fmt: skip
+    except (PreflightUnavailable, pydantic.ValidationError, ValueError, KeyError, OSError) as e:
+        # No retry fixes these: the same config or image fails the same way.
+        reason = str(e) if not isinstance(e, KeyError) else f"unknown TPU type {tpu_type!r}"
+        report = {"name": None, "fits": False, "problems": [f"pre-flight cannot run: {reason}"],
+                  "versions": versions()}  # fmt: skip
+        return EXIT_PERMANENT if publish(report) else EXIT_RETRYABLE
+    if not publish(report):
+        return EXIT_RETRYABLE
+    return 0 if report["fits"] else EXIT_PERMANENT
 
 
 if __name__ == "__main__":
