@@ -334,25 +334,19 @@ def _trainer_env(
     return env
 
 
+def _fail_job_on_exit(code: int) -> dict[str, Any]:
+    """A podFailurePolicy rule: the trainer container exiting with `code` fails its Job at once."""
+    return {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [code]},
+    }
+
+
 def _pod_failure_policy() -> dict[str, Any]:
     return {
         "rules": [
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": [EXIT_PERMANENT],
-                },
-            },
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": [EXIT_RETRYABLE],
-                },
-            },
+            _fail_job_on_exit(EXIT_PERMANENT),
+            _fail_job_on_exit(EXIT_RETRYABLE),
             # A disrupted pod fails its Job (not Ignore: one host cannot rejoin a running JAX slice alone),
             # and the JobSet rule below restarts the whole group without spending maxRestarts.
             {
@@ -702,18 +696,7 @@ def render_eval_job(
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "backoffLimit": 0,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_PERMANENT],
-                        },
-                    }
-                ]
-            },
+            "podFailurePolicy": {"rules": [_fail_job_on_exit(EXIT_PERMANENT)]},
             "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
         },
     }
@@ -801,14 +784,7 @@ def render_preflight_job(
             "activeDeadlineSeconds": PREFLIGHT_DEADLINE_SECONDS,
             "podFailurePolicy": {
                 "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_PERMANENT],
-                        },
-                    },
+                    _fail_job_on_exit(EXIT_PERMANENT),
                     {
                         "action": "Ignore",
                         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
