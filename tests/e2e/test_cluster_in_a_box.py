@@ -3,15 +3,17 @@ plays the cluster): the real operator, the real trainer and sampler as processes
 `coda-ctl` talking to the API.
 
 Scenario, on a tiny model: three stages (pretrain → midtrain → sft) hand their checkpoints on
-through `initFrom` in gs:// (the GCS emulator); midtrain runs on a two-host slice (v5p 2x2x2: two
-pods, one JAX process each, joined through the coordinator the JobSet's DNS names point at) and one
-of its hosts is preempted after the first checkpoint (DisruptionTarget, SIGTERM: the hosts agree on
-a step, save and exit, the JobSet restarts without spending `maxRestarts`, the new pods resume from
-that checkpoint); the evaluation Job scores the final checkpoint on two HumanEval / HumanEval+
-problems into `status.evaluation` (gate at 0); the sampler Deployment becomes Ready through its
-readiness probe on the pod's own address; `coda-ctl sample` and `coda-ctl infill` get text through
-the Service with the generated API key; `spec.sampler.defaults` visibly apply. A second run with a
-bad `initFrom` fails permanently (exit 78) without a single retry.
+through `initFrom` in gs:// (the GCS emulator); before each stage's JobSet a pre-flight Job
+compiles the stage for its TPU slice on the pod's CPU (compile-only devices) and reports that it
+fits; midtrain runs on a two-host slice (v5p 2x2x2: two pods, one JAX process each, joined through
+the coordinator the JobSet's DNS names point at) and one of its hosts is preempted after the first
+checkpoint (DisruptionTarget, SIGTERM: the hosts agree on a step, save and exit, the JobSet
+restarts without spending `maxRestarts`, the new pods resume from that checkpoint); the evaluation
+Job scores the final checkpoint on two HumanEval / HumanEval+ problems into `status.evaluation`
+(gate at 0); the sampler Deployment becomes Ready through its readiness probe on the pod's own
+address; `coda-ctl sample` and `coda-ctl infill` get text through the Service with the generated
+API key; `spec.sampler.defaults` visibly apply. A second run with a bad `initFrom` fails
+permanently (exit 78) without a single retry.
 """
 
 from __future__ import annotations
@@ -204,6 +206,16 @@ async def test_a_run_executed_from_its_rendered_objects(
         )
         assert job["stage"]["init_from"] == f"{gcs_bucket}/runs/{prev}/final"
 
+    # ---- before each JobSet, its pre-flight Job compiled the stage for its slice (deviceless)
+    preflight = run["status"]["preflight"]
+    for stage in ("pretrain", "midtrain", "sft"):
+        assert preflight[stage]["phase"] == "Succeeded" and preflight[stage]["report"]["fits"], (
+            preflight
+        )
+    assert [(js, code) for js, _, code in b.history if "-preflight" in js] == [
+        ("box-pretrain-preflight", 0), ("box-midtrain-preflight", 0), ("box-sft-preflight", 0)
+    ]  # fmt: skip
+
     # ---- the evaluation Job ran the harness on the final checkpoint and filled status.evaluation
     evaluation = run["status"]["evaluation"]["sft"]
     assert evaluation["phase"] == "Succeeded", evaluation
@@ -253,7 +265,8 @@ async def test_a_bad_init_from_fails_the_stage_at_once(
         return run if (run.get("status") or {}).get("phase") == "Failed" else None
 
     run = await _until("the run to fail", failed, b, timeout=300)
-    assert [code for js, _, code in b.history] == [78]  # one pod, once: no restart, no retry
+    # the stage's one pod, once: no restart, no retry (its pre-flight Job passed before it)
+    assert [code for js, _, code in b.history if js in b.jobsets] == [78]
     assert cluster.creates("jobsets") == ["bad-pretrain"]
     message = run["status"]["stages"][0]["message"]
     assert "permanent failure, not retried" in message, message
