@@ -629,6 +629,23 @@ _EVAL_FLAGS = {
 }  # fmt: skip
 
 
+def _one_shot_pod(
+    container: dict[str, Any], spec: CodaTrainingRunSpec, pl: _Placement
+) -> dict[str, Any]:
+    """The pod of a one-pod Job (evaluation, pre-flight): never restarted in place, hardened, a
+    writable /tmp emptyDir behind its read-only root, placed by `pl`."""
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    _place(pod_spec, spec, pl)
+    return pod_spec
+
+
 def eval_command(spec: CodaTrainingRunSpec, stage: str) -> list[str]:
     """`python -m coda_trainer.evaluate …` for `stage`'s final checkpoint, reports into
     `<uri>/<stage>/eval/` (the evaluation Job's command; `coda-ctl local run` runs the same)."""
@@ -681,15 +698,7 @@ def render_eval_job(
     }
     if pl.limits:
         container["resources"] = {"limits": dict(pl.limits), "requests": dict(pl.limits)}
-    if spec.image_pull_policy:
-        container["imagePullPolicy"] = spec.image_pull_policy
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "securityContext": _pod_security(),
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
-    }
-    _place(pod_spec, spec, pl)
+    pod_spec = _one_shot_pod(container, spec, pl)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -761,15 +770,7 @@ def render_preflight_job(
         "securityContext": _container_security(read_only_root=True),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    if spec.image_pull_policy:
-        container["imagePullPolicy"] = spec.image_pull_policy
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "securityContext": _pod_security(),
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
-    }
-    _place(pod_spec, spec, _placement(AcceleratorSpec()))  # identity only: no accelerator node
+    pod_spec = _one_shot_pod(container, spec, _placement(AcceleratorSpec()))  # no accelerator
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
