@@ -147,3 +147,43 @@ async def test_operator_killed_mid_stage_resumes_without_duplicates(
         assert sorted(cluster.objects("deployments")) == ["kill-sampler"]
     finally:
         second.stop()
+
+
+async def test_operator_killed_mid_preflight_neither_repeats_the_compile_nor_loses_the_report(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The pre-flight's state lives in the run's status, not the process: a report and the Job's
+    end that arrive while no operator runs are acted on by the next one, exactly once."""
+    from test_preflight_job import FITS, _finish_job, _report, _wait_job
+
+    kubeconfig = _kubeconfig(tmp_path, cluster.url)
+    first = OperatorProcess(kubeconfig, tmp_path, "first")
+    try:
+        await first.wait_healthy()
+        await cluster.create_run("pfk", run_spec(preflight=True))
+        await _wait_job(cluster, "pfk-pretrain-preflight")
+        first.kill()  # SIGKILL while the stage compiles
+    finally:
+        first.stop()
+    # Meanwhile the pre-flight pod reports and its Job completes; nobody is watching.
+    await _report(cluster, "pfk", "pretrain", FITS)
+    await _finish_job(cluster, "pfk-pretrain-preflight")
+
+    second = OperatorProcess(kubeconfig, tmp_path, "second")
+    try:
+        await second.wait_healthy()
+        await cluster.wait_jobset("pfk-pretrain")
+        run = await cluster.wait_run(
+            "pfk",
+            lambda r: any(
+                c["type"] == "Preflight" and c["status"] == "True"
+                for c in r.get("status", {}).get("conditions", [])
+            ),
+            "Preflight True",
+        )
+        assert run["status"]["preflight"]["pretrain"]["phase"] == "Succeeded"
+        await asyncio.sleep(0.5)
+        assert cluster.creates("jobs") == ["pfk-pretrain-preflight"]  # no second compile
+        assert cluster.creates("jobsets") == ["pfk-pretrain"]
+    finally:
+        second.stop()
