@@ -373,3 +373,24 @@ def test_finished_blocks_reach_the_listener_as_they_finish(golden_model, cache):
         np.testing.assert_array_equal(gen[:, :upto], plain.generated_BxN[:, :upto])
         assert (gen[:, upto:] == MASK).all()  # later blocks not started yet
     np.testing.assert_array_equal(quiet.generated_BxN, plain.generated_BxN)
+
+
+def test_whole_sequence_decoding_reports_its_settled_prefix_while_it_runs(golden_model):
+    """One block is the whole answer: report_blocks then reports inside it (16 steps → every
+    step); the leading revealed run of each report is already the final answer's start."""
+    from coda_trainer.sampling import block_listener
+
+    config = SamplingConfig(steps=16, max_new_tokens=16, alg="entropy", temperature=1.0)
+    prompts = [[5, 6, 7], [8, 9]]
+    plain = generate(golden_model, prompts, config, rng=3)
+    seen: list[np.ndarray] = []
+    with block_listener(lambda _b, gen: seen.append(gen.copy())):
+        reported = generate(golden_model, prompts, config, rng=3, report_blocks=True)
+    np.testing.assert_array_equal(reported.generated_BxN, plain.generated_BxN)
+    final = np.asarray(plain.generated_BxN)
+    assert len(seen) == 16  # one per step, before the program returns
+    revealed = [int((gen != MASK).sum()) for gen in seen]
+    assert revealed == sorted(revealed) and revealed[0] < revealed[-1] == final.size
+    for gen in seen:
+        shown = gen != MASK
+        np.testing.assert_array_equal(gen[shown], final[shown])  # revealed tokens never change

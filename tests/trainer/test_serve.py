@@ -230,12 +230,14 @@ def _sse_events(url: str, body: dict) -> list[tuple[float, dict]]:
     return out
 
 
+@pytest.mark.parametrize("block_length", [4, None], ids=["blocks", "whole-sequence"])
 @pytest.mark.parametrize("stop", [None, ["\n\n"]])
-def test_block_decoding_streams_each_finished_block(server: Server, stop) -> None:
-    """Four blocks of 4 tokens: text arrives block by block, never taken back, and adds up to
-    the non-streamed answer (stop strings held back until settled)."""
-    body = {"prompt": "def add(a, b):", "max_tokens": 16, "block_length": 4, "steps": 16,
-            "seed": 1, "stop": stop}  # fmt: skip
+def test_decoding_streams_its_settled_text_as_it_grows(server: Server, stop, block_length) -> None:
+    """Four blocks of 4 tokens (text arrives block by block), or one 16-token block (the leading
+    revealed run, reported every step): never taken back, and adds up to the non-streamed answer
+    (stop strings held back until settled)."""
+    body = {"prompt": "def add(a, b):", "max_tokens": 16, "block_length": block_length,
+            "steps": 16, "seed": 1, "stop": stop}  # fmt: skip
     plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
     events = _sse_events(
         server.url + "/v1/completions",

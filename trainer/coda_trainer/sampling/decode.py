@@ -16,7 +16,11 @@ Progress (`Plan.report_blocks`): a revealed token never changes, and block decod
 before the next starts, so after block b the first (b+1)·block generated tokens of every row are
 final. With `report_blocks` the program hands them to the host after each block (one
 `jax.debug.callback` per block, the generated region only) and `block_listener` says who receives
-them; the server streams text from it. The tokens are the same with or without it.
+them; the server streams text from it. Whole-sequence decoding has one block, the whole answer, so
+there the program also reports every `report_every_steps` steps inside the block: the leftmost run
+of revealed tokens of each row is final and the host streams it as it grows (how early depends on
+the model: a confidence order that reveals left to right streams early, a random one late). The
+tokens are the same with or without it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Plan:
     eos_token_id: int
     record_history: bool = False  # keep the generated region after every step (tests, debugging)
     report_blocks: bool = False  # hand each finished block to the host (`block_listener`)
+    report_every_steps: int = 0  # also every this many steps inside a block (0: block ends only)
 
 
 class Knobs(NamedTuple):
@@ -242,6 +247,16 @@ def _decode(
                 k_B = _reveal_counts_B(plan, knobs, block_masks(carry.x_BxT, c0), i)
                 carry = jax.lax.cond(jnp.any(k_B > 0), run, lambda c: c, carry)
             carry = _record(plan, carry, (c0 - plan.gen_start) // W * plan.steps_per_block + i)
+            if plan.report_every_steps:
+                lo, n = plan.gen_start, plan.gen_len
+                jax.lax.cond(
+                    (i + 1) % plan.report_every_steps == 0,
+                    lambda x_BxT: jax.debug.callback(
+                        _emit_block, (c0 - plan.gen_start) // W, x_BxT[:, lo : lo + n]
+                    ),
+                    lambda x_BxT: None,
+                    carry.x_BxT,
+                )
             return i + 1, carry
 
         _, carry = jax.lax.while_loop(cond, body, (jnp.int32(first_step), carry))

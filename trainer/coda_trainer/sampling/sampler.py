@@ -139,6 +139,11 @@ def build_canvas(
     )
 
 
+# Host reports per whole-sequence generation when progress is reported (each one copies the B×N
+# generated region to the host: a handful keeps the stream live without a sync every step).
+PROGRESS_REPORTS = 16
+
+
 def _plan(
     config: SamplingConfig,
     canvas: Canvas,
@@ -168,8 +173,13 @@ def _plan(
         pad_token_id=mc.pad_token_id,
         eos_token_id=mc.eos_token_id,
         record_history=record_history,
-        # one block is the whole answer: nothing to report before the end
         report_blocks=report_blocks and config.num_blocks > 1,
+        # One block is the whole answer: report inside it instead, at most PROGRESS_REPORTS times.
+        report_every_steps=(
+            max(1, config.steps_per_block // PROGRESS_REPORTS)
+            if report_blocks and config.num_blocks == 1
+            else 0
+        ),
     )
 
 

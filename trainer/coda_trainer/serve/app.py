@@ -16,8 +16,8 @@ to right, so after each block the row's settled text is sent as it grows: the fi
 after the first block, not at the end. What is sent is never taken back: text that a stop string
 could still claim (its longest length − 1 characters) and a trailing incomplete UTF-8 character
 are held back until they are settled, and the concatenated deltas equal the non-streamed answer.
-Whole-sequence decoding (one block) has nothing final before its last step: its text comes in one
-piece when the row is done.
+Whole-sequence decoding (one block) reports up to 16 times inside its block instead: the leading
+run of revealed tokens is final, and it is streamed as it grows.
 
 Stopping (`begin_shutdown`, called by the server as soon as it starts shutting down): new requests
 get 503 `shutting_down`, /readyz turns 503, warm-up stops at its next program boundary, queued and

@@ -364,7 +364,7 @@ class Engine:
         seeds = [r.seed for r in padded]
         start = time.monotonic()
         if kind == "generate":
-            with _settled_tokens_to(rows, config.block):
+            with _settled_tokens_to(rows, self.tokenizer.mask_id):
                 out = self.generator.generate([r.prompt for r in padded], config, shapes, seeds)
         else:
             out = self.generator.infill(
@@ -403,17 +403,19 @@ class Engine:
         self.generator.compile(config, shapes)
 
 
-def _settled_tokens_to(rows: Sequence[Row], block: int) -> Any:
-    """While a generation runs: each finished block's settled tokens to the rows that stream."""
+def _settled_tokens_to(rows: Sequence[Row], mask_token_id: int) -> Any:
+    """While a generation runs: each row's settled tokens (the run of revealed tokens from the
+    start of its answer, which never change) to the rows that stream, at every progress report."""
     from coda_trainer import sampling
 
     listeners = [(i, r.on_settled) for i, r in enumerate(rows) if r.on_settled is not None]
     if not listeners:
         return sampling.block_listener(None)
 
-    def deliver(b: int, gen_BxN: np.ndarray) -> None:
-        upto = (b + 1) * block
+    def deliver(_block: int, gen_BxN: np.ndarray) -> None:
         for i, on_settled in listeners:
+            masks = np.flatnonzero(gen_BxN[i] == mask_token_id)
+            upto = int(masks[0]) if masks.size else gen_BxN.shape[1]
             on_settled(gen_BxN[i, :upto].tolist())
 
     return sampling.block_listener(deliver)
@@ -421,7 +423,8 @@ def _settled_tokens_to(rows: Sequence[Row], block: int) -> Any:
 
 class SamplerGenerator:
     """`Generator` over `coda_trainer.sampling` and an in-process model. Its programs report
-    finished blocks (the server streams from them; a callback per block, nothing otherwise)."""
+    progress (each finished block; a whole-sequence generation up to 16 times inside its one
+    block) and the server streams from the reports."""
 
     def __init__(self, model: Any, model_config: Any):
         self.model = model
