@@ -39,6 +39,8 @@ def _bounds(field: Any) -> dict[str, float]:
 
 
 def _choices(field: Any) -> list[str] | None:
+    if typing.get_origin(field.annotation) is Literal:
+        return list(typing.get_args(field.annotation))
     for arg in typing.get_args(field.annotation):
         if typing.get_origin(arg) is Literal:
             return list(typing.get_args(arg))
@@ -184,3 +186,26 @@ def test_presets_set_exactly_their_four_knobs_and_explicit_knobs_win() -> None:
     # A request without a preset keeps the server's preset and knobs.
     got = resolve_sampler_settings(server, SamplerKnobs(temperature=0.5))
     assert (got.steps, got.block_length, got.cache, got.temperature) == (64, 32, "dual", 0.5)
+
+
+def test_the_decode_config_accepts_every_resolved_setting() -> None:
+    # SamplingConfig (the compiled sampler's config) is internal: it may accept more than users may
+    # set, never less. top_k 0 ("off") reaches it as None.
+    from coda_trainer.sampling import SamplingConfig
+
+    for name, field in FIELDS.items():
+        if name == "preset":
+            continue
+        decode = SamplingConfig.model_fields[name]
+        assert _choices(decode) == _choices(field), name
+        user, inner = _bounds(field), _bounds(decode)
+        user_low = user.get("ge", user.get("gt"))
+        if name == "top_k":
+            user_low = 1  # 0 is resolved to None
+        if "ge" in inner:
+            assert user_low is not None and user_low >= inner["ge"], name
+        if "gt" in inner:
+            assert user_low is not None and (user_low > inner["gt"] or "gt" in user), name
+        if "le" in inner:
+            assert user.get("le") is not None and user["le"] <= inner["le"], name
+    assert resolve_sampler_settings(SamplerSettings(top_k=0)).top_k is None

@@ -1079,7 +1079,7 @@ def add_sampler_flags(parser: Any, *, aliases: dict[str, list[str]] | None = Non
     import argparse
     import typing
 
-    def typed(name: str, kind: type, field: Any) -> Any:
+    def typed(name: str, kind: type) -> Any:
         def convert(text: str) -> Any:
             try:
                 value = kind(text)
@@ -1095,11 +1095,12 @@ def add_sampler_flags(parser: Any, *, aliases: dict[str, list[str]] | None = Non
     for name, field in SamplerSettings.model_fields.items():
         args = typing.get_args(field.annotation)
         inner = next(a for a in args if a is not type(None))
-        options: dict[str, Any] = {"default": None, "dest": name, "help": field.description}
+        help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
+        options: dict[str, Any] = {"default": None, "dest": name, "help": help_text}
         if typing.get_origin(inner) is Literal:
             options["choices"] = list(typing.get_args(inner))
         else:
-            options["type"] = typed(name, inner, field)
+            options["type"] = typed(name, inner)
             options["metavar"] = name.upper()
         parser.add_argument(sampler_flag(name), *(aliases or {}).get(name, []), **options)
 
