@@ -16,8 +16,10 @@ near-tie between two tokens can then break differently (greedy or sampled alike)
 Compile keys. A program is compiled per (kind, Plan, shapes). Everything numeric a request sets is
 traced (temperature, top_p, top_k, alg_temp, threshold, seed), so the request-controlled part of a
 Plan is a finite set: alg (4) × greedy or sampled × top_p on/off × top_k on/off × alg_temp on/off ×
-threshold on/off × block_length (a divisor of the gen bucket) × steps per block (a power of two up
-to the block's tokens: a request's steps are rounded up to it, never down) — times the buckets.
+threshold on/off × block_length (a divisor of the gen bucket) × cache (none, prefix, dual) × steps
+per block (a power of two up to the block's tokens: a request's steps are rounded up to it, never
+down) — times the buckets. A `preset` only chooses among those (steps, block_length, threshold,
+cache), so it adds no compile keys of its own.
 Warm-up compiles (does not run) the default settings' programs: first every batch bucket of the
 default generation length at the smallest prompt bucket, after which the server is ready, then the
 other buckets in the background, one program at a time between batches (`warmup_programs`).
