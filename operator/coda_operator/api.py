@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from coda_trainer.config import PRESETS, CheckpointConfig, ModelSpec, StageConfig, StrictModel
+from coda_trainer.config import (
+    PRESETS,
+    CheckpointConfig,
+    ModelSpec,
+    SamplerDefaults,
+    StageConfig,
+    StrictModel,
+)
 from coda_trainer.contract import Progress
 from pydantic import (
     BaseModel,
@@ -204,51 +211,6 @@ class RunModelSpec(ModelSpec):
     """The trainer's ModelSpec; the subclass only lists the known presets in the CRD schema."""
 
     model_config = ConfigDict(json_schema_extra=_model_schema)
-
-
-class SamplerDefaults(_Wire):
-    """Default sampling parameters of the sampler service (requests may override them)."""
-
-    steps: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="Denoising steps (model forwards) over the whole generation; more is slower and usually better.",
-    )
-    max_new_tokens: int | None = Field(
-        default=None, ge=1, le=32768, description="Tokens generated when a request sets no limit."
-    )
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
-        default=None,
-        description="Which masked positions are revealed each step: origin (each with "
-        "probability 1 − s/t), maskgit_plus (highest p(x0)), topk_margin (largest top-1 − top-2 "
-        "margin), entropy (lowest entropy).",
-    )
-    alg_temp: float | None = Field(
-        default=None,
-        ge=0,
-        description="0: reveal the most confident positions; > 0: draw them from softmax(confidence / algTemp).",
-    )
-    temperature: float | None = Field(
-        default=None, ge=0, description="Token sampling temperature (0: argmax)."
-    )
-    top_p: float | None = Field(
-        default=None, gt=0, le=1, description="Nucleus sampling: keep tokens within this mass."
-    )
-    top_k: int | None = Field(
-        default=None, ge=0, description="Keep only the k most likely tokens (0: no filter)."
-    )
-    block_length: int | None = Field(
-        default=None,
-        ge=1,
-        description="Semi-autoregressive blocks of this many tokens, decoded left to right (LLaDA); unset: one block.",
-    )
-    threshold: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description="Also reveal every masked position of the current block with p(x0) ≥ this (Fast-dLLM parallel decoding).",
-    )
 
 
 EvalBenchmark = Literal["humaneval", "humaneval-plus", "mbpp", "mbpp-sanitized"]

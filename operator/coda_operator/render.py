@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from coda_trainer import contract
-from coda_trainer.config import ModelSpec, TrainJobConfig
+from coda_trainer.config import ModelSpec, TrainJobConfig, sampler_flag
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
 from coda_operator.api import AcceleratorSpec, CodaTrainingRunSpec, SecretKeyRef, parse_spec
@@ -621,14 +621,6 @@ def render_sampler_key(
     }
 
 
-# Sampler settings (spec.evaluation.sampler, snake_case) → the harness's flags.
-_EVAL_FLAGS = {
-    "steps": "--steps", "max_new_tokens": "--max-new-tokens", "alg": "--alg",
-    "alg_temp": "--alg-temp", "temperature": "--temperature", "top_p": "--top-p",
-    "top_k": "--top-k", "block_length": "--block-length", "threshold": "--threshold",
-}  # fmt: skip
-
-
 def _one_shot_pod(
     container: dict[str, Any], spec: CodaTrainingRunSpec, pl: _Placement
 ) -> dict[str, Any]:
@@ -659,7 +651,7 @@ def eval_command(spec: CodaTrainingRunSpec, stage: str) -> list[str]:
     if evaluation.limit is not None:
         command += ["--limit", str(evaluation.limit)]
     for key, value in evaluation.sampler.model_dump(mode="json", exclude_none=True).items():
-        command += [_EVAL_FLAGS[key], str(value)]
+        command += [sampler_flag(key), str(value)]
     return [*command, "--report-dir", contract.eval_uri(spec.checkpoints.uri, stage)]
 
 

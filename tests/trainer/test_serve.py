@@ -443,6 +443,11 @@ BAD_REQUESTS = [
         400,
         "response_format",
     ),
+    # Sampler presets and knobs: an unknown preset or cache mode is named.
+    ("/v1/completions", {"prompt": "x", "preset": "turbo"}, 400, "preset"),
+    ("/v1/infill", {"prefix": "a", "suffix": "b", "preset": "slow"}, 400, "preset"),
+    ("/v1/completions", {"prompt": "x", "cache": "all"}, 400, "cache"),
+    ("/v1/completions", {"prompt": "x", "top_k": -1}, 400, "top_k"),
     # A model this server does not serve.
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
     (
@@ -464,6 +469,57 @@ def test_bad_inputs_get_openai_shaped_errors(
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def _completion_text(server: Server, body: dict) -> str:
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("name", ["quality", "balanced", "fast"])
+def test_a_preset_request_gives_the_tokens_of_its_explicit_settings(
+    server: Server, name: str
+) -> None:
+    from coda_trainer.config import SAMPLER_PRESETS
+
+    # 32 new tokens (the fixture's largest bucket); the server's own default is --steps 8, which
+    # every preset replaces (one step per token: 32).
+    base = {"prompt": "def add(a, b):", "max_tokens": 32, "temperature": 0, "seed": 5}
+    preset = SAMPLER_PRESETS[name]
+    explicit = {"steps": preset.steps or 32, "cache": preset.cache}
+    if preset.block_length is not None:
+        explicit["block_length"] = preset.block_length
+    if preset.threshold is not None:
+        explicit["threshold"] = preset.threshold
+    assert _completion_text(server, {**base, "preset": name}) == _completion_text(
+        server, {**base, **explicit}
+    )
+    # An explicit knob beside the preset wins over it (steps 8 instead of the preset's 32), and
+    # top_k 0 is accepted as "no filter".
+    assert _completion_text(
+        server, {**base, "preset": name, "steps": 8, "top_k": 0}
+    ) == _completion_text(server, {**base, **explicit, "steps": 8})
+
+
+def test_engine_applies_the_request_preset_over_the_servers_and_knobs_over_both() -> None:
+    from coda_trainer.config import SamplerSettings
+    from coda_trainer.serve.engine import Engine, ServeSettings
+    from coda_trainer.serve.schemas import SamplingParams
+    from coda_trainer.tokenizer import load_tokenizer
+
+    defaults = SamplerSettings(preset="fast", top_k=5)
+    settings = ServeSettings(gen_buckets=(64,), default_max_tokens=64, defaults=defaults)
+    engine = Engine(None, load_tokenizer("project"), settings)
+
+    def knobs(**request: Any) -> tuple:
+        c = engine.sampling_config(SamplingParams(**request), 64)
+        return c.steps, c.block_length, c.threshold, c.cache, c.top_k
+
+    assert knobs() == (64, 32, 0.9, "dual", 5)  # the server's default preset
+    assert knobs(preset="quality") == (64, None, None, "none", 5)
+    assert knobs(preset="balanced", steps=16, cache="prefix") == (16, 32, 0.9, "prefix", 5)
+    assert knobs(top_k=0) == (64, 32, 0.9, "dual", None)  # 0: no filter
 
 
 def test_malformed_json_and_unknown_routes(server: Server) -> None:
@@ -716,7 +772,10 @@ CLUSTER_ARGS = [
 
 
 def test_cluster_mode_probes_open_v1_authenticated_env_defaults_applied(checkpoint: Path) -> None:
-    defaults = {"max_new_tokens": 5, "steps": 4, "temperature": 0.0, "alg": "maskgit_plus"}
+    defaults = {
+        "max_new_tokens": 5, "steps": 4, "temperature": 0.0, "alg": "maskgit_plus",
+        "preset": "balanced",
+    }  # fmt: skip
     env = {"CODA_API_KEY": "from-a-secret", "CODA_SAMPLER_DEFAULTS": json.dumps(defaults)}
     srv = Server(checkpoint, env=env, base_args=CLUSTER_ARGS)
     try:
@@ -739,11 +798,19 @@ def test_cluster_mode_probes_open_v1_authenticated_env_defaults_applied(checkpoi
         body = r.json()
         assert body["usage"]["completion_tokens"] == 5, body
         assert body["choices"][0]["finish_reason"] == "length", body
+        # The default preset applies to a request that names none: the same tokens as naming it
+        # (with the default's steps: a request's preset would replace those too).
+        named = {"prompt": "def add(a, b):", "preset": "balanced", "steps": 4}
+        explicit = httpx.post(srv.url + "/v1/completions", json=named, headers=auth, timeout=120)
+        assert explicit.json()["choices"][0]["text"] == body["choices"][0]["text"]
     finally:
         assert srv.stop() == 0
     log = srv.log.read_text()
     assert "Uvicorn running on http://0.0.0.0:" in log, log
-    assert "sampling defaults: steps=4, max_new_tokens=5, alg=maskgit_plus, temperature=0.0" in log
+    assert (
+        "sampling defaults: steps=4, alg=maskgit_plus, temperature=0.0, block_length=32, "
+        "threshold=0.9, cache=none, max_new_tokens=5" in log
+    ), log
 
 
 @pytest.mark.parametrize(
@@ -767,25 +834,46 @@ def test_bad_sampler_defaults_env_exits_2_naming_the_variable(
 
 
 def test_sampling_defaults_precedence_flag_then_env_then_builtin() -> None:
+    from coda_trainer.config import SamplerSettings, resolve_sampler_settings
     from coda_trainer.serve.__main__ import parse_args, resolve_sampling_defaults
 
     env = json.dumps({"max_new_tokens": 5, "steps": 4, "temperature": 0.7, "top_k": 0})
     args = parse_args(["--checkpoint", "x", "--steps", "9", "--alg", "origin"])
-    got = resolve_sampling_defaults(args, env)
-    assert got == {
-        "steps": 9, "max_new_tokens": 5, "alg": "origin", "alg_temp": None, "temperature": 0.7,
-        "top_p": None, "top_k": None, "block_length": None, "threshold": None,
-    }  # fmt: skip
-    builtin = resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), None)
-    assert (builtin["max_new_tokens"], builtin["alg"], builtin["temperature"]) == (
-        128,
-        "entropy",
-        0,
+    got = resolve_sampler_settings(resolve_sampling_defaults(args, env))
+    assert got == SamplerSettings(
+        steps=9, max_new_tokens=5, alg="origin", temperature=0.7, cache="none", top_k=None
     )
-    assert resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), "  ") == builtin
+    builtin = resolve_sampler_settings(
+        resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), None)
+    )
+    assert (builtin.max_new_tokens, builtin.alg, builtin.temperature) == (128, "entropy", 0)
+    blank = resolve_sampling_defaults(parse_args(["--checkpoint", "x"]), "  ")
+    assert resolve_sampler_settings(blank) == builtin
     flag = parse_args(["--checkpoint", "x", "--default-max-tokens", "7", "--temperature", "0"])
-    assert resolve_sampling_defaults(flag, env)["max_new_tokens"] == 7
-    assert resolve_sampling_defaults(flag, env)["temperature"] == 0.0
+    assert resolve_sampling_defaults(flag, env).max_new_tokens == 7
+    assert resolve_sampling_defaults(flag, env).temperature == 0.0
+
+
+def test_server_preset_flag_and_env_preset() -> None:
+    from coda_trainer.config import resolve_sampler_settings
+    from coda_trainer.serve.__main__ import parse_args, resolve_sampling_defaults
+
+    def resolved(argv: list[str], env: dict | None) -> tuple:
+        d = resolve_sampler_settings(
+            resolve_sampling_defaults(
+                parse_args(["--checkpoint", "x", *argv]), json.dumps(env) if env else None
+            )
+        )
+        return d.steps, d.block_length, d.threshold, d.cache
+
+    assert resolved([], {"preset": "fast"}) == (None, 32, 0.9, "dual")
+    # the env's own knobs win over the env's preset ...
+    assert resolved([], {"preset": "fast", "cache": "prefix"}) == (None, 32, 0.9, "prefix")
+    # ... but a --preset flag replaces the env's preset and the knobs a preset sets
+    assert resolved(["--preset", "quality"], {"preset": "fast", "cache": "prefix"}) == (
+        None, None, None, "none",
+    )  # fmt: skip
+    assert resolved(["--preset", "balanced", "--steps", "16"], None) == (16, 32, 0.9, "none")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,11 @@ from pydantic.alias_generators import to_camel
 from coda_trainer import contract
 
 __all__ = [
+    "MAX_NEW_TOKENS",
     "PRESETS",
+    "SAMPLER_BUILTIN",
+    "SAMPLER_PRESETS",
+    "SAMPLER_PRESET_KNOBS",
     "BatchConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -36,10 +40,17 @@ __all__ = [
     "OptimizerConfig",
     "SFTConfig",
     "SamplerDefaults",
+    "SamplerKnobs",
+    "SamplerPreset",
+    "SamplerSettings",
     "StageConfig",
     "StrictModel",
     "TrainJobConfig",
+    "add_sampler_flags",
     "load_job_config",
+    "resolve_sampler_settings",
+    "sampler_flag",
+    "sampler_settings_from_args",
 ]
 
 
@@ -898,31 +909,202 @@ def load_job_config(path: str | Path) -> TrainJobConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-class SamplerDefaults(StrictModel):
-    """Server-wide sampling defaults of the sampler service (`spec.sampler.defaults`); a request may
-    override each. The operator hands them to `python -m coda_trainer.serve` as JSON in the env
-    var CODA_SAMPLER_DEFAULTS; an explicit command-line flag wins over them."""
+SamplerAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
+SamplerCache = Literal["none", "prefix", "dual"]
+SamplerPresetName = Literal["quality", "balanced", "fast"]
+# The largest generation any surface accepts (a server caps it further at its largest bucket).
+MAX_NEW_TOKENS = 32768
 
-    steps: int | None = Field(
-        default=None, ge=1, le=4096, description="Denoising steps (default: one per new token)."
+
+class SamplerKnobs(BaseModel):
+    """The sampler's user-settable knobs: one definition (bounds, descriptions) for every surface.
+
+    Each surface derives from this class: `SamplerSettings` (the server's defaults, the CRD's
+    `spec.sampler.defaults` and `spec.evaluation.sampler`, the CLIs' flags through
+    `add_sampler_flags`, the evaluation Job's flags through `sampler_flag`) and the HTTP requests'
+    per-request overrides (`coda_trainer.serve.schemas.SamplingParams`). A knob added here appears
+    on all of them. Every knob is optional: None = the next layer's value (request → request's
+    preset → server defaults → server's preset → `SAMPLER_BUILTIN`); where a knob's final value is
+    None it means "off" (steps: one step per generated token).
+
+    `top_k`: None or 0 means no top-k filter (0 has always been accepted by the CRD; the sampler
+    itself takes None).
+    """
+
+    preset: SamplerPresetName | None = Field(
+        default=None,
+        description="A named combination of steps, blockLength, threshold and cache (quality, "
+        "balanced, fast; see the README's sampler section); knobs set beside it win over it.",
     )
-    max_new_tokens: int | None = Field(
-        default=None, ge=1, le=32768,
-        description="Tokens generated when a request gives no max_tokens (the server's "
-        "--default-max-tokens; capped at its largest generation bucket).",
+    steps: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Denoising steps (model forwards) over the whole generation; unset: one per "
+        "generated token. More is slower and usually better.",
     )  # fmt: skip
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = Field(
-        default=None, description="Unmasking order: random (origin) or by confidence."
+    alg: SamplerAlg | None = Field(
+        default=None,
+        description="Which masked positions are revealed each step: origin (each with "
+        "probability 1 − s/t), maskgit_plus (highest p(x0)), topk_margin (largest top-1 − top-2 "
+        "margin), entropy (lowest entropy; the default).",
     )
     alg_temp: float | None = Field(
-        default=None, ge=0, description="Softmax temperature over confidences (0/None: top-k)."
+        default=None, ge=0,
+        description="0 or unset: reveal the most confident positions; > 0: draw them from "
+        "softmax(confidence / algTemp).",
+    )  # fmt: skip
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Token sampling temperature (0, the default: argmax)."
     )
-    temperature: float | None = Field(default=None, ge=0, description="Token temperature.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(default=None, ge=0, description="Top-k token filter (0: off).")
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="Nucleus sampling: keep tokens within this mass."
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=0,
+        description="Keep only the k most likely tokens (0 or unset: no filter).",
+    )
     block_length: int | None = Field(
-        default=None, ge=1, description="Decode left to right in blocks of this many tokens."
-    )
+        default=None, ge=1,
+        description="Semi-autoregressive blocks of this many tokens, decoded left to right "
+        "(LLaDA); unset: the whole generation is one block.",
+    )  # fmt: skip
     threshold: float | None = Field(
-        default=None, gt=0, le=1, description="Reveal every token more confident than this."
+        default=None, gt=0, le=1,
+        description="Also reveal every masked position of the current block with p(x0) ≥ this "
+        "(Fast-dLLM parallel decoding); unset: the step schedule only.",
+    )  # fmt: skip
+    cache: SamplerCache | None = Field(
+        default=None,
+        description="Key/value cache: none (the default), prefix (reuse the left context's, "
+        "refreshed once per block) or dual (the right side's too); an approximation for a "
+        "bidirectional model.",
     )
+
+
+class SamplerSettings(StrictModel, SamplerKnobs):
+    """Sampler settings as configuration: the server's defaults (`python -m coda_trainer.serve`
+    flags, `spec.sampler.defaults`, which the operator hands to the server as JSON in env
+    CODA_SAMPLER_DEFAULTS; an explicit flag wins over it) and the evaluation's settings
+    (`spec.evaluation.sampler`, `python -m coda_trainer.evaluate` flags)."""
+
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_NEW_TOKENS,
+        description="New tokens per generation: the server's default for a request that sets no "
+        "max_tokens (capped at its largest generation bucket); the evaluation's length.",
+    )  # fmt: skip
+
+
+# The old name (the operator's and the trainer's spec.sampler.defaults model).
+SamplerDefaults = SamplerSettings
+# What a knob is when no layer sets it (None: off / one step per generated token).
+SAMPLER_BUILTIN = SamplerSettings(alg="entropy", temperature=0.0, cache="none", max_new_tokens=128)
+SAMPLER_PRESET_KNOBS = ("steps", "block_length", "threshold", "cache")
+
+
+class SamplerPreset(StrictModel):
+    """A named speed/quality trade-off: it sets exactly `steps`, `block_length`, `threshold` and
+    `cache` (None included: quality's None block length means "one block", not "unset")."""
+
+    summary: str
+    steps: int | None
+    block_length: int | None
+    threshold: float | None
+    cache: SamplerCache
+
+    def knobs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SAMPLER_PRESET_KNOBS}
+
+
+SAMPLER_PRESETS: dict[str, SamplerPreset] = {
+    # The release's evaluation setting: every token gets its own step over the whole canvas.
+    "quality": SamplerPreset(
+        summary="one step per token, the whole generation as one block, exact attention",
+        steps=None,
+        block_length=None,
+        threshold=None,
+        cache="none",
+    ),
+    # Blocks of 32 with Fast-dLLM's threshold 0.9: a step reveals every token of the block the model
+    # is at least 90% sure of (at least one), so confident spans take fewer forwards; attention stays
+    # exact. The step budget is still one per token: it is only used where the model is unsure.
+    "balanced": SamplerPreset(
+        summary="blocks of 32, confidence threshold 0.9, exact attention (no cache)",
+        steps=None,
+        block_length=32,
+        threshold=0.9,
+        cache="none",
+    ),
+    # As balanced plus Fast-dLLM's dual cache: after one full forward per block, each step runs only
+    # the 32-token block against cached keys/values of both sides. Cheapest per step; the cache is
+    # stale within a block (an approximation for CoDA's bidirectional attention).
+    "fast": SamplerPreset(
+        summary="blocks of 32, confidence threshold 0.9, dual key/value cache",
+        steps=None,
+        block_length=32,
+        threshold=0.9,
+        cache="dual",
+    ),
+}
+
+
+def resolve_sampler_settings(*layers: SamplerKnobs) -> SamplerSettings:
+    """The settings in force: `SAMPLER_BUILTIN`, then each layer (lowest first: server defaults,
+    then a request) applied as its preset's knobs followed by the knobs it sets itself. The result
+    names no preset; None left in it means off (steps: one per generated token; top_k 0 → None)."""
+    values = SAMPLER_BUILTIN.model_dump()
+    for layer in layers:
+        if layer.preset is not None:
+            values.update(SAMPLER_PRESETS[layer.preset].knobs())
+        for name in SamplerKnobs.model_fields:
+            value = getattr(layer, name, None)
+            if name != "preset" and value is not None:
+                values[name] = value
+        if getattr(layer, "max_new_tokens", None) is not None:
+            values["max_new_tokens"] = layer.max_new_tokens
+    values["preset"] = None
+    if values["top_k"] == 0:
+        values["top_k"] = None
+    return SamplerSettings(**values)
+
+
+def sampler_flag(name: str) -> str:
+    """The command-line flag of a `SamplerSettings` field (the same in both CLIs)."""
+    return "--" + name.replace("_", "-")
+
+
+def add_sampler_flags(parser: Any, *, aliases: dict[str, list[str]] | None = None) -> None:
+    """One flag per `SamplerSettings` field on an argparse parser or group, default None (= not
+    given), typed, bounded and described by the field; `sampler_settings_from_args` reads them
+    back. `aliases` adds other spellings of a field's flag."""
+    import argparse
+    import typing
+
+    def typed(name: str, kind: type) -> Any:
+        def convert(text: str) -> Any:
+            try:
+                value = kind(text)
+                SamplerSettings.model_validate({name: value})
+            except (ValueError, TypeError) as e:
+                detail = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+                raise argparse.ArgumentTypeError(f"{text!r}: {detail}") from None
+            return value
+
+        convert.__name__ = kind.__name__
+        return convert
+
+    for name, field in SamplerSettings.model_fields.items():
+        args = typing.get_args(field.annotation)
+        inner = next(a for a in args if a is not type(None))
+        help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
+        options: dict[str, Any] = {"default": None, "dest": name, "help": help_text}
+        if typing.get_origin(inner) is Literal:
+            options["choices"] = list(typing.get_args(inner))
+        else:
+            options["type"] = typed(name, inner)
+            options["metavar"] = name.upper()
+        parser.add_argument(sampler_flag(name), *(aliases or {}).get(name, []), **options)
+
+
+def sampler_settings_from_args(args: Any) -> SamplerSettings:
+    """The `SamplerSettings` the flags of `add_sampler_flags` gave (unset fields None)."""
+    return SamplerSettings(**{name: getattr(args, name) for name in SamplerSettings.model_fields})

@@ -31,8 +31,17 @@ import argparse
 import os
 import sys
 
+from coda_trainer.config import (
+    SamplerSettings,
+    add_sampler_flags,
+    resolve_sampler_settings,
+    sampler_settings_from_args,
+)
 from coda_trainer.contract import ENV_API_KEY
 from coda_trainer.evaluate.datasets import BENCHMARKS
+
+# The harness's own defaults under the flags (the built-in values under those).
+HARNESS_DEFAULTS = SamplerSettings(max_new_tokens=512)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,20 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON report path (one file per benchmark: <out>.<bench>.json if several)",
     )
     s = p.add_argument_group(
-        "sampling (release eval: 768 tokens, 768 steps, temperature 0.1, top-p 0.9, entropy)"
+        "sampling (default: 512 new tokens, one step each, greedy, entropy; the release's eval: "
+        "768 tokens, 768 steps, temperature 0.1, top-p 0.9)"
     )
-    s.add_argument("--max-new-tokens", type=int, default=512)
-    s.add_argument("--steps", type=int, default=None, help="default: = max-new-tokens")
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument(
-        "--alg", default="entropy", choices=["origin", "maskgit_plus", "topk_margin", "entropy"]
-    )
-    s.add_argument("--alg-temp", type=float, default=None)
-    s.add_argument("--block-length", type=int, default=None)
-    s.add_argument("--threshold", type=float, default=None)
-    s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    # One flag per knob of coda_trainer.config.SamplerSettings (--preset, --steps, ..., --cache);
+    # unset ones take HARNESS_DEFAULTS, then the built-in values (steps: one per new token).
+    add_sampler_flags(s)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -103,25 +104,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _source(args: argparse.Namespace):
     from coda_trainer.evaluate.runner import InProcessSource, OpenAISource, ReferenceSource
 
-    steps = args.steps or args.max_new_tokens
+    requested = sampler_settings_from_args(args)
+    resolved = resolve_sampler_settings(HARNESS_DEFAULTS, requested)
+    max_new_tokens = resolved.max_new_tokens
+    assert max_new_tokens is not None
     sampling = dict(
-        steps=steps, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, alg=args.alg,
-        alg_temp=args.alg_temp, block_length=args.block_length, threshold=args.threshold,
+        steps=resolved.steps or max_new_tokens, temperature=resolved.temperature,
+        top_p=resolved.top_p, top_k=resolved.top_k, alg=resolved.alg, alg_temp=resolved.alg_temp,
+        block_length=resolved.block_length, threshold=resolved.threshold, cache=resolved.cache,
     )  # fmt: skip
     if args.reference:
         return ReferenceSource(
             wrong=args.reference == "wrong", name=f"reference-{args.reference}"
         ), {}
     if args.url:
+        # The resolved knobs, preset expanded here, so the server's own defaults do not leak in
+        # (except where a knob resolves to None, "off": the request then leaves it to the server).
         extra = {
             k: v for k, v in sampling.items() if v is not None and k not in ("temperature", "top_p")
         }
         src = OpenAISource(
             base_url=args.url, model=args.model, api_key=args.api_key, api=args.api,
-            max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p or 1.0,
-            extra_body=extra, concurrency=args.concurrency, name=f"{args.url} ({args.api})",
+            max_tokens=max_new_tokens, temperature=resolved.temperature or 0.0,
+            top_p=resolved.top_p or 1.0, extra_body=extra, concurrency=args.concurrency,
+            name=f"{args.url} ({args.api})",
         )  # fmt: skip
-        return src, {"max_tokens": args.max_new_tokens, **sampling}
+        return src, {"max_tokens": max_new_tokens, **sampling}
     from coda_trainer import hf
     from coda_trainer.sampling import SamplingConfig
     from coda_trainer.serve.__main__ import resolve_tokenizer_path
@@ -132,7 +140,7 @@ def _source(args: argparse.Namespace):
     tokenizer = load_tokenizer(resolve_tokenizer_path(args.checkpoint, args.tokenizer))
     tokenizer.check_model(model_config)
     config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, cache=args.cache, stop_at_eos=True,
+        max_new_tokens=max_new_tokens, stop_at_eos=True,
         **{k: v for k, v in sampling.items() if v is not None},
     )  # fmt: skip
     src = InProcessSource(

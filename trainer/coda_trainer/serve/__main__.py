@@ -8,10 +8,10 @@ Auth: with `--api-key` (or env CODA_API_KEY) every /v1 route needs `Authorizatio
 /healthz, /readyz and /metrics stay open (kubelet probes, Prometheus). Binding a non-loopback host
 (the cluster's `--host 0.0.0.0`) without a key is refused unless `--insecure-no-auth` is given.
 
-Sampling defaults: a flag given on the command line wins; else the JSON object in env
-CODA_SAMPLER_DEFAULTS (what the operator renders from `spec.sampler.defaults`; keys steps,
-max_new_tokens, alg, alg_temp, temperature, top_p, top_k, block_length, threshold, with
-max_new_tokens meaning --default-max-tokens); else the built-in default. Invalid JSON, an unknown
+Sampling defaults (the knobs of `coda_trainer.config.SamplerSettings`, one flag each, `--preset`
+included): a flag given on the command line wins; else the JSON object in env
+CODA_SAMPLER_DEFAULTS (what the operator renders from `spec.sampler.defaults`; the same keys, with
+max_new_tokens meaning --default-max-tokens); else the preset's value; else the built-in default. Invalid JSON, an unknown
 key or an out-of-range value there exits 2 before anything loads.
 
 Stopping: SIGTERM or SIGINT stops the server in every state and the process exits 0:
@@ -35,21 +35,19 @@ import os
 import sys
 from typing import Any
 
+from coda_trainer.config import (
+    SAMPLER_BUILTIN,
+    SAMPLER_PRESET_KNOBS,
+    SamplerSettings,
+    add_sampler_flags,
+    resolve_sampler_settings,
+    sampler_settings_from_args,
+)
 from coda_trainer.contract import ENV_API_KEY, ENV_RUN_NAME, ENV_SAMPLER_DEFAULTS
 from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
 
 EXIT_USAGE = 2
 SAMPLER_DEFAULTS_ENV = ENV_SAMPLER_DEFAULTS
-# What a setting is when neither a flag nor CODA_SAMPLER_DEFAULTS gives it (keys as in
-# coda_trainer.config.SamplerDefaults; steps, alg_temp, top_p, top_k, block_length and threshold
-# default to None = off / one step per generated token).
-BUILTIN_DEFAULTS: dict[str, Any] = {"alg": "entropy", "temperature": 0.0, "max_new_tokens": 128}
-# SamplerDefaults key → argparse dest of the flag that overrides it.
-_FLAG_FOR = {
-    "steps": "steps", "max_new_tokens": "default_max_tokens", "alg": "alg",
-    "alg_temp": "alg_temp", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-    "block_length": "block_length", "threshold": "threshold",
-}  # fmt: skip
 # Extra time uvicorn gives connections after our own drain deadline, so the 503s written at the
 # deadline reach their clients before uvicorn cancels what is left.
 SHUTDOWN_MARGIN_S = 2.0
@@ -97,11 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--batch-buckets", type=_ints, default=None, help="default: powers of two up to --max-batch"
     )
-    g.add_argument(
-        "--default-max-tokens", type=int, default=None,
-        help=f"when a request gives no max_tokens (default: {SAMPLER_DEFAULTS_ENV} max_new_tokens, "
-        "else 128; capped at the largest --gen-buckets)",
-    )  # fmt: skip
     g.add_argument("--max-steps", type=int, default=1024)
     g.add_argument(
         "--max-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -118,18 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sampling defaults (a request may override each; a flag here wins over "
         f"{SAMPLER_DEFAULTS_ENV}, which wins over the built-in default)"
     )
-    s.add_argument("--steps", type=int, default=None, help="default: one per generated token")
-    s.add_argument(
-        "--alg", default=None, choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
-        help="default: entropy",
-    )  # fmt: skip
-    s.add_argument("--alg-temp", type=float, default=None)
-    s.add_argument("--block-length", type=int, default=None)
-    s.add_argument("--threshold", type=float, default=None)
-    s.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy)")
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    # One flag per knob of coda_trainer.config.SamplerSettings (--preset, --steps, ..., --cache,
+    # --max-new-tokens alias --default-max-tokens: when a request gives no max_tokens, capped at
+    # the largest --gen-buckets).
+    add_sampler_flags(s, aliases={"max_new_tokens": ["--default-max-tokens"]})
     m = p.add_argument_group("model")
     m.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override"
@@ -169,14 +154,12 @@ def resolve_tokenizer_path(checkpoint: str, explicit: str | None) -> str:
     return "project"
 
 
-def parse_env_defaults(text: str | None) -> dict[str, Any]:
+def parse_env_defaults(text: str | None) -> SamplerSettings:
     """The settings in CODA_SAMPLER_DEFAULTS (unset or blank: none), validated by the same model
     as the CRD's `spec.sampler.defaults`; ValueError names the variable and the problem."""
     if text is None or not text.strip():
-        return {}
+        return SamplerSettings()
     from pydantic import ValidationError
-
-    from coda_trainer.config import SamplerDefaults
 
     try:
         raw = json.loads(text)
@@ -187,7 +170,7 @@ def parse_env_defaults(text: str | None) -> dict[str, Any]:
             f"{SAMPLER_DEFAULTS_ENV} must be a JSON object, got {type(raw).__name__}: {text!r}"
         )
     try:
-        parsed = SamplerDefaults.model_validate(raw)
+        return SamplerSettings.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
             f"unknown key {'.'.join(map(str, err['loc']))!r}"
@@ -196,39 +179,39 @@ def parse_env_defaults(text: str | None) -> dict[str, Any]:
             for err in e.errors()
         )
         raise ValueError(
-            f"{SAMPLER_DEFAULTS_ENV}: {problems} (known keys: {', '.join(_FLAG_FOR)})"
+            f"{SAMPLER_DEFAULTS_ENV}: {problems} "
+            f"(known keys: {', '.join(SamplerSettings.model_fields)})"
         ) from None
-    values = parsed.model_dump(exclude_none=True)
-    if values.get("top_k") == 0:  # the CRD allows 0 for "no top-k filter"; the sampler says None
-        del values["top_k"]
-    return values
 
 
-def resolve_sampling_defaults(args: argparse.Namespace, env_text: str | None) -> dict[str, Any]:
-    """Each setting of SamplerDefaults: the flag if given, else CODA_SAMPLER_DEFAULTS, else the
-    built-in default (None where there is none)."""
+def resolve_sampling_defaults(args: argparse.Namespace, env_text: str | None) -> SamplerSettings:
+    """The server's defaults, knob by knob: the flag if given, else CODA_SAMPLER_DEFAULTS. A
+    --preset flag replaces the env's preset and the env's values of the knobs a preset sets.
+    Unset knobs stay None: the engine applies the preset and the built-in values per request
+    (`coda_trainer.config.resolve_sampler_settings`)."""
     env = parse_env_defaults(env_text)
-    out: dict[str, Any] = {}
-    for key, dest in _FLAG_FOR.items():
-        flag = getattr(args, dest)
-        out[key] = flag if flag is not None else env.get(key, BUILTIN_DEFAULTS.get(key))
-    return out
+    flags = sampler_settings_from_args(args)
+    if flags.preset is not None:
+        env = env.model_copy(update=dict.fromkeys(SAMPLER_PRESET_KNOBS))
+    return env.model_copy(update=flags.model_dump(exclude_none=True))
 
 
 class _Usage(Exception):
     """A bad setting found after the heavy imports (exit 2)."""
 
 
-def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str | None) -> Any:
+def _build_app(args: argparse.Namespace, defaults: SamplerSettings, api_key: str | None) -> Any:
     """Import JAX, load the checkpoint and tokenizer, build the app (runs on a worker thread)."""
     log = logging.getLogger("coda.serve")
     log.info("loading %s", args.checkpoint)
     from coda_trainer import hf
     from coda_trainer.serve.app import create_app
-    from coda_trainer.serve.engine import Engine, SamplerGenerator, SamplingDefaults, ServeSettings
+    from coda_trainer.serve.engine import Engine, SamplerGenerator, ServeSettings
     from coda_trainer.tokenizer import load_tokenizer
 
-    max_tokens = defaults["max_new_tokens"]
+    resolved = resolve_sampler_settings(defaults)
+    max_tokens = resolved.max_new_tokens or SAMPLER_BUILTIN.max_new_tokens
+    assert max_tokens is not None
     if max_tokens > args.gen_buckets[-1]:
         log.info(
             "default max tokens %d capped at the largest generation bucket, %d",
@@ -249,23 +232,13 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
             max_body_bytes=args.max_body_bytes,
             max_request_rows=args.max_request_rows,
             warmup=not args.no_warmup,
-            defaults=SamplingDefaults(
-                steps=defaults["steps"],
-                alg=defaults["alg"],
-                alg_temp=defaults["alg_temp"],
-                block_length=defaults["block_length"],
-                threshold=defaults["threshold"],
-                temperature=defaults["temperature"],
-                top_p=defaults["top_p"],
-                top_k=defaults["top_k"],
-                cache=args.cache,
-            ),
+            defaults=defaults,
         )
     except ValueError as e:
         raise _Usage(str(e)) from e
     log.info(
         "sampling defaults: %s",
-        ", ".join(f"{k}={v}" for k, v in defaults.items() if v is not None),
+        ", ".join(f"{k}={v}" for k, v in resolved.model_dump(exclude_none=True).items()),
     )
     overrides = {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v}
     model_config, model = hf.load_pretrained(args.checkpoint, config_overrides=overrides or None)

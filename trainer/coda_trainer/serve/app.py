@@ -35,10 +35,10 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -379,291 +379,317 @@ def _sse_error_and_done(e: Exception) -> str:
     return _sse({"error": error}) + "data: [DONE]\n\n"
 
 
+# ---- the app: state on app.state, routes and error handlers at module level ----
+
+router = APIRouter()
+
+
+def _service(request: Request) -> _Service:
+    return request.app.state.service
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    svc: _Service = app.state.service
+    await svc.batcher.start()
+    task = asyncio.create_task(_warm_up(svc, app.state.warmup))
+    try:
+        yield
+    finally:
+        # Warm-up runs on the model thread: cancelling the task frees the event loop, the
+        # event makes the thread give up at its next program boundary.
+        svc.engine.stop_warmup.set()
+        task.cancel()
+        await svc.batcher.stop(drain_timeout_s=0 if svc.stopping else 30.0)
+        busy = " (a model call is still running; it is abandoned)" if svc.batcher.model_busy else ""
+        log.info("coda sampler stopped: queue drained, batcher closed%s", busy)
+
+
+# ---- errors ----
+
+
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _validation_error(exc)
+
+
+async def _on_engine(request: Request, exc: EngineError) -> JSONResponse:
+    status = 404 if isinstance(exc, UnknownModel) else 400
+    return _error(status, str(exc), "invalid_request_error", exc.param, exc.code)
+
+
+async def _on_gone(request: Request, exc: ClientGone) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": only metrics see it
+
+
+async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
+    return _error(503, str(exc), "server_overloaded", None, "queue_full")
+
+
+async def _on_stop(request: Request, exc: ShuttingDown) -> JSONResponse:
+    return _error(503, str(exc), "server_unavailable", None, "shutting_down")
+
+
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    code = "request_too_large" if exc.status_code == 413 else None
+    return _error(exc.status_code, str(exc.detail), type_, None, code)
+
+
+async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    RequestValidationError: _on_validation,
+    EngineError: _on_engine,
+    ClientGone: _on_gone,
+    QueueFull: _on_full,
+    ShuttingDown: _on_stop,
+    StarletteHTTPException: _on_http,
+    Exception: _on_crash,
+}
+
+
+# ---- probes ----
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    svc = _service(request)
+    body = {
+        "ready": svc.engine.ready and not svc.stopping,
+        "warmup_seconds": svc.engine.warmup_seconds,
+        "error": svc.warmup_error,
+        "stopping": svc.stopping,
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> S.ModelList:
+    svc = _service(request)
+    model = S.ModelCard(id=svc.engine.settings.model_name, created=int(svc.started))
+    return S.ModelList(data=[model])
+
+
+# ---- generation ----
+
+
+async def _results(
+    svc: _Service, key: Any, rows: list[Row], request: Request, max_tokens: int,
+    stops: list[str] | None,
+) -> list[tuple[str, str, int]]:  # fmt: skip
+    """Run a request's rows; each row's (text, finish reason, completion tokens)."""
+    outs = await svc.run_rows(key, rows, request)
+    done = [svc.finish(o, max_tokens, stops) for o in outs]
+    svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
+    return done
+
+
+@dataclasses.dataclass
+class _StreamJob:
+    """What a streamed generation needs: the rows to run and how to frame each chunk."""
+
+    svc: _Service
+    request: Request
+    key: Any
+    rows: list[Row]
+    max_tokens: int
+    stops: list[str] | None
+    include_usage: bool
+    prompt_tokens: int
+    base: dict[str, Any]  # id, object, created, model of every chunk
+    preamble: list[str]  # chunks sent before any text (echo, the assistant role)
+    text_chunk: Callable[[int, str], str]
+    end_chunk: Callable[[int, str], str]
+
+
+async def _sse_events(job: _StreamJob) -> AsyncIterator[str]:
+    """Server-sent events of a streamed completion or chat: text as it settles, each row's finish
+    reason, the usage chunk if asked, `[DONE]`; an error after the start goes in-band."""
+    for chunk in job.preamble:
+        yield chunk
+    done: list[tuple[str, str, int]] = []
+    try:
+        async for event in _progressive(
+            job.svc, job.key, job.rows, job.request, job.max_tokens, job.stops
+        ):
+            if isinstance(event, tuple):
+                yield job.text_chunk(*event)
+            else:
+                done = event
+    except Exception as e:
+        yield _sse_error_and_done(e)
+        return
+    for i, (rest, reason, _) in enumerate(done):
+        if rest:
+            yield job.text_chunk(i, rest)
+        yield job.end_chunk(i, reason)
+    if job.include_usage:
+        ct = sum(d[2] for d in done)
+        usage = {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": ct,
+            "total_tokens": job.prompt_tokens + ct,
+        }
+        yield _sse({**job.base, "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(req: S.CompletionRequest, request: Request) -> Any:
+    svc = _service(request)
+    engine, model_name = svc.engine, svc.engine.settings.model_name
+    if req.suffix is not None:
+        raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
+    svc.check_model(req.model)
+    max_tokens = req.max_tokens or engine.settings.default_max_tokens
+    key = engine.generate_key(req, max_tokens)
+    prompts = req.prompts()
+    engine.check_rows(len(prompts) * req.n)
+    ids = [await svc.encode_prompt(p, "prompt") for p in prompts]
+    seed = request_seed(req.seed)
+    rows = [Row(p, seed=(seed, i * req.n + j)) for i, p in enumerate(ids) for j in range(req.n)]
+    svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
+    cid, created = S.new_id("cmpl"), S.now()
+    echo = [
+        (p if isinstance(p, str) else svc.tokenizer.decode(p)) if req.echo else "" for p in prompts
+    ]
+    prompt_tokens = sum(len(p) for p in ids)
+    if not req.stream:
+        done = await _results(svc, key, rows, request, max_tokens, req.stop)
+        choices = [
+            S.CompletionChoice(index=i, text=echo[i // req.n] + text, finish_reason=reason)
+            for i, (text, reason, _) in enumerate(done)
+        ]
+        completion_tokens = sum(d[2] for d in done)
+        return S.CompletionResponse(
+            id=cid, created=created, model=model_name, choices=choices,
+            usage=S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens),
+        )  # fmt: skip
+
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
+
+    def chunk(i: int, text: str, reason: str | None = None) -> str:
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        return _sse({**base, "choices": [choice]})
+
+    job = _StreamJob(
+        svc, request, key, rows, max_tokens, req.stop, req.include_usage, prompt_tokens, base,
+        preamble=[chunk(i, echo[i // req.n]) for i in range(len(rows)) if echo[i // req.n]],
+        text_chunk=chunk, end_chunk=lambda i, reason: chunk(i, "", reason),
+    )  # fmt: skip
+    return StreamingResponse(_sse_events(job), media_type="text/event-stream")
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat(req: S.ChatCompletionRequest, request: Request) -> Any:
+    svc = _service(request)
+    engine, model_name = svc.engine, svc.engine.settings.model_name
+    svc.check_model(req.model)
+    max_tokens = req.max_new or engine.settings.default_max_tokens
+    key = engine.generate_key(req, max_tokens)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in req.messages
+    ]
+    engine.check_rows(req.n)
+    engine.check_prompt_text("".join(m["content"] for m in messages), "messages")
+    try:
+        ids = await asyncio.to_thread(svc.tokenizer.chat_ids, messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise EngineError(str(e), "messages") from e
+    engine.check_prompt(ids, "messages")
+    seed = request_seed(req.seed)
+    rows = [Row(ids, seed=(seed, j)) for j in range(req.n)]
+    svc.metrics.prompt_tokens.inc(len(ids) * req.n)
+    cid, created = S.new_id("chatcmpl"), S.now()
+
+    if not req.stream:
+        done = await _results(svc, key, rows, request, max_tokens, req.stop)
+        ct = sum(d[2] for d in done)
+        return S.ChatCompletionResponse(
+            id=cid, created=created, model=model_name,
+            choices=[S.ChatChoice(index=i, message=S.AssistantMessage(content=t), finish_reason=r)
+                     for i, (t, r, _) in enumerate(done)],
+            usage=S.Usage(prompt_tokens=len(ids), completion_tokens=ct, total_tokens=len(ids) + ct),
+        )  # fmt: skip
+
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+
+    def chunk(i: int, delta: dict[str, str], reason: str | None = None) -> str:
+        choice = {"index": i, "logprobs": None, "finish_reason": reason, "delta": delta}
+        return _sse({**base, "choices": [choice]})
+
+    job = _StreamJob(
+        svc, request, key, rows, max_tokens, req.stop, req.include_usage, len(ids), base,
+        preamble=[chunk(i, {"role": "assistant", "content": ""}) for i in range(len(rows))],
+        text_chunk=lambda i, text: chunk(i, {"content": text}),
+        end_chunk=lambda i, reason: chunk(i, {}, reason),
+    )  # fmt: skip
+    return StreamingResponse(_sse_events(job), media_type="text/event-stream")
+
+
+@router.post("/v1/infill")
+async def infill(req: S.InfillRequest, request: Request) -> S.InfillResponse:
+    svc = _service(request)
+    engine = svc.engine
+    svc.check_model(req.model)
+    key = engine.infill_key(req, req.max_tokens)
+    engine.check_rows(req.n)
+    # The first hole token is predicted from the column before it (logit shift): an empty
+    # prefix gets a bos to stand on.
+    prefix = await svc.encode_prompt(req.prefix, "prefix") if req.prefix else []
+    prefix = prefix or [svc.tokenizer.bos_id]
+    suffix = await svc.encode_prompt(req.suffix, "suffix") if req.suffix else []
+    engine.check_infill_fits(prefix, suffix, req.max_tokens)
+    seed = request_seed(req.seed)
+    rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
+    outs = await svc.run_rows(key, rows, request)
+    choices = []
+    generated = 0
+    for i, o in enumerate(outs):
+        middle_ids = [t for t in o if t not in engine.stop_ids and t != svc.tokenizer.mask_id]
+        middle = svc.tokenizer.decode(middle_ids, skip_special_tokens=True)
+        generated += len(middle_ids)
+        choices.append(
+            S.InfillChoice(index=i, text=req.prefix + middle + req.suffix, infill=middle)
+        )
+    svc.metrics.generated_tokens.inc(generated)
+    pt = len(prefix) + len(suffix)
+    return S.InfillResponse(
+        id=S.new_id("infill"), created=S.now(), model=engine.settings.model_name, choices=choices,
+        usage=S.Usage(prompt_tokens=pt, completion_tokens=generated, total_tokens=pt + generated),
+    )  # fmt: skip
+
+
 def create_app(
     engine: Engine, *, api_key: str | None = None, warmup: bool | None = None
 ) -> FastAPI:
-    """The FastAPI app. Warm-up (compiling the shape buckets) runs in the background after start-up;
-    `/readyz` turns 200 when it is done."""
+    """The FastAPI app: the module's routes (`router`) and error handlers over one `_Service`
+    (`app.state.service`). Warm-up (compiling the shape buckets) runs in the background after
+    start-up; `/readyz` turns 200 when it is done."""
     svc = _Service(engine, api_key)
-    do_warmup = engine.settings.warmup if warmup is None else warmup
-    model_name = engine.settings.model_name
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await svc.batcher.start()
-
-        task = asyncio.create_task(_warm_up(svc, do_warmup))
-        try:
-            yield
-        finally:
-            # Warm-up runs on the model thread: cancelling the task frees the event loop, the
-            # event makes the thread give up at its next program boundary.
-            engine.stop_warmup.set()
-            task.cancel()
-            await svc.batcher.stop(drain_timeout_s=0 if svc.stopping else 30.0)
-            busy = (
-                " (a model call is still running; it is abandoned)"
-                if svc.batcher.model_busy
-                else ""
-            )
-            log.info("coda sampler stopped: queue drained, batcher closed%s", busy)
-
-    app = FastAPI(title="coda sampler", lifespan=lifespan)
+    app = FastAPI(title="coda sampler", lifespan=_lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.service = svc
+    app.state.warmup = engine.settings.warmup if warmup is None else warmup
+    # Plain ASGI middlewares (a BaseHTTPMiddleware would hide client disconnects); the last one
+    # added is the outermost: AuthAndMetrics wraps BodyLimit.
     app.add_middleware(BodyLimit, max_bytes=engine.settings.max_body_bytes)
-
-    # ---- errors ----
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc)
-
-    @app.exception_handler(EngineError)
-    async def _on_engine(request: Request, exc: EngineError) -> JSONResponse:
-        status = 404 if isinstance(exc, UnknownModel) else 400
-        return _error(status, str(exc), "invalid_request_error", exc.param, exc.code)
-
-    @app.exception_handler(ClientGone)
-    async def _on_gone(request: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nginx's "client closed request": only metrics see it
-
-    @app.exception_handler(QueueFull)
-    async def _on_full(request: Request, exc: QueueFull) -> JSONResponse:
-        return _error(503, str(exc), "server_overloaded", None, "queue_full")
-
-    @app.exception_handler(ShuttingDown)
-    async def _on_stop(request: Request, exc: ShuttingDown) -> JSONResponse:
-        return _error(503, str(exc), "server_unavailable", None, "shutting_down")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        code = "request_too_large" if exc.status_code == 413 else None
-        return _error(exc.status_code, str(exc.detail), type_, None, code)
-
-    @app.exception_handler(Exception)
-    async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-    # ---- auth + metrics: plain ASGI (a BaseHTTPMiddleware would hide client disconnects) ----
-
     app.add_middleware(AuthAndMetrics, service=svc)
-
-    # ---- probes ----
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        body = {
-            "ready": engine.ready and not svc.stopping,
-            "warmup_seconds": engine.warmup_seconds,
-            "error": svc.warmup_error,
-            "stopping": svc.stopping,
-        }
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> S.ModelList:
-        return S.ModelList(data=[S.ModelCard(id=model_name, created=int(svc.started))])
-
-    # ---- completions ----
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: S.CompletionRequest, request: Request) -> Any:
-        if req.suffix is not None:
-            raise EngineError("use /v1/infill for prefix + suffix requests", "suffix")
-        svc.check_model(req.model)
-        max_tokens = req.max_tokens or engine.settings.default_max_tokens
-        key = engine.generate_key(req, max_tokens)
-        prompts = req.prompts()
-        engine.check_rows(len(prompts) * req.n)
-        ids = [await svc.encode_prompt(p, "prompt") for p in prompts]
-        seed = request_seed(req.seed)
-        rows = [Row(p, seed=(seed, i * req.n + j)) for i, p in enumerate(ids) for j in range(req.n)]
-        svc.metrics.prompt_tokens.inc(sum(len(p) for p in ids) * req.n)
-        cid, created = S.new_id("cmpl"), S.now()
-        echo = [
-            (p if isinstance(p, str) else svc.tokenizer.decode(p)) if req.echo else ""
-            for p in prompts
-        ]
-
-        async def results() -> list[tuple[str, str, int]]:
-            outs = await svc.run_rows(key, rows, request)
-            done = [svc.finish(o, max_tokens, req.stop) for o in outs]
-            svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
-            return done
-
-        prompt_tokens = sum(len(p) for p in ids)
-        if not req.stream:
-            done = await results()
-            choices = [
-                S.CompletionChoice(index=i, text=echo[i // req.n] + text, finish_reason=reason)
-                for i, (text, reason, _) in enumerate(done)
-            ]
-            completion_tokens = sum(d[2] for d in done)
-            return S.CompletionResponse(
-                id=cid, created=created, model=model_name, choices=choices,
-                usage=S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens),
-            )  # fmt: skip
-
-        async def stream() -> AsyncIterator[str]:
-            base = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
-
-            def chunk(i: int, text: str, reason: str | None = None) -> str:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                return _sse({**base, "choices": [choice]})
-
-            for i in range(len(rows)):
-                if echo[i // req.n]:
-                    yield chunk(i, echo[i // req.n])
-            done: list[tuple[str, str, int]] = []
-            try:
-                async for event in _progressive(svc, key, rows, request, max_tokens, req.stop):
-                    if isinstance(event, tuple):
-                        yield chunk(*event)
-                    else:
-                        done = event
-            except Exception as e:
-                yield _sse_error_and_done(e)
-                return
-            for i, (rest, reason, _) in enumerate(done):
-                if rest:
-                    yield chunk(i, rest)
-                yield chunk(i, "", reason)
-            if req.include_usage:
-                ct = sum(d[2] for d in done)
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": ct,
-                    "total_tokens": prompt_tokens + ct,
-                }
-                yield _sse({**base, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    # ---- chat ----
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: S.ChatCompletionRequest, request: Request) -> Any:
-        svc.check_model(req.model)
-        max_tokens = req.max_new or engine.settings.default_max_tokens
-        key = engine.generate_key(req, max_tokens)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
-        engine.check_rows(req.n)
-        engine.check_prompt_text("".join(m["content"] for m in messages), "messages")
-        try:
-            ids = await asyncio.to_thread(
-                svc.tokenizer.chat_ids, messages, add_generation_prompt=True
-            )
-        except ValueError as e:
-            raise EngineError(str(e), "messages") from e
-        engine.check_prompt(ids, "messages")
-        seed = request_seed(req.seed)
-        rows = [Row(ids, seed=(seed, j)) for j in range(req.n)]
-        svc.metrics.prompt_tokens.inc(len(ids) * req.n)
-        cid, created = S.new_id("chatcmpl"), S.now()
-
-        async def results() -> list[tuple[str, str, int]]:
-            outs = await svc.run_rows(key, rows, request)
-            done = [svc.finish(o, max_tokens, req.stop) for o in outs]
-            svc.metrics.generated_tokens.inc(sum(d[2] for d in done))
-            return done
-
-        if not req.stream:
-            done = await results()
-            ct = sum(d[2] for d in done)
-            return S.ChatCompletionResponse(
-                id=cid, created=created, model=model_name,
-                choices=[S.ChatChoice(index=i, message=S.AssistantMessage(content=t), finish_reason=r)
-                         for i, (t, r, _) in enumerate(done)],
-                usage=S.Usage(prompt_tokens=len(ids), completion_tokens=ct, total_tokens=len(ids) + ct),
-            )  # fmt: skip
-
-        async def stream() -> AsyncIterator[str]:
-            base = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-            }
-
-            def chunk(i: int, delta: dict[str, str], reason: str | None = None) -> str:
-                choice = {"index": i, "logprobs": None, "finish_reason": reason, "delta": delta}
-                return _sse({**base, "choices": [choice]})
-
-            for i in range(len(rows)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            done: list[tuple[str, str, int]] = []
-            try:
-                async for event in _progressive(svc, key, rows, request, max_tokens, req.stop):
-                    if isinstance(event, tuple):
-                        yield chunk(event[0], {"content": event[1]})
-                    else:
-                        done = event
-            except Exception as e:
-                yield _sse_error_and_done(e)
-                return
-            for i, (rest, reason, _) in enumerate(done):
-                if rest:
-                    yield chunk(i, {"content": rest})
-                yield chunk(i, {}, reason)
-            if req.include_usage:
-                ct = sum(d[2] for d in done)
-                usage = {
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": ct,
-                    "total_tokens": len(ids) + ct,
-                }
-                yield _sse({**base, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    # ---- infill ----
-
-    @app.post("/v1/infill")
-    async def infill(req: S.InfillRequest, request: Request) -> S.InfillResponse:
-        svc.check_model(req.model)
-        key = engine.infill_key(req, req.max_tokens)
-        engine.check_rows(req.n)
-        # The first hole token is predicted from the column before it (logit shift): an empty
-        # prefix gets a bos to stand on.
-        prefix = await svc.encode_prompt(req.prefix, "prefix") if req.prefix else []
-        prefix = prefix or [svc.tokenizer.bos_id]
-        suffix = await svc.encode_prompt(req.suffix, "suffix") if req.suffix else []
-        engine.check_infill_fits(prefix, suffix, req.max_tokens)
-        seed = request_seed(req.seed)
-        rows = [Row(prefix, suffix, seed=(seed, j)) for j in range(req.n)]
-        outs = await svc.run_rows(key, rows, request)
-        choices = []
-        generated = 0
-        for i, o in enumerate(outs):
-            middle_ids = [t for t in o if t not in engine.stop_ids and t != svc.tokenizer.mask_id]
-            middle = svc.tokenizer.decode(middle_ids, skip_special_tokens=True)
-            generated += len(middle_ids)
-            choices.append(
-                S.InfillChoice(index=i, text=req.prefix + middle + req.suffix, infill=middle)
-            )
-        svc.metrics.generated_tokens.inc(generated)
-        pt = len(prefix) + len(suffix)
-        return S.InfillResponse(
-            id=S.new_id("infill"), created=S.now(), model=model_name, choices=choices,
-            usage=S.Usage(prompt_tokens=pt, completion_tokens=generated, total_tokens=pt + generated),
-        )  # fmt: skip
-
+    app.include_router(router)
     return app
 
 

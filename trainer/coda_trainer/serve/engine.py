@@ -16,8 +16,10 @@ near-tie between two tokens can then break differently (greedy or sampled alike)
 Compile keys. A program is compiled per (kind, Plan, shapes). Everything numeric a request sets is
 traced (temperature, top_p, top_k, alg_temp, threshold, seed), so the request-controlled part of a
 Plan is a finite set: alg (4) × greedy or sampled × top_p on/off × top_k on/off × alg_temp on/off ×
-threshold on/off × block_length (a divisor of the gen bucket) × steps per block (a power of two up
-to the block's tokens: a request's steps are rounded up to it, never down) — times the buckets.
+threshold on/off × block_length (a divisor of the gen bucket) × cache (none, prefix, dual) × steps
+per block (a power of two up to the block's tokens: a request's steps are rounded up to it, never
+down) — times the buckets. A `preset` only chooses among those (steps, block_length, threshold,
+cache), so it adds no compile keys of its own.
 Warm-up compiles (does not run) the default settings' programs: first every batch bucket of the
 default generation length at the smallest prompt bucket, after which the server is ready, then the
 other buckets in the background, one program at a time between batches (`warmup_programs`).
@@ -39,6 +41,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from coda_trainer.config import SamplerSettings, resolve_sampler_settings
 from coda_trainer.sampling import SamplingConfig
 from coda_trainer.serve.schemas import SamplingParams
 
@@ -100,19 +103,9 @@ class Generator(Protocol):
         """Compile the generate program for these shapes without running it (warm-up)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """Server-wide defaults for settings a request leaves out (CLI flags)."""
-
-    steps: int | None = None  # None = one step per generated token (the release's eval setting)
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
-    alg_temp: float | None = None
-    block_length: int | None = None
-    threshold: float | None = None
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    cache: Literal["none", "prefix", "dual"] = "none"
+# The server's defaults are the shared settings model (a request overrides each knob; a preset,
+# the server's or the request's, sets four at once): see coda_trainer.config.SamplerKnobs.
+SamplingDefaults = SamplerSettings
 
 
 def _powers_of_two_upto(n: int) -> tuple[int, ...]:
@@ -274,8 +267,8 @@ class Engine:
         self, p: SamplingParams, n_tokens: int, *, infill: bool = False
     ) -> SamplingConfig:
         """The SamplingConfig for a request; `n_tokens` = masks in the canvas."""
-        d = self.settings.defaults
-        block = p.block_length if p.block_length is not None else d.block_length
+        d = resolve_sampler_settings(self.settings.defaults, p)
+        block = d.block_length
         if infill:
             block = None if block is None or n_tokens % block else block
         elif block is not None:
@@ -286,7 +279,7 @@ class Engine:
                     f"(max_tokens is rounded up to one of {list(self.settings.gen_buckets)})",
                     "block_length",
                 )  # fmt: skip
-        steps = p.steps if p.steps is not None else (d.steps or n_tokens)
+        steps = d.steps or n_tokens
         if steps > self.settings.max_steps:
             raise EngineError(f"steps must be <= {self.settings.max_steps}", "steps")
         # A step reveals at least one token per block at the schedule's end, so more steps than
@@ -304,13 +297,13 @@ class Engine:
             return SamplingConfig(
                 steps=steps,
                 max_new_tokens=n_tokens,
-                temperature=p.temperature if p.temperature is not None else d.temperature,
-                top_p=p.top_p if p.top_p is not None else d.top_p,
-                top_k=p.top_k if p.top_k is not None else d.top_k,
-                alg=p.alg or d.alg,
-                alg_temp=p.alg_temp if p.alg_temp is not None else d.alg_temp,
+                temperature=d.temperature,
+                top_p=d.top_p,
+                top_k=d.top_k,
+                alg=d.alg,
+                alg_temp=d.alg_temp,
                 block_length=block,
-                threshold=p.threshold if p.threshold is not None else d.threshold,
+                threshold=d.threshold,
                 cache=cache,
                 stop_at_eos=not infill,
             )

@@ -1,8 +1,9 @@
 """OpenAI-shaped request, response and error models of the sampler service.
 
 Requests accept the OpenAI fields real clients send plus the diffusion sampler's knobs as
-extensions (`steps`, `alg`, `alg_temp`, `block_length`, `threshold`, `top_k`), which the `openai`
-client passes through `extra_body`. Types are strict (`"max_tokens": "10"` and `"stream": "yes"` are
+extensions (`coda_trainer.config.SamplerKnobs`: `preset`, `steps`, `alg`, `alg_temp`,
+`block_length`, `threshold`, `cache`, `top_k`), which the `openai` client passes through
+`extra_body`. Types are strict (`"max_tokens": "10"` and `"stream": "yes"` are
 errors, as in OpenAI's API; an integer is still a valid float). OpenAI parameters this sampler does
 not implement (`UNSUPPORTED`: logit_bias, tools, response_format, ...) are rejected by name rather
 than silently ignored; fields nobody knows are ignored, as OpenAI's own server tolerates newer
@@ -17,6 +18,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from coda_trainer.config import MAX_NEW_TOKENS, SamplerKnobs
 
 __all__ = [
     "ChatCompletionRequest",
@@ -39,25 +42,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
-class SamplingParams(_Request):
-    """Sampling fields common to every generation route. None = the server's default."""
+class SamplingParams(_Request, SamplerKnobs):
+    """Fields common to every generation route: the sampler's knobs (`SamplerKnobs`: `preset`,
+    `steps`, `alg`, ..., `cache`, with the bounds every surface shares), each None = the server's
+    default, plus the OpenAI fields below."""
 
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    # Diffusion extensions.
-    steps: int | None = Field(default=None, ge=1)
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
-    alg_temp: float | None = Field(default=None, ge=0.0)
-    block_length: int | None = Field(default=None, ge=1)
-    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
 
 
 class _TextGeneration(SamplingParams):
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -148,7 +144,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_TextGeneration):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
     @property
     def max_new(self) -> int | None:
@@ -164,7 +160,7 @@ class InfillRequest(SamplingParams):
 
     prefix: str
     suffix: str
-    max_tokens: int = Field(default=32, ge=1)
+    max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
     n: int = Field(default=1, ge=1, le=MAX_N)
 
 
