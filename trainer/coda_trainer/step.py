@@ -144,7 +144,7 @@ def _knob_loss(model: Any, data: dict[str, Any], rng: Any, knobs: StepKnobs, **s
     from coda_trainer.loss import model_loss
 
     return model_loss(model, data, rng, knobs.probs_3, knobs.prompt_keep_frac,
-                      block_weights_K=knobs.block_weights, **static)  # fmt: skip
+                      block_weights_C=knobs.block_weights, **static)  # fmt: skip
 
 
 def make_train_step(

@@ -1,4 +1,7 @@
-"""Host-side entry points: `generate` and `infill` (prompt layout in, tokens out)."""
+"""Host-side entry points: `generate` and `infill` (prompt layout in, tokens out).
+
+Shape suffixes: see the legend in `coda_trainer/__init__.py`.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class GenerateOutput:
     num_block_forwards: int
     # With record_history: the generated region after each of the `steps` steps (a step that did
     # not run, because its block was already complete, repeats the previous state).
-    history_SxBxN: np.ndarray | None = None
+    history_UxBxN: np.ndarray | None = None
 
     def completions(self, stop_ids: Sequence[int] = ()) -> list[list[int]]:
         """Each row's generated tokens, cut before the first of `stop_ids`."""
@@ -176,7 +179,7 @@ def _plan(
 def _knobs(config: SamplingConfig) -> Knobs:
     f32 = jnp.float32
     return Knobs(
-        ratios_S=jnp.asarray(transfer_ratios(config.eps, config.steps_per_block)),
+        ratios_U=jnp.asarray(transfer_ratios(config.eps, config.steps_per_block)),
         temperature=jnp.asarray(config.temperature or 1.0, f32),
         top_p=jnp.asarray(config.top_p or 1.0, f32),
         alg_temp=jnp.asarray(config.alg_temp or 1.0, f32),
@@ -257,7 +260,7 @@ def _run(
         num_steps_used=int(full) + int(block),
         num_full_forwards=int(full),
         num_block_forwards=int(block),
-        history_SxBxN=history,
+        history_UxBxN=history,
     )
 
 
