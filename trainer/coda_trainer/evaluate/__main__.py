@@ -31,8 +31,24 @@ import argparse
 import os
 import sys
 
-from coda_trainer.contract import ENV_API_KEY
+from coda_trainer import storage
+from coda_trainer.contract import ENV_API_KEY, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
+from coda_trainer.evaluate import sandbox
 from coda_trainer.evaluate.datasets import BENCHMARKS
+from coda_trainer.evaluate.runner import (
+    DEFAULT_LIMITS,
+    InProcessSource,
+    OpenAISource,
+    ReferenceSource,
+    SharedGenerations,
+    format_table,
+    run_eval,
+)
+from coda_trainer.evaluate.sandbox import SandboxLimits
+from coda_trainer.k8s_progress import ProgressReporter
+from coda_trainer.serve.__main__ import resolve_tokenizer_path
+from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
+from coda_trainer.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,8 +117,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _source(args: argparse.Namespace):
-    from coda_trainer.evaluate.runner import InProcessSource, OpenAISource, ReferenceSource
-
     steps = args.steps or args.max_new_tokens
     sampling = dict(
         steps=steps, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, alg=args.alg,
@@ -122,10 +136,9 @@ def _source(args: argparse.Namespace):
             extra_body=extra, concurrency=args.concurrency, name=f"{args.url} ({args.api})",
         )  # fmt: skip
         return src, {"max_tokens": args.max_new_tokens, **sampling}
+    # lazy: hf and sampling import JAX (+11 s measured); --help, argparse errors and --url stay ~1 s
     from coda_trainer import hf
     from coda_trainer.sampling import SamplingConfig
-    from coda_trainer.serve.__main__ import resolve_tokenizer_path
-    from coda_trainer.tokenizer import load_tokenizer
 
     print(f"loading {args.checkpoint}", file=sys.stderr, flush=True)
     model_config, model = hf.load_pretrained(args.checkpoint)
@@ -147,14 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     if max(ks) > args.n_samples:
         print(f"error: pass@{max(ks)} needs --n-samples >= {max(ks)}", file=sys.stderr)
         return 2
-    from coda_trainer.evaluate.runner import (
-        DEFAULT_LIMITS,
-        SharedGenerations,
-        format_table,
-        run_eval,
-    )
-    from coda_trainer.evaluate.sandbox import SandboxLimits
-
     source, settings = _source(args)
     # HumanEval and HumanEval+ share their prompts: with both asked for, generate once, score both.
     # Not for --reference: its "responses" are each benchmark's own reference solution (EvalPlus
@@ -215,10 +220,6 @@ def stage_scores(reports: list, report_dir: str, settings: dict) -> dict:
 def publish(reports: list, report_dir: str, settings: dict) -> int:
     """Write each report to `<report_dir>/<benchmark>.json` and the scores into the run's status
     (in a pod whose env asks for it). Returns an exit code: 0, or 75 when either failed."""
-    from coda_trainer import storage
-    from coda_trainer.contract import EXIT_RETRYABLE
-    from coda_trainer.k8s_progress import ProgressReporter
-
     try:
         for r in reports:
             storage.write_text(
@@ -242,10 +243,6 @@ def publish(reports: list, report_dir: str, settings: dict) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """`main` as a process: stops promptly on SIGTERM/SIGINT (see the module docstring). Embedding
     callers (`coda-ctl eval`) call `main` and handle their own signals."""
-    from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
-    from coda_trainer.evaluate import sandbox
-    from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
-
     stop = StopRequest().install()
     try:
         return call_until_stopped(lambda: main(argv), stop, name="coda-eval")

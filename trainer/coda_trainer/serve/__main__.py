@@ -35,8 +35,13 @@ import os
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
+from coda_trainer import storage
+from coda_trainer.config import SamplerDefaults
 from coda_trainer.contract import ENV_API_KEY, ENV_RUN_NAME, ENV_SAMPLER_DEFAULTS
 from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
+from coda_trainer.tokenizer import load_tokenizer
 
 EXIT_USAGE = 2
 SAMPLER_DEFAULTS_ENV = ENV_SAMPLER_DEFAULTS
@@ -153,8 +158,6 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve_tokenizer_path(checkpoint: str, explicit: str | None) -> str:
-    from coda_trainer import storage
-
     if explicit:
         return explicit
     sub = storage.join(checkpoint, "tokenizer")
@@ -174,10 +177,6 @@ def parse_env_defaults(text: str | None) -> dict[str, Any]:
     as the CRD's `spec.sampler.defaults`; ValueError names the variable and the problem."""
     if text is None or not text.strip():
         return {}
-    from pydantic import ValidationError
-
-    from coda_trainer.config import SamplerDefaults
-
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -223,10 +222,10 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     """Import JAX, load the checkpoint and tokenizer, build the app (runs on a worker thread)."""
     log = logging.getLogger("coda.serve")
     log.info("loading %s", args.checkpoint)
+    # lazy: these import JAX (+12 s measured), kept off the main thread so /healthz answers at once
     from coda_trainer import hf
     from coda_trainer.serve.app import create_app
     from coda_trainer.serve.engine import Engine, SamplerGenerator, SamplingDefaults, ServeSettings
-    from coda_trainer.tokenizer import load_tokenizer
 
     max_tokens = defaults["max_new_tokens"]
     if max_tokens > args.gen_buckets[-1]:
