@@ -249,7 +249,7 @@ def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> tup
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    # lazy: imports JAX (+11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
     from coda_trainer.sharding import batch_sharding
     from coda_trainer.step import stage_knobs
 
@@ -298,7 +298,7 @@ def compile_stage(
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    # lazy: imports JAX (+11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
     from coda_trainer.masking import NoiseSpec
     from coda_trainer.sharding import make_mesh
     from coda_trainer.step import abstract_train_state, make_eval_step, make_train_step
@@ -401,7 +401,7 @@ def search_stage(
     at the chips' peak, then fewer micro-batches (bigger matmuls) first. Candidates are tried in
     that order and the first that fits wins, so the search compiles only what it must.
     """
-    # lazy: imports JAX (+11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
     from coda_trainer.sharding import make_mesh
     from coda_trainer.step import stage_model_config
 
@@ -506,7 +506,7 @@ def arithmetic_report(
     cfg: TrainJobConfig, chips: int, device_peak_flops: float | None
 ) -> dict[str, Any]:
     """What a stage costs without compiling: FLOPs per step and the ideal (100% MFU) times."""
-    # lazy: imports JAX (+11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
     from coda_trainer.step import stage_model_config
 
     stage = cfg.stage
@@ -580,7 +580,7 @@ def stage_report(cfg: TrainJobConfig, target: TpuTarget, *, search: bool = False
 
 
 def stage_model_config_with(cfg: TrainJobConfig, remat: str) -> Any:
-    # lazy: imports JAX (+11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
     from coda_trainer.step import stage_model_config
 
     return stage_model_config(cfg).model_copy(update={"remat": remat})

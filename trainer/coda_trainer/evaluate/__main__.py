@@ -136,7 +136,7 @@ def _source(args: argparse.Namespace):
             extra_body=extra, concurrency=args.concurrency, name=f"{args.url} ({args.api})",
         )  # fmt: skip
         return src, {"max_tokens": args.max_new_tokens, **sampling}
-    # lazy: hf and sampling import JAX (+11 s measured); --help, argparse errors and --url stay ~1 s
+    # lazy: hf, sampling import JAX (+9-11 s measured); --help, argparse errors, --url stay ~1 s
     from coda_trainer import hf
     from coda_trainer.sampling import SamplingConfig
 

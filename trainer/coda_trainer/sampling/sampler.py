@@ -114,22 +114,22 @@ def build_canvas(
         # The first generated token is predicted by the last prompt token (logit shift).
         raise ValueError("every prompt needs at least one token (e.g. a BOS)")
     B = len(prompts)
-    P = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
+    prompt_w = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
     suffixes = suffixes or [[] for _ in prompts]
-    S = _round_up(max(len(s) for s in suffixes), pad_to_multiple_of) if any(suffixes) else 0
-    T = P + n_masks + S
+    suffix_w = _round_up(max(len(s) for s in suffixes), pad_to_multiple_of) if any(suffixes) else 0
+    T = prompt_w + n_masks + suffix_w
     if model_config.max_position_embeddings < T:
         raise ValueError(
-            f"prompt ({P}) + new tokens ({n_masks}) + suffix ({S}) = {T} exceeds the model's "
-            f"max_position_embeddings ({model_config.max_position_embeddings})"
+            f"prompt ({prompt_w}) + new tokens ({n_masks}) + suffix ({suffix_w}) = {T} exceeds the "
+            f"model's max_position_embeddings ({model_config.max_position_embeddings})"
         )
     tokens = np.full((B, T), model_config.pad_token_id, np.int32)
     seg = np.zeros((B, T), np.int32)
     for b, (p, s) in enumerate(zip(prompts, suffixes, strict=True)):
-        tokens[b, P - len(p) : P] = p
-        seg[b, P - len(p) : P + n_masks + len(s)] = 1
-        tokens[b, P + n_masks : P + n_masks + len(s)] = s
-    tokens[:, P : P + n_masks] = model_config.mask_token_id
+        tokens[b, prompt_w - len(p) : prompt_w] = p
+        seg[b, prompt_w - len(p) : prompt_w + n_masks + len(s)] = 1
+        tokens[b, prompt_w + n_masks : prompt_w + n_masks + len(s)] = s
+    tokens[:, prompt_w : prompt_w + n_masks] = model_config.mask_token_id
     positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
     return Canvas(
         tokens_BxT=tokens,
@@ -137,7 +137,7 @@ def build_canvas(
         positions_BxT=positions,
         prompt_lengths_B=np.array([len(p) for p in prompts], np.int32),
         suffix_lengths_B=np.array([len(s) for s in suffixes], np.int32),
-        gen_start=P,
+        gen_start=prompt_w,
         gen_len=n_masks,
     )
 

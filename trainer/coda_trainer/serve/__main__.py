@@ -222,7 +222,7 @@ def _build_app(args: argparse.Namespace, defaults: dict[str, Any], api_key: str 
     """Import JAX, load the checkpoint and tokenizer, build the app (runs on a worker thread)."""
     log = logging.getLogger("coda.serve")
     log.info("loading %s", args.checkpoint)
-    # lazy: these import JAX (+12 s measured), kept off the main thread so /healthz answers at once
+    # lazy: these import JAX (+9-12 s measured), off the main thread so /healthz answers at once
     from coda_trainer import hf
     from coda_trainer.serve.app import create_app
     from coda_trainer.serve.engine import Engine, SamplerGenerator, SamplingDefaults, ServeSettings
