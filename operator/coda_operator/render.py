@@ -27,7 +27,13 @@ from coda_trainer import contract
 from coda_trainer.config import ModelSpec, TrainJobConfig, sampler_flag
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
-from coda_operator.api import AcceleratorSpec, CodaTrainingRunSpec, SecretKeyRef, parse_spec
+from coda_operator.api import (
+    AcceleratorSpec,
+    CodaTrainingRunSpec,
+    SamplerSpec,
+    SecretKeyRef,
+    parse_spec,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -395,31 +401,11 @@ class StageObjects:
         return [self.configmap, self.jobset]
 
 
-def render_stage(
-    run: str,
-    namespace: str,
-    spec: CodaTrainingRunSpec,
-    index: int,
-    *,
-    attempt: int = 0,
-    suspend: bool = False,
-) -> StageObjects:
-    """ConfigMap + JobSet for stage `index`. With a Kueue queue the JobSet is always created
-    suspended: Kueue admits it by unsuspending."""
-    stage = spec.stages[index]
-    acc = spec.stage_accelerator(index)
-    pl = _placement(acc)
-    js_name = jobset_name(run, stage.name, attempt)
-    cm_name = configmap_name(run, stage.name, attempt)
-    labels = _labels(run, "trainer", **{LABEL_STAGE: stage.name, LABEL_ATTEMPT: str(attempt)})
-    job = stage_job_config(run, spec, index)
-    configmap = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": cm_name, "namespace": namespace, "labels": dict(labels)},
-        "data": {JOB_FILE: yaml.dump(job.to_yaml_dict(), Dumper=_YAML_DUMPER, sort_keys=False)},
-    }
-
+def _stage_pod_spec(
+    run: str, spec: CodaTrainingRunSpec, index: int, attempt: int, pl: _Placement, cm_name: str
+) -> dict[str, Any]:
+    """The pod of every trainer host: the launch script, the job file from the ConfigMap, the
+    accelerator placement."""
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image,
@@ -452,22 +438,51 @@ def render_stage(
         # cluster DNS only with ClusterFirstWithHostNet.
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    return pod_spec
 
+
+def _stage_jobset_metadata(
+    run: str, spec: CodaTrainingRunSpec, index: int, name: str, namespace: str,
+    labels: dict[str, str], pl: _Placement,
+) -> dict[str, Any]:  # fmt: skip
+    """The JobSet's name, Kueue queue label, config hash and (TPU) exclusive-topology annotation."""
     js_labels = dict(labels)
     if spec.queue_name:
         js_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     annotations = {"coda.dev/config-hash": _digest(fingerprint(run, spec, index))}
     if pl.tpu:
         annotations[EXCLUSIVE_TOPOLOGY] = "cloud.google.com/gke-nodepool"
+    return {"name": name, "namespace": namespace, "labels": js_labels, "annotations": annotations}
+
+
+def render_stage(
+    run: str,
+    namespace: str,
+    spec: CodaTrainingRunSpec,
+    index: int,
+    *,
+    attempt: int = 0,
+    suspend: bool = False,
+) -> StageObjects:
+    """ConfigMap + JobSet for stage `index`. With a Kueue queue the JobSet is always created
+    suspended: Kueue admits it by unsuspending."""
+    stage = spec.stages[index]
+    pl = _placement(spec.stage_accelerator(index))
+    cm_name = configmap_name(run, stage.name, attempt)
+    labels = _labels(run, "trainer", **{LABEL_STAGE: stage.name, LABEL_ATTEMPT: str(attempt)})
+    job = stage_job_config(run, spec, index)
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": cm_name, "namespace": namespace, "labels": dict(labels)},
+        "data": {JOB_FILE: yaml.dump(job.to_yaml_dict(), Dumper=_YAML_DUMPER, sort_keys=False)},
+    }
+    pod_spec = _stage_pod_spec(run, spec, index, attempt, pl, cm_name)
+    js_name = jobset_name(run, stage.name, attempt)
     jobset = {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
-        "metadata": {
-            "name": js_name,
-            "namespace": namespace,
-            "labels": js_labels,
-            "annotations": annotations,
-        },
+        "metadata": _stage_jobset_metadata(run, spec, index, js_name, namespace, labels, pl),
         "spec": {
             "suspend": bool(suspend or spec.queue_name),
             "failurePolicy": _jobset_failure_policy(spec.failure_policy.max_restarts),
@@ -499,14 +514,8 @@ def render_stage(
 # --------------------------------------------------------------------------------------------------
 
 
-def render_sampler(
-    run: str, namespace: str, spec: CodaTrainingRunSpec
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    sampler = spec.sampler
-    name = sampler_name(run)
-    selector = {LABEL_RUN: run, LABEL_COMPONENT: "sampler"}
-    labels = _labels(run, "sampler")
-    pl = _placement(sampler.accelerator or AcceleratorSpec())
+def _sampler_resources(sampler: SamplerSpec, pl: _Placement) -> dict[str, Any]:
+    """The user's requests/limits with the accelerator's on top; empty parts left out."""
     requests = dict(sampler.resources.requests) if sampler.resources else {}
     limits = dict(sampler.resources.limits) if sampler.resources else {}
     requests.update(pl.limits)
@@ -516,6 +525,13 @@ def render_sampler(
         resources["requests"] = requests
     if limits:
         resources["limits"] = limits
+    return resources
+
+
+def _sampler_container(run: str, spec: CodaTrainingRunSpec, pl: _Placement) -> dict[str, Any]:
+    """`python -m coda_trainer.serve` on the last stage's export, with its key, defaults, probes."""
+    sampler = spec.sampler
+    resources = _sampler_resources(sampler, pl)
     defaults = sampler.defaults.model_dump(mode="json", exclude_none=True)
     api_key = sampler_api_key(run, spec)
     probe = {
@@ -565,9 +581,20 @@ def render_sampler(
         container["resources"] = resources
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def render_sampler(
+    run: str, namespace: str, spec: CodaTrainingRunSpec
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    sampler = spec.sampler
+    name = sampler_name(run)
+    selector = {LABEL_RUN: run, LABEL_COMPONENT: "sampler"}
+    labels = _labels(run, "sampler")
+    pl = _placement(sampler.accelerator or AcceleratorSpec())
     pod_spec: dict[str, Any] = {
         "securityContext": _pod_security(),
-        "containers": [container],
+        "containers": [_sampler_container(run, spec, pl)],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
     _place(pod_spec, spec, pl)

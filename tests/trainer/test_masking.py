@@ -535,9 +535,9 @@ def test_phase_weights_restrict_the_drawn_block_size_without_recompiling():
     traces = []
 
     @jax.jit
-    def plan(rng, weights_K):
-        traces.append(weights_K)
-        return sample_plan(rng, 20_000, L, jnp.asarray([0.0, 0.0, 1.0]), SPEC, weights_K)
+    def plan(rng, weights_C):
+        traces.append(weights_C)
+        return sample_plan(rng, 20_000, L, jnp.asarray([0.0, 0.0, 1.0]), SPEC, weights_C)
 
     for allowed in ([2], [2, 4], [2, 4, 8]):
         sizes = np.asarray(plan(jax.random.key(3), SPEC.block_weights(allowed)).block_B)

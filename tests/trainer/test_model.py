@@ -87,7 +87,7 @@ def test_scan_and_unrolled_layers_compute_the_same(
     scanned_logits, scanned_kv = _run(micro_model, tokens, return_kv=True)
     unrolled_logits, unrolled_kv = _run(unrolled, tokens, return_kv=True)
     np.testing.assert_allclose(scanned_logits, unrolled_logits, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(scanned_kv.k_NxBxSxKxH, unrolled_kv.k_NxBxSxKxH, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(scanned_kv.k_ZxBxSxKxH, unrolled_kv.k_ZxBxSxKxH, atol=1e-6, rtol=0)
     # Stacking back gives the original parameters exactly.
     back = _with_config(unrolled, scan_layers=True)
     for (pa, a), (pb, b) in zip(
@@ -181,7 +181,7 @@ P = 10  # cached positions; the block has L - P = 6 tokens
 
 def _cache(kv: KVCache, keep: jax.Array) -> KVCache:
     return KVCache(
-        kv.k_NxBxSxKxH[:, :, keep], kv.v_NxBxSxKxH[:, :, keep], kv.segment_ids_BxS[:, keep]
+        kv.k_ZxBxSxKxH[:, :, keep], kv.v_ZxBxSxKxH[:, :, keep], kv.segment_ids_BxS[:, keep]
     )
 
 
@@ -190,7 +190,7 @@ def test_kv_cache_of_prefix_reproduces_full_forward(
 ):
     tokens = _tokens(6, (B, L), micro_config.vocab_size)
     full, kv = _run(micro_model, tokens, return_kv=True)
-    assert kv.k_NxBxSxKxH.shape == (2, B, L, 2, 16) and kv.segment_ids_BxS.shape == (B, L)
+    assert kv.k_ZxBxSxKxH.shape == (2, B, L, 2, 16) and kv.segment_ids_BxS.shape == (B, L)
     positions = jnp.broadcast_to(jnp.arange(P, L), (B, L - P))
     block, block_kv = _run(
         micro_model,
@@ -200,7 +200,7 @@ def test_kv_cache_of_prefix_reproduces_full_forward(
         return_kv=True,
     )
     np.testing.assert_allclose(block, full[:, P:], atol=2e-6, rtol=0)
-    np.testing.assert_allclose(block_kv.k_NxBxSxKxH, kv.k_NxBxSxKxH[:, :, P:], atol=2e-6, rtol=0)
+    np.testing.assert_allclose(block_kv.k_ZxBxSxKxH, kv.k_ZxBxSxKxH[:, :, P:], atol=2e-6, rtol=0)
     # Without the cache the block alone computes something else: the test can fail.
     alone = _run(micro_model, tokens[:, P:], positions_BxL=positions)
     assert not np.allclose(alone, full[:, P:], atol=1e-4)
@@ -226,10 +226,10 @@ def test_kv_cache_padding_in_the_past_is_never_attended(
     segments = jnp.array([[0] * 4 + [1] * 12] * B, jnp.int32)
     full, kv = _run(micro_model, tokens, segment_ids_BxL=segments, return_kv=True)
     past = _cache(kv, jnp.arange(P))
-    junk = 50 * jax.random.normal(jax.random.key(0), past.k_NxBxSxKxH[:, :, :4].shape)
+    junk = 50 * jax.random.normal(jax.random.key(0), past.k_ZxBxSxKxH[:, :, :4].shape)
     past = past._replace(
-        k_NxBxSxKxH=past.k_NxBxSxKxH.at[:, :, :4].set(junk),
-        v_NxBxSxKxH=past.v_NxBxSxKxH.at[:, :, :4].set(junk),
+        k_ZxBxSxKxH=past.k_ZxBxSxKxH.at[:, :, :4].set(junk),
+        v_ZxBxSxKxH=past.v_ZxBxSxKxH.at[:, :, :4].set(junk),
     )
     positions = jnp.broadcast_to(jnp.arange(P, L), (B, L - P))
     block = _run(micro_model, tokens[:, P:], positions_BxL=positions, past_kv=past, return_kv=True)[

@@ -60,12 +60,12 @@ def _left_padded(prompts, n, P):
 
 def _revealed_per_step(out) -> np.ndarray:
     """(steps, B): tokens revealed at each step, from the recorded history."""
-    masks_SxB = np.concatenate(
-        [np.full((1, out.history_SxBxN.shape[1]), out.generated_BxN.shape[1])],
+    masks_UxB = np.concatenate(
+        [np.full((1, out.history_UxBxN.shape[1]), out.generated_BxN.shape[1])],
         axis=0,
     )
-    masks_SxB = np.concatenate([masks_SxB, (out.history_SxBxN == MASK).sum(-1)], axis=0)
-    return masks_SxB[:-1] - masks_SxB[1:]
+    masks_UxB = np.concatenate([masks_UxB, (out.history_UxBxN == MASK).sum(-1)], axis=0)
+    return masks_UxB[:-1] - masks_UxB[1:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_plain_sampler_invariants(golden_model, prompts, alg, seed):
     _gen_region_unchanged_outside(out, canvas)  # prompt tokens (and pads) never change
     assert not (out.generated_BxN == MASK).any()  # no mask left after the last step
     # A revealed token never changes again.
-    hist = out.history_SxBxN
+    hist = out.history_UxBxN
     for s in range(1, hist.shape[0]):
         done = hist[s - 1] != MASK
         np.testing.assert_array_equal(hist[s][done], hist[s - 1][done])
@@ -136,8 +136,8 @@ def test_block_decoding_follows_each_blocks_schedule(golden_model):
     assert _revealed_per_step(out).T.tolist() == [per_block * 4] * 2
     for s in range(8):  # left to right: nothing beyond the current block is revealed
         block = s // 2
-        assert (out.history_SxBxN[s][:, (block + 1) * 4 :] == MASK).all()
-        assert not (out.history_SxBxN[s][:, : block * 4] == MASK).any()
+        assert (out.history_UxBxN[s][:, (block + 1) * 4 :] == MASK).all()
+        assert not (out.history_UxBxN[s][:, : block * 4] == MASK).any()
     assert out.num_steps_used == 8
 
 
@@ -159,20 +159,20 @@ def test_threshold_decoding_reveals_at_least_one_per_step(golden_model, prompts,
     out = generate(golden_model, prompts, config, record_history=True)
     _gen_region_unchanged_outside(out, _left_padded(prompts, 16, out.gen_start))
     assert not (out.generated_BxN == MASK).any()
-    revealed_SxB = _revealed_per_step(out)
-    hist = out.history_SxBxN
-    before_SxB = np.concatenate([np.full((1, 2), 16), (hist == MASK).sum(-1)[:-1]])
-    ran_S = np.concatenate([[True], (hist[1:] != hist[:-1]).any(axis=(1, 2))])
+    revealed_UxB = _revealed_per_step(out)
+    hist = out.history_UxBxN
+    before_UxB = np.concatenate([np.full((1, 2), 16), (hist == MASK).sum(-1)[:-1]])
+    ran_U = np.concatenate([[True], (hist[1:] != hist[:-1]).any(axis=(1, 2))])
     # Each step that ran revealed ≥ 1 token in every row that still had masks in its block.
-    for s in np.nonzero(ran_S)[0]:
+    for s in np.nonzero(ran_U)[0]:
         block = s // 8
         had_masks_B = (hist[s - 1] if s else np.full_like(hist[0], MASK))[
             :, block * 8 : block * 8 + 8
         ]
         rows = (had_masks_B == MASK).any(-1)
-        assert (revealed_SxB[s][rows] >= 1).all(), f"step {s}"
+        assert (revealed_UxB[s][rows] >= 1).all(), f"step {s}"
     assert out.num_steps_used <= 16
-    assert (before_SxB >= 0).all()
+    assert (before_UxB >= 0).all()
 
 
 def test_threshold_saves_steps_where_the_model_is_confident(golden_model):

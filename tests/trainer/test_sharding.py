@@ -129,7 +129,7 @@ _EIGHT_DEVICES = textwrap.dedent(
             logits, kv = fwd(model, t, s)
         return {
             "logits_err": float(jnp.max(jnp.abs(logits - ref_logits))),
-            "kv_err": float(jnp.max(jnp.abs(kv.k_NxBxSxKxH - ref_kv.k_NxBxSxKxH))),
+            "kv_err": float(jnp.max(jnp.abs(kv.k_ZxBxSxKxH - ref_kv.k_ZxBxSxKxH))),
             "logits_spec": [list(a) if isinstance(a, tuple) else a for a in logits.sharding.spec],
             "devices_per_param": min(len(v.get_value().sharding.device_set) for _, v in nnx.to_flat_state(nnx.state(model))),
         }

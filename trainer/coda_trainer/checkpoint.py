@@ -28,9 +28,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from coda_trainer import storage
+from coda_trainer import hf, storage
 from coda_trainer.contract import PermanentError
+from coda_trainer.tokenizer import PROJECT, project_tokenizer_dir
 
 __all__ = [
     "Checkpointer",
@@ -185,8 +188,6 @@ class Checkpointer:
 
 
 def _copy_tokenizer(tokenizer_path: str, dest: str) -> None:
-    from coda_trainer.tokenizer import PROJECT, project_tokenizer_dir
-
     src = str(project_tokenizer_dir()) if tokenizer_path == PROJECT else tokenizer_path
     for name in _TOKENIZER_FILES:
         uri = storage.join(src, name)
@@ -206,8 +207,6 @@ def write_final(
 
     Every process must call this (the export gathers sharded parameters); process 0 writes.
     """
-    from coda_trainer import hf
-
     staging = f"{final_uri.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     primary = jax.process_index() == 0
     if primary:
@@ -224,8 +223,6 @@ def write_final(
         )
         storage.atomic_publish(staging, final_uri)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("coda_write_final")
     return final_uri
 
@@ -262,12 +259,8 @@ def resolve_init_from(uri: str) -> tuple[str, str]:
 
 def load_init_params(uri: str, model: Any) -> str:
     """Load weights from `uri` into `model` in place (sharding kept). Returns the resolved uri."""
-    from flax import nnx
-
     kind, resolved = resolve_init_from(uri)
     if kind == "hf":
-        from coda_trainer import hf
-
         hf.load_hf_weights_into(model, resolved)
         return resolved
     params = nnx.state(model, nnx.Param)

@@ -297,20 +297,15 @@ def _plan_lm_head(
     )
 
 
-def _load_into_state(
+def _check_tensor_names(
     path: str,
     config: ModelConfig,
-    hf: dict[str, Any],
-    abstract_state: Any,
-    shardings: Any,
-) -> Any:
-    """Fill a state shaped like `abstract_state` from the HF folder, one tensor at a time."""
-    weight_map = _weight_map(path)
-    layout = hf_tensor_layout(config)
-    by_name = {t.name: t for t in layout}
-    lm_head = _plan_lm_head(config, hf, weight_map, path)
-
-    required = [t.name for t in layout if not (t.name == "lm_head.weight" and lm_head != "load")]
+    by_name: dict[str, HFTensor],
+    weight_map: dict[str, str],
+    lm_head: str,
+) -> None:
+    """Every tensor the model needs is in the folder, and nothing the model does not know is."""
+    required = [n for n in by_name if not (n == "lm_head.weight" and lm_head != "load")]
     missing = [n for n in required if n not in weight_map]
     if missing:
         where = sorted(set(weight_map.values())) or [SINGLE_FILE]
@@ -331,45 +326,39 @@ def _load_into_state(
             f"({len(unexpected)} unexpected in total)"
         )
 
-    flat_abstract = dict(nnx.to_flat_state(abstract_state))
-    flat_sharding = dict(nnx.to_flat_state(shardings))
-    param_dtype = {p: v.get_value().dtype for p, v in flat_abstract.items()}
-    values: dict[tuple, jax.Array] = {}
-    pending_head: np.ndarray | None = None
 
-    def place(t: HFTensor, kernel: np.ndarray) -> None:
-        sharding = flat_sharding[t.param].get_value()
-        kernel = kernel.astype(param_dtype[t.param], copy=False)
-        if t.layer is None:
-            values[t.param] = jax.device_put(kernel, sharding)
-            return
-        if t.param not in values:
-            full = flat_abstract[t.param].get_value()
-            values[t.param] = jax.jit(
-                lambda: jnp.zeros(full.shape, full.dtype), out_shardings=sharding
-            )()
-        values[t.param] = _set_layer(
-            values[t.param], jax.device_put(kernel, _slice_sharding(sharding)), t.layer
-        )
+def _place(
+    values: dict[tuple, jax.Array],
+    flat_abstract: dict[tuple, Any],
+    flat_sharding: dict[tuple, Any],
+    t: HFTensor,
+    kernel: np.ndarray,
+) -> None:
+    """Put one HF tensor (as a kernel) into `values` in its sharding: a whole parameter, or one
+    layer of a stacked one (the stack is created as zeros on first use)."""
+    sharding = flat_sharding[t.param].get_value()
+    kernel = kernel.astype(flat_abstract[t.param].get_value().dtype, copy=False)
+    if t.layer is None:
+        values[t.param] = jax.device_put(kernel, sharding)
+        return
+    if t.param not in values:
+        full = flat_abstract[t.param].get_value()
+        values[t.param] = jax.jit(
+            lambda: jnp.zeros(full.shape, full.dtype), out_shardings=sharding
+        )()
+    values[t.param] = _set_layer(
+        values[t.param], jax.device_put(kernel, _slice_sharding(sharding)), t.layer
+    )
 
-    files = sorted(set(weight_map.values()))
-    for file in files:
-        uri = storage.join(path, file)
-        with _local_copy(uri) as local, SafetensorsReader(local, uri) as reader:
-            for name in reader.names():
-                if name == "lm_head.weight" and lm_head == "tied":
-                    pending_head = reader.get(name)  # compared with the embedding once loaded
-                    continue
-                t = by_name.get(name)
-                if t is None:
-                    continue
-                if reader.shape(name) != t.hf_shape:
-                    raise CheckpointError(
-                        f"{uri}: tensor {name!r} has shape {list(reader.shape(name))}, "
-                        f"expected {list(t.hf_shape)} for this config"
-                    )
-                place(t, t.to_kernel(np.asarray(reader.get(name))))
 
+def _finish_lm_head(
+    path: str,
+    lm_head: str,
+    values: dict[tuple, jax.Array],
+    flat_sharding: dict[tuple, Any],
+    pending_head: np.ndarray | None,
+) -> None:
+    """A missing head copied from the embedding; a stored head of a tied model must equal it."""
     if lm_head == "copy_embedding":
         emb = values[("embed_tokens", "embedding")]
         values[("lm_head", "kernel")] = jax.jit(
@@ -384,6 +373,43 @@ def _load_into_state(
                 f"{path}: tied/untied mismatch: tensor 'lm_head.weight' differs from "
                 "'model.embed_tokens.weight' but the model config ties them (set tie_word_embeddings=false)"
             )
+
+
+def _load_into_state(
+    path: str,
+    config: ModelConfig,
+    hf: dict[str, Any],
+    abstract_state: Any,
+    shardings: Any,
+) -> Any:
+    """Fill a state shaped like `abstract_state` from the HF folder, one tensor at a time."""
+    weight_map = _weight_map(path)
+    by_name = {t.name: t for t in hf_tensor_layout(config)}
+    lm_head = _plan_lm_head(config, hf, weight_map, path)
+    _check_tensor_names(path, config, by_name, weight_map, lm_head)
+
+    flat_abstract = dict(nnx.to_flat_state(abstract_state))
+    flat_sharding = dict(nnx.to_flat_state(shardings))
+    values: dict[tuple, jax.Array] = {}
+    pending_head: np.ndarray | None = None
+    for file in sorted(set(weight_map.values())):
+        uri = storage.join(path, file)
+        with _local_copy(uri) as local, SafetensorsReader(local, uri) as reader:
+            for name in reader.names():
+                if name == "lm_head.weight" and lm_head == "tied":
+                    pending_head = reader.get(name)  # compared with the embedding once loaded
+                    continue
+                t = by_name.get(name)
+                if t is None:
+                    continue
+                if reader.shape(name) != t.hf_shape:
+                    raise CheckpointError(
+                        f"{uri}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                        f"expected {list(t.hf_shape)} for this config"
+                    )
+                kernel = t.to_kernel(np.asarray(reader.get(name)))
+                _place(values, flat_abstract, flat_sharding, t, kernel)
+    _finish_lm_head(path, lm_head, values, flat_sharding, pending_head)
 
     new_flat = [(p, v.replace(values[p])) for p, v in flat_abstract.items()]
     return nnx.from_flat_state(new_flat)

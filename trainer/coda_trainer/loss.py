@@ -9,6 +9,8 @@ Normalisation:
 * "tokens" (CoDA): Σ_b Σ_i (1/σ_b)·CE_bi over loss-carrying positions / (B·L), L the full row length
   as in the release. 1/σ already accounts for how many tokens were masked.
 * "answer_length" (LLaDA SFT): per row Σ_i (1/σ_b)·CE_bi / answer_len_b, then the mean over rows.
+
+Shape suffixes: see the legend in `coda_trainer/__init__.py`.
 """
 
 from __future__ import annotations
@@ -126,14 +128,14 @@ def model_loss(
     spec: NoiseSpec,
     kind: str,
     loss_norm: str = "tokens",
-    block_weights_K: jax.Array | None = None,
+    block_weights_C: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Noise a batch, run the model on it and score it. Differentiate w.r.t. the model's params.
 
     batch: "tokens" int32 B×L, "segment_ids" int32 B×L (0 = packing padding: never masked, no
     loss), "positions" int32 B×L, and for kind="sft" "prompt_mask" bool B×L. In SFT the pads after
     an answer must carry a non-zero segment id: they are maskable. `probs_3` is used by
-    pretrain/midtrain (with `block_weights_K`, the S3 sizes of the current phase), `prompt_keep_frac`
+    pretrain/midtrain (with `block_weights_C`, the S3 sizes of the current phase), `prompt_keep_frac`
     by sft; the other is ignored. kind="causal" scores next tokens without noising (`causal_loss`);
     the model must then be a causal one.
 
@@ -156,7 +158,7 @@ def model_loss(
         answer_BxL = valid_BxL & ~prompt_BxL
     else:
         noised = noise_pretrain(
-            rng, tokens_BxL, probs_3, spec, valid_BxL=valid_BxL, block_weights_K=block_weights_K
+            rng, tokens_BxL, probs_3, spec, valid_BxL=valid_BxL, block_weights_C=block_weights_C
         )
         answer_BxL = valid_BxL
     logits_BxLxV = model(

@@ -35,6 +35,8 @@ SFT (`noise_sft`): no S1/S2/S3. Prompt tokens (`prompt_BxL`: by default through
 are maskable so the model learns to stop. During the prompt ramp only part of each prompt is kept: see `prompt_keep_mask`. As in the release (`src_mask` shrunk by
 `progress_src_mask`, loss on every position that became `<|mask|>`), a prompt token that the ramp
 left maskable and that got masked carries loss like any other masked token.
+
+Shape suffixes: see the legend in `coda_trainer/__init__.py`.
 """
 
 from __future__ import annotations
@@ -139,12 +141,12 @@ def sample_plan(
     seq_len: int,
     probs_3: jax.Array,
     spec: NoiseSpec,
-    block_weights_K: jax.Array | None = None,
+    block_weights_C: jax.Array | None = None,
 ) -> NoisePlan:
     """Draw σ and the S1/S2/S3 choices for `batch` rows of length `seq_len`.
 
     `probs_3` = f32[3] (prefix, truncate, block) probabilities, traced so a curriculum does not
-    recompile. `block_weights_K` (f32 over `spec.block_sizes`, traced): a row's S3 block size is
+    recompile. `block_weights_C` (f32 over `spec.block_sizes`, traced): a row's S3 block size is
     drawn from the sizes with weight > 0 (`NoiseSpec.block_weights` of a phase); None = all.
     """
     _check_len(seq_len)
@@ -168,13 +170,13 @@ def sample_plan(
     cut_B = jnp.where(apply_cut_B, cut_B, seq_len)
 
     apply_block_B = jax.random.uniform(k_blk, (batch,)) < probs_3[2]
-    sizes_K = jnp.asarray(spec.block_sizes, jnp.int32)
-    if block_weights_K is None:
+    sizes_C = jnp.asarray(spec.block_sizes, jnp.int32)
+    if block_weights_C is None:
         choice_B = jax.random.randint(k_blk_size, (batch,), 0, len(spec.block_sizes))
     else:
-        logits_K = jnp.log(jnp.asarray(block_weights_K, jnp.float32))
-        choice_B = jax.random.categorical(k_blk_size, logits_K, shape=(batch,))
-    size_B = sizes_K[choice_B]
+        logits_C = jnp.log(jnp.asarray(block_weights_C, jnp.float32))
+        choice_B = jax.random.categorical(k_blk_size, logits_C, shape=(batch,))
+    size_B = sizes_C[choice_B]
     block_B = jnp.where(apply_block_B, size_B, 1)
 
     return NoisePlan(sigma_B, prefix_len_B, cut_B, block_B)
@@ -188,8 +190,8 @@ def _block_draw(rng: jax.Array, sigma_B: jax.Array, seq_len: int, k: int) -> jax
     pos_L = jnp.arange(seq_len, dtype=jnp.int32)
     block_id_BxL = (pos_L[None, :] + offset_B[:, None]) // k
     num_blocks = (seq_len - 1 + k - 1) // k + 1  # largest id is ⌊(L−1+k−1)/k⌋
-    drawn_BxN = jax.random.uniform(k_draw, (batch, num_blocks)) < sigma_B[:, None]
-    return jnp.take_along_axis(drawn_BxN, block_id_BxL, axis=1)
+    drawn_BxJ = jax.random.uniform(k_draw, (batch, num_blocks)) < sigma_B[:, None]
+    return jnp.take_along_axis(drawn_BxJ, block_id_BxL, axis=1)
 
 
 def _draw_mask(
@@ -242,16 +244,16 @@ def noise_pretrain(
     spec: NoiseSpec,
     *,
     valid_BxL: jax.Array | None = None,
-    block_weights_K: jax.Array | None = None,
+    block_weights_C: jax.Array | None = None,
 ) -> Noised:
     """Pre-/mid-training noising with S1/S2/S3 rolled per row at `probs_3` = (prefix, truncate, block).
 
     `valid_BxL`: False on packing padding (`segment_ids == 0`); never masked, never in the loss.
-    `block_weights_K`: the S3 block sizes in force (see `sample_plan`).
+    `block_weights_C`: the S3 block sizes in force (see `sample_plan`).
     """
     batch, seq_len = tokens_BxL.shape
     k_plan, k_mask = jax.random.split(rng)
-    plan = sample_plan(k_plan, batch, seq_len, probs_3, spec, block_weights_K)
+    plan = sample_plan(k_plan, batch, seq_len, probs_3, spec, block_weights_C)
     return apply_plan(k_mask, tokens_BxL, plan, spec, valid_BxL=valid_BxL)
 
 

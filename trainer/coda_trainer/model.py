@@ -4,8 +4,9 @@ Same function as the released PyTorch `CoDALanguageModel` / Hugging Face `Qwen3F
 pre-norm blocks of GQA attention (per-head RMSNorm on q and k *before* RoPE, rotate-half RoPE) and a
 SwiGLU MLP, a final RMSNorm and an untied (optionally tied) LM head. Returns raw, unshifted logits.
 
-Shape suffixes: B batch, L query length, S key length (past + own), D hidden, N query heads, K kv
-heads, G = N/K query heads per kv head, H head dim, F MLP width, V vocab, P past length.
+Shape suffixes (legend in `coda_trainer/__init__.py`): B batch, L query length, S key length (past +
+own), D hidden, A query heads, K kv heads, G = A/K query heads per kv head, H head dim, F MLP width,
+V vocab, P past length, Z stacked layers.
 
 `config.dtype` is the compute dtype, `config.param_dtype` the storage dtype; norms and softmax run
 in float32 whatever the compute dtype, logits come back in float32.
@@ -45,8 +46,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked
 class KVCache(NamedTuple):
     """Keys/values of earlier tokens, already q/k-normed and rotated, stacked over layers."""
 
-    k_NxBxSxKxH: jax.Array  # N here = layers
-    v_NxBxSxKxH: jax.Array
+    k_ZxBxSxKxH: jax.Array
+    v_ZxBxSxKxH: jax.Array
     segment_ids_BxS: jax.Array  # int32; 0 = padding (never attended by non-padding queries)
 
 
@@ -164,12 +165,12 @@ def rope_cos_sin(
     return jnp.cos(emb_BxLxH), jnp.sin(emb_BxLxH)
 
 
-def _apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
-    x = x_BxLxNxH.astype(jnp.float32)
+def _apply_rope(x_BxLxAxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
+    x = x_BxLxAxH.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x * cos_BxLxH[:, :, None, :] + rotated * sin_BxLxH[:, :, None, :]
-    return out.astype(x_BxLxNxH.dtype)
+    return out.astype(x_BxLxAxH.dtype)
 
 
 class AttentionContext(NamedTuple):
@@ -210,11 +211,11 @@ class Attention(nnx.Module):
         past_k_BxPxKxH: jax.Array | None = None,
         past_v_BxPxKxH: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q_BxLxNxH = self.q_norm(self.q_proj(x_BxLxD))
+        q_BxLxAxH = self.q_norm(self.q_proj(x_BxLxD))
         k_BxLxKxH = self.k_norm(self.k_proj(x_BxLxD))
         v_BxLxKxH = self.v_proj(x_BxLxD)
-        q_BxLxNxH = constrain(
-            _apply_rope(q_BxLxNxH, ctx.cos_BxLxH, ctx.sin_BxLxH),
+        q_BxLxAxH = constrain(
+            _apply_rope(q_BxLxAxH, ctx.cos_BxLxH, ctx.sin_BxLxH),
             ("batch", "length", "heads", "head_dim"),
         )
         k_BxLxKxH = constrain(
@@ -227,8 +228,8 @@ class Attention(nnx.Module):
         else:
             k_BxSxKxH = jnp.concatenate([past_k_BxPxKxH.astype(k_BxLxKxH.dtype), k_BxLxKxH], axis=1)
             v_BxSxKxH = jnp.concatenate([past_v_BxPxKxH.astype(v_BxLxKxH.dtype), v_BxLxKxH], axis=1)
-        out_BxLxNxH = attention(
-            q_BxLxNxH,
+        out_BxLxAxH = attention(
+            q_BxLxAxH,
             k_BxSxKxH,
             v_BxSxKxH,
             q_segment_ids_BxL=ctx.q_segment_ids_BxL if ctx.segmented else None,
@@ -236,8 +237,8 @@ class Attention(nnx.Module):
             causal=self.causal,
             impl=self.impl,
         )
-        out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attention_out")
-        out_BxLxD = self.o_proj(constrain(out_BxLxNxH, ("batch", "length", "heads", "head_dim")))
+        out_BxLxAxH = checkpoint_name(out_BxLxAxH, "attention_out")
+        out_BxLxD = self.o_proj(constrain(out_BxLxAxH, ("batch", "length", "heads", "head_dim")))
         return out_BxLxD, k_BxLxKxH, v_BxLxKxH
 
 
@@ -311,10 +312,10 @@ def _visible_BxLxS(
     return mask
 
 
-def _xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS) -> jax.Array:
-    B, L, N, H = q_BxLxNxH.shape
+def _xla_attention(q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS) -> jax.Array:
+    B, L, A, H = q_BxLxAxH.shape
     K = k_BxSxKxH.shape[2]
-    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    q_BxLxKxGxH = q_BxLxAxH.reshape(B, L, K, A // K, H)
     logits_BxKxGxLxS = jnp.einsum(
         "blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     ) * (H**-0.5)
@@ -324,11 +325,11 @@ def _xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS) -> jax.Array:
     out_BxLxKxGxH = jnp.einsum(
         "bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH, preferred_element_type=jnp.float32
     )
-    return out_BxLxKxGxH.reshape(B, L, N, H).astype(q_BxLxNxH.dtype)
+    return out_BxLxKxGxH.reshape(B, L, A, H).astype(q_BxLxAxH.dtype)
 
 
 def _cudnn_attention(
-    q_BxLxNxH,
+    q_BxLxAxH,
     k_BxSxKxH,
     v_BxSxKxH,
     visible_BxLxS,
@@ -338,16 +339,16 @@ def _cudnn_attention(
 ) -> jax.Array:
     if causal_only:  # pure causal self-attention: let cuDNN skip the masked blocks
         return jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=implementation
+            q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=implementation
         )
     mask = None if visible_BxLxS is None else visible_BxLxS[:, None]
     return jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation=implementation
+        q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, mask=mask, implementation=implementation
     )
 
 
 def _splash_attention(
-    q_BxLxNxH,
+    q_BxLxAxH,
     k_BxSxKxH,
     v_BxSxKxH,
     q_segment_ids_BxL,
@@ -359,14 +360,14 @@ def _splash_attention(
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    B, L, N, H = q_BxLxNxH.shape
+    B, L, A, H = q_BxLxAxH.shape
     S = k_BxSxKxH.shape[1]
     if q_segment_ids_BxL is None:
         q_segment_ids_BxL = jnp.ones((B, L), jnp.int32)
         kv_segment_ids_BxS = jnp.ones((B, S), jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     head_shards = 1 if mesh.empty else mesh.shape.get("tensor", 1)
-    if N % head_shards or k_BxSxKxH.shape[2] % head_shards:
+    if A % head_shards or k_BxSxKxH.shape[2] % head_shards:
         head_shards = 1
     one = sm.CausalMask((L, S), offset=S - L) if causal else sm.FullMask((L, S))
     block = next(b for b in (512, 256, 128) if L % b == 0 and S % b == 0)
@@ -381,14 +382,14 @@ def _splash_attention(
         block_kv_dq=block,
     )
     kernel = sk.make_splash_mha(
-        sm.MultiHeadMask([one] * N),
+        sm.MultiHeadMask([one] * A),
         block_sizes=sizes,
         head_shards=head_shards,
         q_seq_shards=1,
         interpret=interpret,
     )
     # The kernel takes heads-major, per-example inputs and no scale: scale q up front.
-    q_BxNxLxH = (q_BxLxNxH * (H**-0.5)).transpose(0, 2, 1, 3)
+    q_BxAxLxH = (q_BxLxAxH * (H**-0.5)).transpose(0, 2, 1, 3)
     k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
     v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
 
@@ -398,8 +399,8 @@ def _splash_attention(
         )(q, k, v, qs, ks)
 
     if mesh.empty:
-        out_BxNxLxH = run(
-            kernel, q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, q_segment_ids_BxL, kv_segment_ids_BxS
+        out_BxAxLxH = run(
+            kernel, q_BxAxLxH, k_BxKxSxH, v_BxKxSxH, q_segment_ids_BxL, kv_segment_ids_BxS
         )
     else:
         from jax.sharding import NamedSharding, PartitionSpec
@@ -408,7 +409,7 @@ def _splash_attention(
 
         shape = dict(mesh.shape)
         qspec = logical_to_spec(
-            ("batch", "heads", "length", "head_dim"), shape=q_BxNxLxH.shape, mesh_shape=shape
+            ("batch", "heads", "length", "head_dim"), shape=q_BxAxLxH.shape, mesh_shape=shape
         )
         kvspec = logical_to_spec(
             ("batch", "kv_heads", "length", "head_dim"), shape=k_BxKxSxH.shape, mesh_shape=shape
@@ -418,18 +419,18 @@ def _splash_attention(
             kvspec = PartitionSpec(kvspec[0], None, None, None)
         segspec = PartitionSpec(qspec[0], None)
         kspec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(qspec[1], None)))
-        out_BxNxLxH = jax.shard_map(
+        out_BxAxLxH = jax.shard_map(
             run,
             mesh=mesh,
             in_specs=(kspec, qspec, kvspec, kvspec, segspec, segspec),
             out_specs=qspec,
             check_vma=False,
-        )(kernel, q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, q_segment_ids_BxL, kv_segment_ids_BxS)
-    return out_BxNxLxH.transpose(0, 2, 1, 3)
+        )(kernel, q_BxAxLxH, k_BxKxSxH, v_BxKxSxH, q_segment_ids_BxL, kv_segment_ids_BxS)
+    return out_BxAxLxH.transpose(0, 2, 1, 3)
 
 
 def attention(
-    q_BxLxNxH: jax.Array,
+    q_BxLxAxH: jax.Array,
     k_BxSxKxH: jax.Array,
     v_BxSxKxH: jax.Array,
     *,
@@ -443,22 +444,22 @@ def attention(
     A query attends to keys with its segment id (None: all keys); with `causal`, also only to keys at
     or before its own position (all of a cache's past keys are before it).
     """
-    L, S = q_BxLxNxH.shape[1], k_BxSxKxH.shape[1]
+    L, S = q_BxLxAxH.shape[1], k_BxSxKxH.shape[1]
     auto = impl == "auto"
     impl = resolve_attention_impl(impl)
-    if auto and impl == "cudnn" and q_BxLxNxH.dtype == jnp.float32:
+    if auto and impl == "cudnn" and q_BxLxAxH.dtype == jnp.float32:
         impl = "xla"  # cuDNN flash attention takes half precision only
     if impl == "splash":
         if L % 128 == 0 and S % 128 == 0:
             return _splash_attention(
-                q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, causal
+                q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, causal
             )
         impl = "xla"  # the kernel tiles by 128; short sampler blocks take the reference path
     visible_BxLxS = _visible_BxLxS(q_segment_ids_BxL, kv_segment_ids_BxS, L, S, causal)
     if impl == "cudnn":
         causal_only = causal and q_segment_ids_BxL is None and L == S
-        return _cudnn_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS, causal_only)
-    return _xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
+        return _cudnn_attention(q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS, causal_only)
+    return _xla_attention(q_BxLxAxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,9 +525,9 @@ class Transformer(nnx.Module):
         x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
-        past_k = None if past_kv is None else past_kv.k_NxBxSxKxH
-        past_v = None if past_kv is None else past_kv.v_NxBxSxKxH
-        x_BxLxD, k_NxBxLxKxH, v_NxBxLxKxH = self._run_layers(
+        past_k = None if past_kv is None else past_kv.k_ZxBxSxKxH
+        past_v = None if past_kv is None else past_kv.v_ZxBxSxKxH
+        x_BxLxD, k_ZxBxLxKxH, v_ZxBxLxKxH = self._run_layers(
             x_BxLxD, ctx, past_k, past_v, return_kv=return_kv
         )
 
@@ -538,7 +539,7 @@ class Transformer(nnx.Module):
         logits_BxLxV = project_tokens(x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
         logits_BxLxV = constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
         if return_kv:
-            return logits_BxLxV, KVCache(k_NxBxLxKxH, v_NxBxLxKxH, segment_ids_BxL)
+            return logits_BxLxV, KVCache(k_ZxBxLxKxH, v_ZxBxLxKxH, segment_ids_BxL)
         return logits_BxLxV
 
     def _run_layers(self, x_BxLxD, ctx, past_k, past_v, *, return_kv: bool):

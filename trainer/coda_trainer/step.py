@@ -14,9 +14,19 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from coda_trainer.config import TrainJobConfig
+from coda_trainer.loss import model_loss
+from coda_trainer.masking import prompt_keep_frac_at
+from coda_trainer.model import Transformer
+from coda_trainer.optimizer import make_optimizer, make_schedule
+from coda_trainer.sharding import optimizer_state_shardings, state_shardings
 
 __all__ = [
     "StepKnobs",
@@ -74,14 +84,6 @@ def abstract_train_state(cfg: TrainJobConfig, mesh: Any) -> TrainLayout:
     Parameter shardings come from the model's logical axes; optimiser moments take their
     parameter's sharding (never a replicated copy); the step counter is replicated.
     """
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from coda_trainer.model import Transformer
-    from coda_trainer.optimizer import make_optimizer, make_schedule
-    from coda_trainer.sharding import optimizer_state_shardings, state_shardings
-
     stage = cfg.stage
     model_config = stage_model_config(cfg)
     abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(stage.seed)))
@@ -105,9 +107,6 @@ def abstract_train_state(cfg: TrainJobConfig, mesh: Any) -> TrainLayout:
 
 def initial_train_state(layout: TrainLayout, params: Any, step: int = 0) -> TrainState:
     """A fresh TrainState around (sharded) `params`: optimiser state created in its shardings."""
-    import jax
-    import jax.numpy as jnp
-
     opt_state = jax.jit(layout.tx.init, out_shardings=layout.shardings.opt_state)(params)
     step_array = jax.device_put(jnp.asarray(step, jnp.int32), layout.shardings.step)
     return TrainState(step=step_array, params=params, opt_state=opt_state)
@@ -125,10 +124,6 @@ class StepKnobs(NamedTuple):
 
 def stage_knobs(stage: Any, spec: Any, step: int) -> StepKnobs:
     """The host-computed per-step values the step reads beside the data (numpy, by step)."""
-    import numpy as np
-
-    from coda_trainer.masking import prompt_keep_frac_at
-
     p = stage.masking.probs_at(step, stage.steps)
     ramp = stage.sft_config.prompt_ramp_fraction
     return StepKnobs(
@@ -141,10 +136,8 @@ def stage_knobs(stage: Any, spec: Any, step: int) -> StepKnobs:
 
 
 def _knob_loss(model: Any, data: dict[str, Any], rng: Any, knobs: StepKnobs, **static: Any):
-    from coda_trainer.loss import model_loss
-
     return model_loss(model, data, rng, knobs.probs_3, knobs.prompt_keep_frac,
-                      block_weights_K=knobs.block_weights, **static)  # fmt: skip
+                      block_weights_C=knobs.block_weights, **static)  # fmt: skip
 
 
 def make_train_step(
@@ -171,10 +164,6 @@ def make_train_step(
     B rows are split into A interleaved micro-batches (row i → micro-batch i mod A, which keeps
     every device's rows local) whose gradients are averaged before one optimiser update.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
     def loss_fn(params, micro, rng, knobs):
         model = nnx.merge(graphdef, params, rest)
@@ -225,9 +214,6 @@ def make_train_step(
 def make_eval_step(
     graphdef: Any, rest: Any, *, spec: Any, kind: str, loss_norm: str
 ) -> Callable[..., Any]:
-    import jax
-    from flax import nnx
-
     def eval_step(params, data, knobs, rng):
         model = nnx.merge(graphdef, params, rest)
         _, metrics = _knob_loss(model, data, rng, knobs, spec=spec, kind=kind, loss_norm=loss_norm)

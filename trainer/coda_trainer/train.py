@@ -44,7 +44,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coda_trainer import checkpoint as ckpt_lib
 from coda_trainer import storage
+from coda_trainer.checkpoint import FINAL_META, resolve_init_from
 from coda_trainer.config import ConfigError, TrainJobConfig, load_job_config
 from coda_trainer.contract import (
     ENV_LOG_LEVEL,
@@ -54,7 +61,13 @@ from coda_trainer.contract import (
     PermanentError,
     metrics_uri,
 )
+from coda_trainer.data import Prefetch, make_loader, validate_sources
 from coda_trainer.distributed import StopFlag, StopVote, maybe_initialize_distributed
+from coda_trainer.k8s_progress import BackgroundProgress, ProgressReporter
+from coda_trainer.masking import NoiseSpec
+from coda_trainer.metrics import MetricsWriter, mfu
+from coda_trainer.model import create_sharded_model
+from coda_trainer.sharding import batch_sharding, make_mesh
 from coda_trainer.step import (
     TrainState,
     abstract_train_state,
@@ -64,6 +77,7 @@ from coda_trainer.step import (
     stage_knobs,
     stage_model_config,
 )
+from coda_trainer.tokenizer import load_tokenizer
 
 __all__ = [
     "Plan",
@@ -93,8 +107,6 @@ class Plan:
 
 
 def _final_done(cfg: TrainJobConfig) -> bool:
-    from coda_trainer.checkpoint import FINAL_META
-
     meta_uri = storage.join(cfg.final_dir, FINAL_META)
     if not storage.is_committed(cfg.final_dir) or not storage.exists(meta_uri):
         return False
@@ -103,10 +115,6 @@ def _final_done(cfg: TrainJobConfig) -> bool:
 
 def prepare(cfg: TrainJobConfig) -> Plan:
     """Validate everything that can be checked without devices. Raises ConfigError/DataError."""
-    from coda_trainer.checkpoint import resolve_init_from
-    from coda_trainer.data import validate_sources
-    from coda_trainer.tokenizer import load_tokenizer
-
     stage = cfg.stage
     model_config = stage_model_config(cfg)
     if _final_done(cfg):
@@ -145,8 +153,6 @@ def prepare(cfg: TrainJobConfig) -> Plan:
 
 def _global_batch(local: dict[str, Any], sharding: Any) -> dict[str, Any]:
     """This process's rows → global arrays sharded over the mesh's batch axes."""
-    import jax
-
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
@@ -156,14 +162,6 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
     `stop_after_steps` (tests, benchmarks) behaves like a SIGTERM after that many steps of this
     invocation: checkpoint, exit 75.
     """
-    import jax
-
-    from coda_trainer import checkpoint as ckpt_lib
-    from coda_trainer.data import Prefetch, make_loader
-    from coda_trainer.metrics import MetricsWriter
-    from coda_trainer.model import create_sharded_model
-    from coda_trainer.sharding import make_mesh
-
     cfg, stage, model_config = plan.cfg, plan.cfg.stage, plan.model_config
     maybe_initialize_distributed()
     pi, pc = jax.process_index(), jax.process_count()
@@ -223,8 +221,6 @@ def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
 
 def _progress_reporter() -> Any:
     """Progress into the CodaTrainingRun's status when the operator's pod env asks for it."""
-    from coda_trainer.k8s_progress import BackgroundProgress, ProgressReporter
-
     try:
         reporter = ProgressReporter.from_env()
     except Exception as e:  # a malformed env must not stop training
@@ -237,8 +233,6 @@ def _progress_reporter() -> Any:
 
 
 def _fit(plan, mesh, model, layout, data, ckpt, writer, stop_after_steps, progress=None) -> int:
-    import jax
-
     with jax.set_mesh(mesh):
         stage_run = _StageRun.start(plan, mesh, model, layout, data, ckpt, writer, progress)
         exit_code, step = stage_run.loop(stop_after_steps)
@@ -294,13 +288,6 @@ class _StageRun:
     def start(cls, plan, mesh, model, layout, data, ckpt, writer, progress) -> _StageRun:
         """Resume from the newest complete checkpoint, else start from `init_from` or the random
         initialisation, and build the jitted steps."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from coda_trainer import checkpoint as ckpt_lib
-        from coda_trainer.masking import NoiseSpec
-
         cfg, stage = plan.cfg, plan.cfg.stage
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Created in its shardings (as a restore target too): no replicated copy of the moments.
@@ -334,10 +321,6 @@ class _StageRun:
     def loop(self, stop_after_steps: int | None) -> tuple[int, int]:
         """Train until the last step (EXIT_OK) or a stop (checkpoint, EXIT_RETRYABLE): a signal to
         any process, or `stop_after_steps` steps of this invocation. Returns (exit code, step)."""
-        import jax
-
-        from coda_trainer.sharding import batch_sharding
-
         stage, cfg = self.stage, self.plan.cfg
         base_rng = jax.random.PRNGKey(stage.seed)
         sharding = batch_sharding(self.mesh)
@@ -402,10 +385,6 @@ class _StageRun:
 
     def publish(self, step: int) -> None:
         """The last step's checkpoint, then `final/` (HF export) and the done event."""
-        from flax import nnx
-
-        from coda_trainer import checkpoint as ckpt_lib
-
         cfg, stage = self.plan.cfg, self.stage
         if self.last_ckpt != self.ckpt.step_uri(step):
             self._save(step, wait=True)
@@ -427,11 +406,6 @@ class _StageRun:
 
     def _log_train(self, step: int, window: _Window) -> float:
         """Average the window's metrics into one train event (and status/progress); returns the loss."""
-        import jax
-        import numpy as np
-
-        from coda_trainer.metrics import mfu
-
         stage = self.stage
         tokens_per_step = stage.batch.sequences * stage.batch.seq_len
         host = jax.device_get(window.pending)
@@ -457,11 +431,6 @@ class _StageRun:
     def _run_eval(self, step: int) -> None:
         """Mean eval metrics over `eval.batches` fixed batches with fixed noise (comparable
         between evals: a separate data stream and rng from training)."""
-        import jax
-
-        from coda_trainer.data import make_loader
-        from coda_trainer.sharding import batch_sharding
-
         stage = self.stage
         assert stage.eval is not None
         pi, pc = jax.process_index(), jax.process_count()
@@ -500,8 +469,6 @@ class _StageRun:
             )
 
     def _progress_bar(self) -> Any:
-        import jax
-
         if jax.process_index() != 0 or not sys.stderr.isatty():
             return None
         from tqdm import tqdm

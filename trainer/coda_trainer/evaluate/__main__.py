@@ -31,14 +31,30 @@ import argparse
 import os
 import sys
 
+from coda_trainer import storage
 from coda_trainer.config import (
     SamplerSettings,
     add_sampler_flags,
     resolve_sampler_settings,
     sampler_settings_from_args,
 )
-from coda_trainer.contract import ENV_API_KEY
+from coda_trainer.contract import ENV_API_KEY, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
+from coda_trainer.evaluate import sandbox
 from coda_trainer.evaluate.datasets import BENCHMARKS
+from coda_trainer.evaluate.runner import (
+    DEFAULT_LIMITS,
+    InProcessSource,
+    OpenAISource,
+    ReferenceSource,
+    SharedGenerations,
+    format_table,
+    run_eval,
+)
+from coda_trainer.evaluate.sandbox import SandboxLimits
+from coda_trainer.k8s_progress import ProgressReporter
+from coda_trainer.serve.__main__ import resolve_tokenizer_path
+from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
+from coda_trainer.tokenizer import load_tokenizer
 
 # The harness's own defaults under the flags (the built-in values under those).
 HARNESS_DEFAULTS = SamplerSettings(max_new_tokens=512)
@@ -102,8 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _source(args: argparse.Namespace):
-    from coda_trainer.evaluate.runner import InProcessSource, OpenAISource, ReferenceSource
-
     requested = sampler_settings_from_args(args)
     resolved = resolve_sampler_settings(HARNESS_DEFAULTS, requested)
     max_new_tokens = resolved.max_new_tokens
@@ -130,10 +144,9 @@ def _source(args: argparse.Namespace):
             name=f"{args.url} ({args.api})",
         )  # fmt: skip
         return src, {"max_tokens": max_new_tokens, **sampling}
+    # lazy: hf, sampling import JAX (+9-11 s measured); --help, argparse errors, --url stay ~1 s
     from coda_trainer import hf
     from coda_trainer.sampling import SamplingConfig
-    from coda_trainer.serve.__main__ import resolve_tokenizer_path
-    from coda_trainer.tokenizer import load_tokenizer
 
     print(f"loading {args.checkpoint}", file=sys.stderr, flush=True)
     model_config, model = hf.load_pretrained(args.checkpoint)
@@ -155,14 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     if max(ks) > args.n_samples:
         print(f"error: pass@{max(ks)} needs --n-samples >= {max(ks)}", file=sys.stderr)
         return 2
-    from coda_trainer.evaluate.runner import (
-        DEFAULT_LIMITS,
-        SharedGenerations,
-        format_table,
-        run_eval,
-    )
-    from coda_trainer.evaluate.sandbox import SandboxLimits
-
     source, settings = _source(args)
     # HumanEval and HumanEval+ share their prompts: with both asked for, generate once, score both.
     # Not for --reference: its "responses" are each benchmark's own reference solution (EvalPlus
@@ -223,10 +228,6 @@ def stage_scores(reports: list, report_dir: str, settings: dict) -> dict:
 def publish(reports: list, report_dir: str, settings: dict) -> int:
     """Write each report to `<report_dir>/<benchmark>.json` and the scores into the run's status
     (in a pod whose env asks for it). Returns an exit code: 0, or 75 when either failed."""
-    from coda_trainer import storage
-    from coda_trainer.contract import EXIT_RETRYABLE
-    from coda_trainer.k8s_progress import ProgressReporter
-
     try:
         for r in reports:
             storage.write_text(
@@ -250,10 +251,6 @@ def publish(reports: list, report_dir: str, settings: dict) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """`main` as a process: stops promptly on SIGTERM/SIGINT (see the module docstring). Embedding
     callers (`coda-ctl eval`) call `main` and handle their own signals."""
-    from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
-    from coda_trainer.evaluate import sandbox
-    from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
-
     stop = StopRequest().install()
     try:
         return call_until_stopped(lambda: main(argv), stop, name="coda-eval")

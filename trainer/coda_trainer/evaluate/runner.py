@@ -421,21 +421,10 @@ def format_table(reports: Sequence[EvalReport]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_eval(
-    benchmark: str | Sequence[Problem],
-    source: CompletionSource,
-    *,
-    n_samples: int = 1,
-    ks: Sequence[int] = (1,),
-    limit: int | None = None,
-    task_ids: list[str] | None = None,
-    limits: SandboxLimits | None = None,
-    workers: int | None = None,
-    keep_text: bool = True,
-    out: str | Path | None = None,
-    settings: dict[str, Any] | None = None,
-) -> EvalReport:
-    """Generate `n_samples` per problem with `source`, execute each, and report pass@k."""
+def _problems(
+    benchmark: str | Sequence[Problem], limit: int | None, task_ids: list[str] | None
+) -> tuple[str, list[Problem]]:
+    """The benchmark's name and its problems (a named benchmark is loaded, a list is cut)."""
     if isinstance(benchmark, str):
         problems = load_benchmark(benchmark, limit=limit, task_ids=task_ids)
         name = benchmark
@@ -444,18 +433,18 @@ def run_eval(
         name = problems[0].benchmark if problems else "empty"
     if not problems:
         raise ValueError("no problems to evaluate")
-    if any(k > n_samples for k in ks):
-        raise ValueError(f"pass@k needs k <= n_samples; got ks={list(ks)}, n_samples={n_samples}")
-    limits = limits or DEFAULT_LIMITS.get(name) or SandboxLimits()
+    return name, problems
 
-    t0 = time.monotonic()
-    responses = source.complete(problems, n_samples)
-    t1 = time.monotonic()
-    codes = [
-        ["" if isinstance(r, GenerationFailure) else extract_code(p, r, prefixed=source.prefixed)
-         for r in rs]
-        for p, rs in zip(problems, responses, strict=True)
-    ]  # fmt: skip
+
+def _execute(
+    problems: list[Problem],
+    responses: list[list[Response]],
+    codes: list[list[str]],
+    n_samples: int,
+    limits: SandboxLimits,
+    workers: int | None,
+) -> list[ExecResult]:
+    """Run every generated sample in the sandbox; flat, problem-major (n_samples per problem)."""
     # Only generated samples run; a failed generation is a failed sample with its reason.
     to_run = [
         (i, j, p.program(c))
@@ -465,13 +454,21 @@ def run_eval(
     ]
     executed = run_many([prog for _, _, prog in to_run], limits, workers=workers)
     by_sample = {(i, j): r for (i, j, _), r in zip(to_run, executed, strict=True)}
-    results = [
+    return [
         by_sample.get((i, j)) or _generation_failed(responses[i][j])
         for i in range(len(problems))
         for j in range(n_samples)
     ]
-    t2 = time.monotonic()
 
+
+def _problem_results(
+    problems: list[Problem],
+    responses: list[list[Response]],
+    codes: list[list[str]],
+    results: list[ExecResult],
+    n_samples: int,
+    keep_text: bool,
+) -> list[ProblemResult]:
     per_problem: list[ProblemResult] = []
     for i, p in enumerate(problems):
         rs: list[ExecResult] = results[i * n_samples : (i + 1) * n_samples]
@@ -488,6 +485,41 @@ def run_eval(
                 task_id=p.task_id, n=n_samples, passed=sum(r.passed for r in rs), samples=samples
             )
         )
+    return per_problem
+
+
+def run_eval(
+    benchmark: str | Sequence[Problem],
+    source: CompletionSource,
+    *,
+    n_samples: int = 1,
+    ks: Sequence[int] = (1,),
+    limit: int | None = None,
+    task_ids: list[str] | None = None,
+    limits: SandboxLimits | None = None,
+    workers: int | None = None,
+    keep_text: bool = True,
+    out: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Generate `n_samples` per problem with `source`, execute each, and report pass@k."""
+    name, problems = _problems(benchmark, limit, task_ids)
+    if any(k > n_samples for k in ks):
+        raise ValueError(f"pass@k needs k <= n_samples; got ks={list(ks)}, n_samples={n_samples}")
+    limits = limits or DEFAULT_LIMITS.get(name) or SandboxLimits()
+
+    t0 = time.monotonic()
+    responses = source.complete(problems, n_samples)
+    t1 = time.monotonic()
+    codes = [
+        ["" if isinstance(r, GenerationFailure) else extract_code(p, r, prefixed=source.prefixed)
+         for r in rs]
+        for p, rs in zip(problems, responses, strict=True)
+    ]  # fmt: skip
+    results = _execute(problems, responses, codes, n_samples, limits, workers)
+    t2 = time.monotonic()
+
+    per_problem = _problem_results(problems, responses, codes, results, n_samples, keep_text)
     counts = [(pr.n, pr.passed) for pr in per_problem]
     info = isolation_info()
     report = EvalReport(

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "ExecResult",
@@ -344,20 +344,23 @@ def run_program(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_in(
-    tmp: str, uid: int | None, source: str, limits: SandboxLimits, start: float,
-    owner: object | None,
-) -> ExecResult:  # fmt: skip
+def _make_home(tmp: str, uid: int | None) -> str:
+    """The program's private home (and cwd, TMPDIR) inside `tmp`, owned by its uid."""
     os.chmod(tmp, 0o711)
     home = os.path.join(tmp, "home")
     os.mkdir(home, 0o700)
     if uid is not None:
         os.chown(home, uid, uid)
-    nonce = secrets.token_hex(16)
-    result_r, result_w = os.pipe()
-    config = {
+    return home
+
+
+def _wrapper_config(
+    nonce: str, result_fd: int, uid: int | None, source: str, limits: SandboxLimits
+) -> dict[str, Any]:
+    """What `_WRAPPER` reads on its stdin."""
+    return {
         "nonce": nonce,
-        "result_fd": result_w,
+        "result_fd": result_fd,
         "uid": uid,
         "source": source,
         "isolate_network": limits.isolate_network,
@@ -366,6 +369,57 @@ def _run_in(
             for k in ("cpu_s", "memory_mb", "max_processes", "max_file_mb", "max_open_files")
         },
     }
+
+
+def _feed_and_wait(
+    proc: subprocess.Popen, config: dict[str, Any], limits: SandboxLimits, start: float,
+    owner: object | None, uid: int | None,
+) -> bool:  # fmt: skip
+    """Hand the wrapper its config, wait out the time limit, then kill and reap everything the
+    program started. Returns whether it timed out."""
+    timed_out = False
+    try:
+        if not _register(proc.pid, owner, uid):
+            raise SandboxAborted("the evaluation harness is stopping")
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(config).encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            proc.wait(timeout=max(limits.timeout_s - (time.monotonic() - start), 0.01))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _unregister(proc.pid)  # before the wait reaps it: a pid in _live is never reused
+        proc.wait()
+        if uid is not None:
+            _kill_uid(uid)
+    return timed_out
+
+
+def _read_token(result_r: int) -> bytes:
+    """What the wrapper wrote on its result pipe (empty if nothing), closing the pipe."""
+    os.set_blocking(result_r, False)
+    try:
+        return os.read(result_r, 4096)
+    except BlockingIOError:
+        return b""
+    finally:
+        os.close(result_r)
+
+
+def _run_in(
+    tmp: str, uid: int | None, source: str, limits: SandboxLimits, start: float,
+    owner: object | None,
+) -> ExecResult:  # fmt: skip
+    home = _make_home(tmp, uid)
+    nonce = secrets.token_hex(16)
+    result_r, result_w = os.pipe()
+    config = _wrapper_config(nonce, result_w, uid, source, limits)
     env = {"HOME": home, "TMPDIR": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     with (
         open(os.path.join(tmp, "stdout"), "w+b") as out,
@@ -384,34 +438,8 @@ def _run_in(
             )
         finally:
             os.close(result_w)
-        timed_out = False
-        try:
-            if not _register(proc.pid, owner, uid):
-                raise SandboxAborted("the evaluation harness is stopping")
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps(config).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                proc.wait(timeout=max(limits.timeout_s - (time.monotonic() - start), 0.01))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            _unregister(proc.pid)  # before the wait reaps it: a pid in _live is never reused
-            proc.wait()
-            if uid is not None:
-                _kill_uid(uid)
-        os.set_blocking(result_r, False)
-        try:
-            token = os.read(result_r, 4096)
-        except BlockingIOError:
-            token = b""
-        finally:
-            os.close(result_r)
+        timed_out = _feed_and_wait(proc, config, limits, start, owner, uid)
+        token = _read_token(result_r)
         duration = time.monotonic() - start
         stdout = _read_capped(out, limits.output_cap_bytes)
         stderr = _read_capped(err, limits.output_cap_bytes)

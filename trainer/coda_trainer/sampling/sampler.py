@@ -1,4 +1,7 @@
-"""Host-side entry points: `generate` and `infill` (prompt layout in, tokens out)."""
+"""Host-side entry points: `generate` and `infill` (prompt layout in, tokens out).
+
+Shape suffixes: see the legend in `coda_trainer/__init__.py`.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class GenerateOutput:
     num_block_forwards: int
     # With record_history: the generated region after each of the `steps` steps (a step that did
     # not run, because its block was already complete, repeats the previous state).
-    history_SxBxN: np.ndarray | None = None
+    history_UxBxN: np.ndarray | None = None
 
     def completions(self, stop_ids: Sequence[int] = ()) -> list[list[int]]:
         """Each row's generated tokens, cut before the first of `stop_ids`."""
@@ -111,22 +114,22 @@ def build_canvas(
         # The first generated token is predicted by the last prompt token (logit shift).
         raise ValueError("every prompt needs at least one token (e.g. a BOS)")
     B = len(prompts)
-    P = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
+    prompt_w = _round_up(max(len(p) for p in prompts), pad_to_multiple_of)
     suffixes = suffixes or [[] for _ in prompts]
-    S = _round_up(max(len(s) for s in suffixes), pad_to_multiple_of) if any(suffixes) else 0
-    T = P + n_masks + S
+    suffix_w = _round_up(max(len(s) for s in suffixes), pad_to_multiple_of) if any(suffixes) else 0
+    T = prompt_w + n_masks + suffix_w
     if model_config.max_position_embeddings < T:
         raise ValueError(
-            f"prompt ({P}) + new tokens ({n_masks}) + suffix ({S}) = {T} exceeds the model's "
-            f"max_position_embeddings ({model_config.max_position_embeddings})"
+            f"prompt ({prompt_w}) + new tokens ({n_masks}) + suffix ({suffix_w}) = {T} exceeds the "
+            f"model's max_position_embeddings ({model_config.max_position_embeddings})"
         )
     tokens = np.full((B, T), model_config.pad_token_id, np.int32)
     seg = np.zeros((B, T), np.int32)
     for b, (p, s) in enumerate(zip(prompts, suffixes, strict=True)):
-        tokens[b, P - len(p) : P] = p
-        seg[b, P - len(p) : P + n_masks + len(s)] = 1
-        tokens[b, P + n_masks : P + n_masks + len(s)] = s
-    tokens[:, P : P + n_masks] = model_config.mask_token_id
+        tokens[b, prompt_w - len(p) : prompt_w] = p
+        seg[b, prompt_w - len(p) : prompt_w + n_masks + len(s)] = 1
+        tokens[b, prompt_w + n_masks : prompt_w + n_masks + len(s)] = s
+    tokens[:, prompt_w : prompt_w + n_masks] = model_config.mask_token_id
     positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
     return Canvas(
         tokens_BxT=tokens,
@@ -134,7 +137,7 @@ def build_canvas(
         positions_BxT=positions,
         prompt_lengths_B=np.array([len(p) for p in prompts], np.int32),
         suffix_lengths_B=np.array([len(s) for s in suffixes], np.int32),
-        gen_start=P,
+        gen_start=prompt_w,
         gen_len=n_masks,
     )
 
@@ -186,7 +189,7 @@ def _plan(
 def _knobs(config: SamplingConfig) -> Knobs:
     f32 = jnp.float32
     return Knobs(
-        ratios_S=jnp.asarray(transfer_ratios(config.eps, config.steps_per_block)),
+        ratios_U=jnp.asarray(transfer_ratios(config.eps, config.steps_per_block)),
         temperature=jnp.asarray(config.temperature or 1.0, f32),
         top_p=jnp.asarray(config.top_p or 1.0, f32),
         alg_temp=jnp.asarray(config.alg_temp or 1.0, f32),
@@ -267,7 +270,7 @@ def _run(
         num_steps_used=int(full) + int(block),
         num_full_forwards=int(full),
         num_block_forwards=int(block),
-        history_SxBxN=history,
+        history_UxBxN=history,
     )
 
 

@@ -9,6 +9,8 @@ itself produces valid text:
   confidence is still computed from the full distribution, so rankings are unchanged;
 - top-p keeps every token whose logit ties with the last kept one (the release keeps an arbitrary
   subset of such ties, depending on its sort).
+
+Shape suffixes: see the legend in `coda_trainer/__init__.py`.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ import os
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
+from coda_trainer import storage
 from coda_trainer.config import (
     SAMPLER_BUILTIN,
     SAMPLER_PRESET_KNOBS,
@@ -45,6 +48,7 @@ from coda_trainer.config import (
 )
 from coda_trainer.contract import ENV_API_KEY, ENV_RUN_NAME, ENV_SAMPLER_DEFAULTS
 from coda_trainer.stopping import Stopped, StopRequest, call_until_stopped, exit_now
+from coda_trainer.tokenizer import load_tokenizer
 
 EXIT_USAGE = 2
 SAMPLER_DEFAULTS_ENV = ENV_SAMPLER_DEFAULTS
@@ -138,8 +142,6 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve_tokenizer_path(checkpoint: str, explicit: str | None) -> str:
-    from coda_trainer import storage
-
     if explicit:
         return explicit
     sub = storage.join(checkpoint, "tokenizer")
@@ -159,8 +161,6 @@ def parse_env_defaults(text: str | None) -> SamplerSettings:
     as the CRD's `spec.sampler.defaults`; ValueError names the variable and the problem."""
     if text is None or not text.strip():
         return SamplerSettings()
-    from pydantic import ValidationError
-
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -204,10 +204,10 @@ def _build_app(args: argparse.Namespace, defaults: SamplerSettings, api_key: str
     """Import JAX, load the checkpoint and tokenizer, build the app (runs on a worker thread)."""
     log = logging.getLogger("coda.serve")
     log.info("loading %s", args.checkpoint)
+    # lazy: these import JAX (+9-12 s measured), off the main thread so /healthz answers at once
     from coda_trainer import hf
     from coda_trainer.serve.app import create_app
     from coda_trainer.serve.engine import Engine, SamplerGenerator, ServeSettings
-    from coda_trainer.tokenizer import load_tokenizer
 
     resolved = resolve_sampler_settings(defaults)
     max_tokens = resolved.max_new_tokens or SAMPLER_BUILTIN.max_new_tokens
