@@ -746,7 +746,7 @@ def eval_(
 ) -> None:
     """pass@1 on code benchmarks, against a running sampler (--url) or a checkpoint. HumanEval
     and HumanEval+ asked together are generated once and scored twice."""
-    from coda_trainer.evaluate.datasets import BENCHMARKS
+    from coda_trainer.api import BENCHMARKS
 
     from coda_ctl import evalbridge
 
@@ -894,9 +894,11 @@ def train(
     ],
 ) -> None:
     """Run one training stage: the container entry point (same as `python -m coda_trainer.train`)."""
-    from coda_trainer import train as trainer
+    # Imported when the command runs, like every command's trainer imports: JAX costs seconds
+    # and `coda-ctl --help` (and tab completion) must not pay them.
+    from coda_trainer import api as trainer
 
-    raise typer.Exit(trainer.main(["--config", config, *ctx.args]) or 0)
+    raise typer.Exit(trainer.run_stage(["--config", config, *ctx.args]))
 
 
 @local_app.command("run")
