@@ -359,6 +359,7 @@ def describe(
     """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
     JobSets, Jobs, pods (phase, reason, host, node selector), pod events, Kueue admission, and
     the first thing blocking each run."""
+    from coda_ctl import describe as describing
     from coda_ctl import diagnose
 
     _with_ns(ctx, namespace)
@@ -368,7 +369,7 @@ def describe(
         obj = cluster.get_run(run)
         now = _now()
         texts.append(
-            views.describe_text(obj, cluster.events_for(obj), now)
+            describing.describe_text(obj, cluster.events_for(obj), now)
             + "\n"
             + diagnose.workloads_text(cluster.snapshot(obj), now)
         )

@@ -1,4 +1,5 @@
-"""Pure formatting of CodaTrainingRuns for people and scripts: rows, tables, describe text.
+"""Pure formatting of CodaTrainingRuns for people and scripts: rows, tables, -o formats (`describe`'s
+run sections are `coda_ctl.describe`).
 
 Nothing here talks to a cluster or reads the clock implicitly (`now` is a parameter), so golden
 tests pin the exact output.
@@ -49,11 +50,6 @@ def _num(value: Any, fmt: str) -> str:
 
 def phase_of(run: dict[str, Any]) -> str:
     return (run.get("status") or {}).get("phase") or "Pending"
-
-
-def stage_index(run: dict[str, Any], stage: str | None) -> int | None:
-    names = [s.get("name") for s in (run.get("spec") or {}).get("stages", [])]
-    return names.index(stage) + 1 if stage in names else None
 
 
 def current_progress(status: dict[str, Any]) -> dict[str, Any]:
@@ -349,177 +345,6 @@ def dump(obj: Any, output: str) -> str:
 
 def as_list(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "List", "items": list(items)}
-
-
-# ---------------------------------------------------------------------------------------- describe
-
-
-def _accelerator_text(acc: dict[str, Any] | None) -> str:
-    if not acc:
-        return "-"
-    parts = []
-    if tpu := acc.get("tpu"):
-        parts.append(
-            f"TPU {tpu.get('type', '?')} {tpu.get('topology', '?')} x{tpu.get('slices', 1)} slice(s)"
-        )
-    if gpu := acc.get("gpu"):
-        parts.append(
-            f"GPU {gpu.get('type', '?')} {gpu.get('gpusPerNode', gpu.get('count', '?'))}/node"
-            f" x{gpu.get('nodes', 1)} node(s)"
-        )
-    if acc.get("spot"):
-        parts.append("spot")
-    return ", ".join(parts) or "-"
-
-
-def _evaluation_lines(spec: dict[str, Any] | None, status: dict[str, Any]) -> list[str]:
-    """`Evaluation:` of describe: per evaluated stage its Job and pass@1 per benchmark, with the
-    gate. Nothing for a run without spec.evaluation."""
-    if not spec and not status:
-        return []
-    out = ["Evaluation:"]
-    gate = (spec or {}).get("minPassAt1") or {}
-    if spec:
-        out.append(f"  Benchmarks:  {', '.join(spec.get('benchmarks') or [])}")
-        if gate:
-            out.append(
-                "  Gate:        " + ", ".join(f"{b} >= {100 * v:.1f}%" for b, v in gate.items())
-            )
-    if not status:
-        out.append("  <not started>")
-    for stage, ev in status.items():
-        line = f"  {stage}: {ev.get('phase', 'Pending')}"
-        line += f" (Job {ev['job']})" if ev.get("job") else ""
-        line += f"  report: {ev['report']}" if ev.get("report") else ""
-        out.append(line)
-        if ev.get("message"):
-            out.append(f"    {ev['message']}")
-        results = ev.get("results") or {}
-        if results:
-            rows = [
-                [b, f"{100 * r.get('passAt1', 0):.1f}", str(r.get("problems", "-")),
-                 str(r.get("failures", "-")),
-                 f"{100 * gate[b]:.1f}" if b in gate else "-"]
-                for b, r in results.items()
-            ]  # fmt: skip
-            out.append(
-                plain_table(["BENCHMARK", "PASS@1", "PROBLEMS", "FAILED", "MIN"], rows, "    ")
-            )
-    return out
-
-
-def describe_text(run: dict[str, Any], events: Sequence[dict[str, Any]], now: dt.datetime) -> str:
-    meta, spec = run["metadata"], run.get("spec") or {}
-    status = run.get("status") or {}
-    progress = current_progress(status)
-    stages_spec = spec.get("stages", [])
-    stages_status = {s.get("name"): s for s in status.get("stages", []) or []}
-    current = status.get("stage")
-    idx = stage_index(run, current)
-
-    fields: list[tuple[str, str]] = [
-        ("Name", meta["name"]),
-        ("Namespace", meta.get("namespace", "default")),
-        ("Age", human_age(parse_time(meta.get("creationTimestamp")), now)),
-        ("Phase", phase_of(run)),
-        ("Stage", f"{current} ({idx}/{len(stages_spec)})" if current and idx else (current or "-")),
-    ]
-    if progress:
-        bits = [f"step {progress.get('step', '-')}/{progress.get('totalSteps', '-')}"]
-        if isinstance(progress.get("loss"), int | float):
-            bits.append(f"loss {progress['loss']:.4f}")
-        if isinstance(progress.get("tokensPerSecond"), int | float):
-            bits.append(f"{progress['tokensPerSecond']:.3g} tokens/s")
-        fields.append(("Progress", ", ".join(bits)))
-        if progress.get("checkpoint"):
-            fields.append(("Last checkpoint", progress["checkpoint"]))
-    model = spec.get("model") or {}
-    fields += [
-        ("Image", spec.get("image", "-")),
-        (
-            "Model",
-            model.get("preset", "-")
-            + (f" from {model['initFrom']}" if model.get("initFrom") else ""),
-        ),
-        ("Checkpoints", (spec.get("checkpoints") or {}).get("uri", "-")),
-        ("Accelerator", _accelerator_text(spec.get("accelerator"))),
-        ("Suspend", str(bool(spec.get("suspend", False))).lower()),
-    ]
-    width = max(len(k) for k, _ in fields) + 2
-    out = [f"{k + ':':<{width}}{v}" for k, v in fields]
-
-    out.append("Stages:")
-    rows = []
-    for s in stages_spec:
-        st = stages_status.get(s.get("name"), {})
-        rows.append(
-            [
-                s.get("name", "?"),
-                s.get("kind", "?"),
-                st.get("phase", "Pending"),
-                str(s.get("steps", "-")),
-                st.get("jobSet") or "-",
-                str(st.get("retries", 0)),
-                str(st.get("jobSetRestarts", 0)),
-                st.get("final") or "-",
-            ]
-        )
-    out.append(
-        plain_table(
-            ["NAME", "KIND", "PHASE", "STEPS", "JOBSET", "RETRIES", "RESTARTS", "FINAL CHECKPOINT"],
-            rows,
-            indent="  ",
-        )
-    )
-
-    out.append("Conditions:")
-    conds = status.get("conditions") or []
-    if conds:
-        rows = [
-            [
-                c.get("type", "?"),
-                c.get("status", "?"),
-                c.get("reason", "-"),
-                c.get("message", "") or "-",
-            ]
-            for c in conds
-        ]
-        out.append(plain_table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows, indent="  "))
-    else:
-        out.append("  <none>")
-
-    out += _evaluation_lines(spec.get("evaluation"), status.get("evaluation") or {})
-
-    sampler = status.get("sampler") or {}
-    sampler_spec = spec.get("sampler") or {}
-    out.append("Sampler:")
-    if sampler or sampler_spec:
-        out.append(f"  Enabled:   {str(sampler_spec.get('enabled', True)).lower()}")
-        out.append(f"  Endpoint:  {sampler.get('endpoint') or '-'}")
-        out.append(f"  Ready:     {str(bool(sampler.get('ready'))).lower()}")
-    else:
-        out.append("  <none>")
-
-    out.append("Events:")
-    if events:
-        rows = [
-            [
-                e.get("type", "Normal"),
-                e.get("reason", "-"),
-                human_age(
-                    parse_time(
-                        e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")
-                    ),
-                    now,
-                ),
-                (e.get("message") or "").strip(),
-            ]
-            for e in events
-        ]
-        out.append(plain_table(["TYPE", "REASON", "AGE", "MESSAGE"], rows, indent="  "))
-    else:
-        out.append("  <none>")
-    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------- logs
