@@ -282,43 +282,61 @@ def get(
         return cluster.list_runs(all_namespaces, selector)
 
     runs = fetch()
-    single = len(names) == 1
-    if fmt.kind in ("json", "yaml"):
-        typer.echo(views.dump(runs[0] if single else views.as_list(runs), fmt.kind))
-        return
-    if fmt.kind in ("name", "jsonpath"):
-        text = views.render_output(fmt, runs, single=single)
-        if text:
-            typer.echo(text)
+    if fmt.kind in ("json", "yaml", "name", "jsonpath"):
+        _print_documents(fmt, runs, single=len(names) == 1)
         return
     if not runs and not watch_:
         where = "any namespace" if all_namespaces else f'namespace "{cluster.namespace}"'
         typer.echo(f"No CodaTrainingRuns in {where}.", err=True)
         return
-
-    def table(items: list[dict[str, Any]], header: bool) -> None:
-        if fmt.kind == "custom-columns":
-            headers, rows = views.custom_columns(fmt.spec, items)
-        else:
-            headers, rows = views.get_table(items, _now(), wide=fmt.kind == "wide")
-        if all_namespaces:
-            headers = ["NAMESPACE", *headers]
-            rows = [
-                [r["metadata"].get("namespace", ""), *row]
-                for r, row in zip(items, rows, strict=True)
-            ]
-        # -o wide and custom columns are for reading whole values (checkpoint URIs, sampler
-        # URLs): never cropped to the terminal's width, as kubectl does not.
-        if header and _tty() and fmt.kind == "table":
-            _print_table(headers, rows)
-        else:
-            text = views.plain_table(headers, rows)
-            typer.echo(text if header else "\n".join(text.splitlines()[1:]))
-
     if runs:
-        table(runs, header=True)
-    if not watch_:
+        _print_run_table(fmt, runs, header=True, all_namespaces=all_namespaces)
+    if watch_:
+        _watch_run_table(fetch, fmt, runs, all_namespaces, watch_timeout, interval)
+
+
+def _print_documents(fmt: views.OutputFormat, runs: list[dict[str, Any]], *, single: bool) -> None:
+    """`get -o json|yaml|name|jsonpath`: one run's object when one was named, else a List."""
+    if fmt.kind in ("json", "yaml"):
+        typer.echo(views.dump(runs[0] if single else views.as_list(runs), fmt.kind))
         return
+    text = views.render_output(fmt, runs, single=single)
+    if text:
+        typer.echo(text)
+
+
+def _print_run_table(
+    fmt: views.OutputFormat, items: list[dict[str, Any]], *, header: bool, all_namespaces: bool
+) -> None:
+    """`get`'s table (plain, wide or custom columns); without its header for `-w`'s later rows."""
+    if fmt.kind == "custom-columns":
+        headers, rows = views.custom_columns(fmt.spec, items)
+    else:
+        headers, rows = views.get_table(items, _now(), wide=fmt.kind == "wide")
+    if all_namespaces:
+        headers = ["NAMESPACE", *headers]
+        rows = [
+            [r["metadata"].get("namespace", ""), *row] for r, row in zip(items, rows, strict=True)
+        ]
+    # -o wide and custom columns are for reading whole values (checkpoint URIs, sampler
+    # URLs): never cropped to the terminal's width, as kubectl does not.
+    if header and _tty() and fmt.kind == "table":
+        _print_table(headers, rows)
+    else:
+        text = views.plain_table(headers, rows)
+        typer.echo(text if header else "\n".join(text.splitlines()[1:]))
+
+
+def _watch_run_table(
+    fetch: Callable[[], list[dict[str, Any]]],
+    fmt: views.OutputFormat,
+    runs: list[dict[str, Any]],
+    all_namespaces: bool,
+    watch_timeout: float | None,
+    interval: float,
+) -> None:
+    """`get -w`: poll every `interval` seconds and print a row for each run that changed (the
+    header once, before the first row), until `watch_timeout` or Ctrl-C."""
     header_printed = bool(runs)
     seen = {_key(r): _version(r) for r in runs}
     deadline = None if watch_timeout is None else time.monotonic() + watch_timeout
@@ -332,7 +350,7 @@ def get(
                 changed.append(r)
                 seen[_key(r)] = version
         if changed:
-            table(changed, header=not header_printed)
+            _print_run_table(fmt, changed, header=not header_printed, all_namespaces=all_namespaces)
             header_printed = True
 
 
