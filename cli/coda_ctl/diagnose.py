@@ -1,8 +1,10 @@
-""" "Why isn't it running?": a run joined with its JobSets, Jobs, pods, their events and Kueue
-Workloads, and the first thing that blocks it.
+""" "Why isn't it running?": a run joined with its JobSets, Jobs (the stages' pre-flight Jobs
+among them), pods, their events and Kueue Workloads, and the first thing that blocks it.
 
 Pure: `Snapshot` is what `kube.Cluster.snapshot` read; `findings` and `workloads_text` only look at
-it (and `now`), so golden tests pin the exact output of `describe` and `doctor`.
+it (and `now`), so golden tests pin the exact output of `describe` and `doctor`. The run's status is
+read through the operator's typed model (`Snapshot.status`); the Kubernetes objects of other
+controllers stay the dicts the API server sent.
 """
 
 from __future__ import annotations
