@@ -1,9 +1,8 @@
 """`coda-ctl describe`'s run sections: the run's spec and its typed status as text.
 
-The status is read through the operator's own models (`coda_operator.api.CodaTrainingRunStatus`:
-lenient, extra fields ignored), so a field renamed there is renamed here by the type checker, not
-found missing at run time. An entry that does not validate (a hand-edited or foreign status) is
-left out and named, never a crash: `describe` is what people run on a run that went wrong.
+The status is read through the operator's own models (`coda_ctl.runstatus`); an entry that does
+not validate (a hand-edited or foreign status) is left out and named here, never a crash:
+`describe` is what people run on a run that went wrong.
 
 The spec is read as the stored body, not parsed: a spec that the operator refused (its run Failed
 with InvalidSpec) must still be described, and parsing it would raise exactly there.
@@ -14,57 +13,17 @@ Pure, like `views`: `now` is a parameter and golden tests pin the exact text. Im
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from coda_operator.api import (
-    CodaTrainingRunStatus,
-    EvaluationStatus,
-    PreflightStatus,
-    Progress,
-)
-from pydantic import ValidationError
+from coda_operator.api import CodaTrainingRunStatus, EvaluationStatus, PreflightStatus, Progress
 
+from coda_ctl.runstatus import current_progress, read_status
 from coda_ctl.views import human_age, parse_time, plain_table
 
 STAGE_HEADERS = ["NAME", "KIND", "PHASE", "STEPS", "JOBSET", "RETRIES", "RESTARTS",
                  "FINAL CHECKPOINT"]  # fmt: skip
-# A status that keeps failing validation after this many entries were left out is not read at all.
-_MAX_INVALID_ENTRIES = 32
-
-
-def read_status(run: dict[str, Any]) -> tuple[CodaTrainingRunStatus, list[str]]:
-    """The run's status as the typed model, and the paths of the entries left out because they
-    do not validate (`conditions[0]`, `progress.step`): the smallest entry holding each error,
-    a list item or map value of a top-level field, else the field."""
-    raw = run.get("status")
-    raw = copy.deepcopy(raw) if isinstance(raw, dict) else {}
-    left_out: list[str] = []
-    while len(left_out) < _MAX_INVALID_ENTRIES:
-        try:
-            return CodaTrainingRunStatus.model_validate(raw), left_out
-        except ValidationError as e:
-            loc = e.errors()[0]["loc"]
-        holder = raw.get(loc[0]) if isinstance(loc[0], str) else None
-        if len(loc) > 1 and isinstance(holder, list | dict):
-            del holder[loc[1]]  # a list item (int) or a map entry (str)
-            left_out.append(
-                f"{loc[0]}[{loc[1]}]" if isinstance(loc[1], int) else f"{loc[0]}.{loc[1]}"
-            )
-        else:
-            raw.pop(loc[0], None)
-            left_out.append(str(loc[0]))
-    return CodaTrainingRunStatus(), [*left_out, "status"]
-
-
-def current_progress(status: CodaTrainingRunStatus) -> Progress | None:
-    """status.progress, unless it is a late write from an earlier stage (it carries its stage)."""
-    progress = status.progress
-    if progress is not None and progress.stage and status.stage and progress.stage != status.stage:
-        return None
-    return progress
 
 
 def gib(n: int | None) -> str:
@@ -121,7 +80,7 @@ def _summary_lines(
         ("Stage", stage),
     ]
     progress = current_progress(status)
-    if progress is not None and progress.model_fields_set:
+    if progress.model_fields_set:
         fields.append(("Progress", _progress_text(progress)))
         if progress.checkpoint:
             fields.append(("Last checkpoint", progress.checkpoint))

@@ -18,7 +18,8 @@ from typing import Any
 from coda_operator.api import CodaTrainingRunStatus, PreflightStatus
 from coda_operator.render import LABEL_COMPONENT
 
-from coda_ctl.describe import preflight_report_cells, read_status
+from coda_ctl.describe import preflight_report_cells
+from coda_ctl.runstatus import read_status
 from coda_ctl.views import human_age, parse_time, plain_table
 
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"

@@ -505,6 +505,8 @@ def watch(
 ) -> None:
     """Live progress per stage, then the evaluation (pass@1 per benchmark, the gate), until the
     run succeeds (exit 0) or fails (exit 1)."""
+    from coda_ctl.runstatus import status_of
+
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -531,12 +533,11 @@ def watch(
             }
             shown = None  # the evaluation line last printed
             while True:
-                loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
+                progress = status_of(obj).progress
+                loss = progress.loss if progress is not None else None
                 for name, done, total, phase in views.stage_progress(obj):
                     info = phase + (
-                        f"  loss {loss:.4f}"
-                        if phase == "Running" and isinstance(loss, int | float)
-                        else ""
+                        f"  loss {loss:.4f}" if phase == "Running" and loss is not None else ""
                     )
                     bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
                 evaluation = views.evaluation_progress(obj)
@@ -561,13 +562,12 @@ def watch(
                 break
             time.sleep(interval)
             obj = cluster.get_run(run)
-    phase = views.phase_of(obj)
+    status = status_of(obj)
+    phase = status.phase
     if phase == "Failed":
-        conds = [
-            c for c in (obj.get("status") or {}).get("conditions", []) if c.get("type") == "Failed"
-        ]
+        failed = status.condition("Failed")
         raise CtlError(
-            f'run "{run}" failed' + (f": {conds[0].get('message')}" if conds else ""), Exit.ERROR
+            f'run "{run}" failed' + (f": {failed.message}" if failed else ""), Exit.ERROR
         )
     if phase != "Succeeded":
         raise CtlError(f'timed out watching run "{run}" (phase {phase})', Exit.ERROR)

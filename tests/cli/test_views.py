@@ -89,14 +89,18 @@ def test_evaluation_progress() -> None:
     assert views.evaluation_progress({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
         "eval: pending"
     )
+    # statuses as the CRD admits them (a score needs passAt1 and problems, a condition its
+    # reason and lastTransitionTime): the views read them through the typed model
     run = {"status": {"evaluation": {
-        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05}}},
+        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05, "problems": 500}}},
         "sft": {"phase": "Running"},
     }}}  # fmt: skip
     assert views.evaluation_progress(run) == "eval: midtrain Succeeded mbpp 5.0%; sft Running"
     run["spec"] = {"evaluation": {"benchmarks": ["mbpp"], "minPassAt1": {"mbpp": 0.01}}}
     assert views.evaluation_progress(run).endswith("  gate: pending")
-    run["status"]["conditions"] = [{"type": "QualityGate", "status": "True", "message": "ok"}]
+    gate = {"type": "QualityGate", "status": "True", "reason": "Passed", "message": "ok",
+            "lastTransitionTime": "2026-01-02T11:00:00Z"}  # fmt: skip
+    run["status"]["conditions"] = [gate]
     assert views.evaluation_progress(run).endswith("  gate: passed")
 
 
