@@ -1,4 +1,4 @@
-"""`coda-ctl eval` and `local run --eval`: delegate to the eval harness (`coda_trainer.evaluate`)."""
+"""`coda-ctl eval` and `local run --eval`: delegate to the eval harness (`coda_trainer.api.evaluate`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def run_eval(
     max_new_tokens: int | None = None,
 ) -> int:
     """Run the harness in this process; it prints the pass@k table. Returns its exit status."""
-    from coda_trainer.evaluate.__main__ import main
+    from coda_trainer import api as trainer
 
     from coda_ctl.errors import CtlError
 
@@ -47,7 +47,7 @@ def run_eval(
         max_new_tokens=max_new_tokens,
     )
     try:
-        return main(argv)
+        return trainer.evaluate(argv)
     except (
         Exception
     ) as e:  # the harness's own errors (unreachable server, bad checkpoint): one line

@@ -419,6 +419,7 @@ class Cluster:
         from coda_trainer.contract import LABEL_RUN
 
         from coda_ctl.diagnose import Snapshot
+        from coda_ctl.runstatus import status_of
 
         ns, name = self.namespace, run["metadata"]["name"]
         selector = f"{LABEL_RUN}={name}"
@@ -436,9 +437,7 @@ class Cluster:
             != "sampler"
         ]
         jobset_names = {j["metadata"]["name"] for j in jobsets} | {
-            s.get("jobSet")
-            for s in (run.get("status") or {}).get("stages") or []
-            if s.get("jobSet")
+            s.job_set for s in status_of(run).stages if s.job_set
         }
         workloads = [
             w

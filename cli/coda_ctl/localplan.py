@@ -245,12 +245,12 @@ def default_run() -> dict[str, Any]:
     policy, and the init_from chain is the implicit stage handoff. Data URIs use the corpus
     placeholder, so `manifests/examples/local-tiny.yaml` can be this very object.
     """
-    from coda_trainer.config import CheckpointConfig
-    from coda_trainer.presets import (
+    from coda_trainer.api import (
         EMBEDDED_DEFAULT_EVALUATION,
         PRESET_NAMES,
         embedded_default_spec,
     )
+    from coda_trainer.config import CheckpointConfig
 
     corpus = {name: Path(CORPUS_PLACEHOLDER) / name for name in PRESET_NAMES}
     jobs = embedded_default_spec(".", corpus_dirs=corpus)
@@ -294,7 +294,7 @@ def input_problems(plan: LocalPlan) -> list[str]:
     pre-flight lists them with the credentials it runs with). One line per problem, naming the stage
     and the spec field.
     """
-    from coda_trainer.data import DataError, resolve_sources
+    from coda_trainer.api import data_source_problem
 
     produced: set[str] = set()
     problems: list[str] = []
@@ -309,12 +309,11 @@ def input_problems(plan: LocalPlan) -> list[str]:
             for field, source in sources:
                 if source.uri.startswith("gs://"):
                     continue
-                try:
-                    resolve_sources([source], sft=job.stage.kind == "sft")
-                except DataError as e:
+                problem = data_source_problem(source, sft=job.stage.kind == "sft")
+                if problem is not None:
                     problems.append(
                         f"{where}: spec.stages[{stage.index}].{field}.uri {source.uri!r}: "
-                        f"{str(e).removeprefix(f'data source {source.uri!r} ')}"
+                        f"{problem.removeprefix(f'data source {source.uri!r} ')}"
                     )
             init, field = job.stage.init_from, f"spec.stages[{stage.index}].initFrom"
             if init is None:

@@ -82,7 +82,7 @@ def shown_completion(text: str) -> str:
 
 def print_sample(url: str, *, chat: bool) -> None:
     if chat:
-        from coda_trainer.corpus import sft_instruction
+        from coda_trainer.api import sft_instruction
 
         question = sft_instruction(SAMPLE_SIGNATURE, SAMPLE_DOCSTRING)
         body = {"messages": [{"role": "user", "content": question}], **sample_settings()}
@@ -117,7 +117,7 @@ def load_run(file: str | None, workdir: Path) -> dict[str, Any]:
             )
         run = runs[0]
     if localplan.uses_corpus(run):
-        from coda_trainer.corpus import build_default_corpora
+        from coda_trainer.api import build_default_corpora
 
         corpus_root = (workdir / "corpus").resolve()
         echo(f"corpus: Python standard library → {corpus_root} (cached)")

@@ -282,43 +282,61 @@ def get(
         return cluster.list_runs(all_namespaces, selector)
 
     runs = fetch()
-    single = len(names) == 1
-    if fmt.kind in ("json", "yaml"):
-        typer.echo(views.dump(runs[0] if single else views.as_list(runs), fmt.kind))
-        return
-    if fmt.kind in ("name", "jsonpath"):
-        text = views.render_output(fmt, runs, single=single)
-        if text:
-            typer.echo(text)
+    if fmt.kind in ("json", "yaml", "name", "jsonpath"):
+        _print_documents(fmt, runs, single=len(names) == 1)
         return
     if not runs and not watch_:
         where = "any namespace" if all_namespaces else f'namespace "{cluster.namespace}"'
         typer.echo(f"No CodaTrainingRuns in {where}.", err=True)
         return
-
-    def table(items: list[dict[str, Any]], header: bool) -> None:
-        if fmt.kind == "custom-columns":
-            headers, rows = views.custom_columns(fmt.spec, items)
-        else:
-            headers, rows = views.get_table(items, _now(), wide=fmt.kind == "wide")
-        if all_namespaces:
-            headers = ["NAMESPACE", *headers]
-            rows = [
-                [r["metadata"].get("namespace", ""), *row]
-                for r, row in zip(items, rows, strict=True)
-            ]
-        # -o wide and custom columns are for reading whole values (checkpoint URIs, sampler
-        # URLs): never cropped to the terminal's width, as kubectl does not.
-        if header and _tty() and fmt.kind == "table":
-            _print_table(headers, rows)
-        else:
-            text = views.plain_table(headers, rows)
-            typer.echo(text if header else "\n".join(text.splitlines()[1:]))
-
     if runs:
-        table(runs, header=True)
-    if not watch_:
+        _print_run_table(fmt, runs, header=True, all_namespaces=all_namespaces)
+    if watch_:
+        _watch_run_table(fetch, fmt, runs, all_namespaces, watch_timeout, interval)
+
+
+def _print_documents(fmt: views.OutputFormat, runs: list[dict[str, Any]], *, single: bool) -> None:
+    """`get -o json|yaml|name|jsonpath`: one run's object when one was named, else a List."""
+    if fmt.kind in ("json", "yaml"):
+        typer.echo(views.dump(runs[0] if single else views.as_list(runs), fmt.kind))
         return
+    text = views.render_output(fmt, runs, single=single)
+    if text:
+        typer.echo(text)
+
+
+def _print_run_table(
+    fmt: views.OutputFormat, items: list[dict[str, Any]], *, header: bool, all_namespaces: bool
+) -> None:
+    """`get`'s table (plain, wide or custom columns); without its header for `-w`'s later rows."""
+    if fmt.kind == "custom-columns":
+        headers, rows = views.custom_columns(fmt.spec, items)
+    else:
+        headers, rows = views.get_table(items, _now(), wide=fmt.kind == "wide")
+    if all_namespaces:
+        headers = ["NAMESPACE", *headers]
+        rows = [
+            [r["metadata"].get("namespace", ""), *row] for r, row in zip(items, rows, strict=True)
+        ]
+    # -o wide and custom columns are for reading whole values (checkpoint URIs, sampler
+    # URLs): never cropped to the terminal's width, as kubectl does not.
+    if header and _tty() and fmt.kind == "table":
+        _print_table(headers, rows)
+    else:
+        text = views.plain_table(headers, rows)
+        typer.echo(text if header else "\n".join(text.splitlines()[1:]))
+
+
+def _watch_run_table(
+    fetch: Callable[[], list[dict[str, Any]]],
+    fmt: views.OutputFormat,
+    runs: list[dict[str, Any]],
+    all_namespaces: bool,
+    watch_timeout: float | None,
+    interval: float,
+) -> None:
+    """`get -w`: poll every `interval` seconds and print a row for each run that changed (the
+    header once, before the first row), until `watch_timeout` or Ctrl-C."""
     header_printed = bool(runs)
     seen = {_key(r): _version(r) for r in runs}
     deadline = None if watch_timeout is None else time.monotonic() + watch_timeout
@@ -332,7 +350,7 @@ def get(
                 changed.append(r)
                 seen[_key(r)] = version
         if changed:
-            table(changed, header=not header_printed)
+            _print_run_table(fmt, changed, header=not header_printed, all_namespaces=all_namespaces)
             header_printed = True
 
 
@@ -359,6 +377,7 @@ def describe(
     """Stages, checkpoints, conditions, events and the sampler endpoint of runs, joined with their
     JobSets, Jobs, pods (phase, reason, host, node selector), pod events, Kueue admission, and
     the first thing blocking each run."""
+    from coda_ctl import describe as describing
     from coda_ctl import diagnose
 
     _with_ns(ctx, namespace)
@@ -368,7 +387,7 @@ def describe(
         obj = cluster.get_run(run)
         now = _now()
         texts.append(
-            views.describe_text(obj, cluster.events_for(obj), now)
+            describing.describe_text(obj, cluster.events_for(obj), now)
             + "\n"
             + diagnose.workloads_text(cluster.snapshot(obj), now)
         )
@@ -486,6 +505,8 @@ def watch(
 ) -> None:
     """Live progress per stage, then the evaluation (pass@1 per benchmark, the gate), until the
     run succeeds (exit 0) or fails (exit 1)."""
+    from coda_ctl.runstatus import status_of
+
     _with_ns(ctx, namespace)
     cluster = _cluster(ctx)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -512,12 +533,11 @@ def watch(
             }
             shown = None  # the evaluation line last printed
             while True:
-                loss = ((obj.get("status") or {}).get("progress") or {}).get("loss")
+                progress = status_of(obj).progress
+                loss = progress.loss if progress is not None else None
                 for name, done, total, phase in views.stage_progress(obj):
                     info = phase + (
-                        f"  loss {loss:.4f}"
-                        if phase == "Running" and isinstance(loss, int | float)
-                        else ""
+                        f"  loss {loss:.4f}" if phase == "Running" and loss is not None else ""
                     )
                     bars.update(tasks[name], completed=done, total=max(total, 1), info=info)
                 evaluation = views.evaluation_progress(obj)
@@ -542,13 +562,12 @@ def watch(
                 break
             time.sleep(interval)
             obj = cluster.get_run(run)
-    phase = views.phase_of(obj)
+    status = status_of(obj)
+    phase = status.phase
     if phase == "Failed":
-        conds = [
-            c for c in (obj.get("status") or {}).get("conditions", []) if c.get("type") == "Failed"
-        ]
+        failed = status.condition("Failed")
         raise CtlError(
-            f'run "{run}" failed' + (f": {conds[0].get('message')}" if conds else ""), Exit.ERROR
+            f'run "{run}" failed' + (f": {failed.message}" if failed else ""), Exit.ERROR
         )
     if phase != "Succeeded":
         raise CtlError(f'timed out watching run "{run}" (phase {phase})', Exit.ERROR)
@@ -746,7 +765,7 @@ def eval_(
 ) -> None:
     """pass@1 on code benchmarks, against a running sampler (--url) or a checkpoint. HumanEval
     and HumanEval+ asked together are generated once and scored twice."""
-    from coda_trainer.evaluate.datasets import BENCHMARKS
+    from coda_trainer.api import BENCHMARKS
 
     from coda_ctl import evalbridge
 
@@ -894,9 +913,11 @@ def train(
     ],
 ) -> None:
     """Run one training stage: the container entry point (same as `python -m coda_trainer.train`)."""
-    from coda_trainer import train as trainer
+    # Imported when the command runs, like every command's trainer imports: JAX costs seconds
+    # and `coda-ctl --help` (and tab completion) must not pay them.
+    from coda_trainer import api as trainer
 
-    raise typer.Exit(trainer.main(["--config", config, *ctx.args]) or 0)
+    raise typer.Exit(trainer.run_stage(["--config", config, *ctx.args]))
 
 
 @local_app.command("run")

@@ -43,15 +43,14 @@ def plan_run(doc: dict[str, Any], *, compile: bool = False, search: bool = False
     "compileSeconds", "flopsPerStep", "idealStepSeconds", "problems", ...}]}` for one run."""
     from coda_operator import api
     from coda_operator.render import stage_job_config
-    from coda_trainer.metrics import peak_flops_per_device
-    from coda_trainer.preflight import arithmetic_report
+    from coda_trainer import api as trainer
 
     name = doc["metadata"]["name"]
     spec = api.parse_spec(doc["spec"], admission=False)
     if compile:
-        # Compile-only TPU devices need no accelerator: keep JAX (and libtpu) off any local one.
+        # Compile-only TPU devices need no accelerator: keep JAX (and libtpu) off any local one
+        # (JAX is imported by the first compile, after this).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from coda_trainer import preflight
     stages = []
     for index, stage in enumerate(spec.stages):
         cfg = stage_job_config(name, spec, index)
@@ -65,7 +64,7 @@ def plan_run(doc: dict[str, Any], *, compile: bool = False, search: bool = False
             "peakBytesPerDevice": None,
             "hbmBytesPerDevice": None,
             "compileSeconds": None,
-            **arithmetic_report(cfg, devices.devices, peak_flops_per_device(kind)),
+            **trainer.arithmetic_report(cfg, devices.devices, trainer.peak_flops_per_device(kind)),
             "problems": spec.stage_problems(index),
         }
         if entry["problems"]:
@@ -74,12 +73,12 @@ def plan_run(doc: dict[str, Any], *, compile: bool = False, search: bool = False
             entry["note"] = "GPU programs cannot be compiled without the GPU: not compiled"
         elif compile:
             one = acc.tpu.slice
-            target = preflight.TpuTarget(
+            target = trainer.TpuTarget(
                 acc.tpu.type, one.topology, acc.tpu.slices, one.chips_per_host
             )
             try:
-                entry.update(preflight.stage_report(cfg, target, search=search))
-            except preflight.PreflightUnavailable as e:
+                entry.update(trainer.stage_report(cfg, target, search=search))
+            except trainer.PreflightUnavailable as e:
                 raise CtlError(str(e), Exit.ERROR) from None
         stages.append(entry)
     return {"name": name, "stages": stages}

@@ -87,8 +87,11 @@ def infill_text(reply: dict[str, Any]) -> str:
 
 def service_of(run: dict[str, Any]) -> tuple[str, int]:
     """(service name, port) of a run's sampler, from status.sampler.endpoint or the naming contract."""
+    from coda_ctl.runstatus import status_of  # the typed status, imported when needed
+
     name = run["metadata"]["name"]
-    endpoint = ((run.get("status") or {}).get("sampler") or {}).get("endpoint")
+    sampler = status_of(run).sampler
+    endpoint = sampler.endpoint if sampler is not None else None
     if endpoint:
         parsed = urlparse(endpoint)
         host = (parsed.hostname or "").split(".")[0]

@@ -1,4 +1,5 @@
-"""Pure formatting of CodaTrainingRuns for people and scripts: rows, tables, describe text.
+"""Pure formatting of CodaTrainingRuns for people and scripts: rows, tables, -o formats (`describe`'s
+run sections are `coda_ctl.describe`).
 
 Nothing here talks to a cluster or reads the clock implicitly (`now` is a parameter), so golden
 tests pin the exact output.
@@ -47,29 +48,22 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "-"
 
 
+# The functions below that read a run's status import `coda_ctl.runstatus` (the operator's typed
+# models) when called: `coda-ctl --help` imports this module and must not pay for the models.
+
+
 def phase_of(run: dict[str, Any]) -> str:
-    return (run.get("status") or {}).get("phase") or "Pending"
+    from coda_ctl.runstatus import status_of
 
-
-def stage_index(run: dict[str, Any], stage: str | None) -> int | None:
-    names = [s.get("name") for s in (run.get("spec") or {}).get("stages", [])]
-    return names.index(stage) + 1 if stage in names else None
-
-
-def current_progress(status: dict[str, Any]) -> dict[str, Any]:
-    """status.progress, unless it is a late write from an earlier stage (it carries its stage)."""
-    progress = status.get("progress") or {}
-    if progress.get("stage") and status.get("stage") and progress["stage"] != status["stage"]:
-        return {}
-    return progress
+    return status_of(run).phase
 
 
 def run_row(run: dict[str, Any], now: dt.datetime, *, wide: bool = False) -> list[str]:
-    status = run.get("status") or {}
+    from coda_ctl.runstatus import current_progress, status_of
+
+    status = status_of(run)
     progress = current_progress(status)
-    stage = status.get("stage") or "-"
-    step = progress.get("step")
-    total = progress.get("totalSteps")
+    step, total = progress.step, progress.total_steps
     step_text = (
         f"{step}/{total}"
         if step is not None and total
@@ -77,19 +71,20 @@ def run_row(run: dict[str, Any], now: dt.datetime, *, wide: bool = False) -> lis
     )
     row = [
         run["metadata"]["name"],
-        phase_of(run),
-        stage,
+        status.phase,
+        status.stage or "-",
         step_text,
-        _num(progress.get("loss"), ".4f"),
+        _num(progress.loss, ".4f"),
         human_age(parse_time(run["metadata"].get("creationTimestamp")), now),
     ]
     if wide:
-        sampler = status.get("sampler") or {}
+        sampler = status.sampler
+        endpoint = (sampler.endpoint if sampler else None) or "-"
         row += [
-            _num(progress.get("tokensPerSecond"), ".3g"),
-            progress.get("checkpoint") or "-",
-            (sampler.get("endpoint") or "-") + (" (ready)" if sampler.get("ready") else ""),
-            status.get("score") or "-",  # the newest finished evaluation (spec.evaluation)
+            _num(progress.tokens_per_second, ".3g"),
+            progress.checkpoint or "-",
+            endpoint + (" (ready)" if sampler and sampler.ready else ""),
+            status.score or "-",  # the newest finished evaluation (spec.evaluation)
         ]
     return row
 
@@ -351,177 +346,6 @@ def as_list(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "List", "items": list(items)}
 
 
-# ---------------------------------------------------------------------------------------- describe
-
-
-def _accelerator_text(acc: dict[str, Any] | None) -> str:
-    if not acc:
-        return "-"
-    parts = []
-    if tpu := acc.get("tpu"):
-        parts.append(
-            f"TPU {tpu.get('type', '?')} {tpu.get('topology', '?')} x{tpu.get('slices', 1)} slice(s)"
-        )
-    if gpu := acc.get("gpu"):
-        parts.append(
-            f"GPU {gpu.get('type', '?')} {gpu.get('gpusPerNode', gpu.get('count', '?'))}/node"
-            f" x{gpu.get('nodes', 1)} node(s)"
-        )
-    if acc.get("spot"):
-        parts.append("spot")
-    return ", ".join(parts) or "-"
-
-
-def _evaluation_lines(spec: dict[str, Any] | None, status: dict[str, Any]) -> list[str]:
-    """`Evaluation:` of describe: per evaluated stage its Job and pass@1 per benchmark, with the
-    gate. Nothing for a run without spec.evaluation."""
-    if not spec and not status:
-        return []
-    out = ["Evaluation:"]
-    gate = (spec or {}).get("minPassAt1") or {}
-    if spec:
-        out.append(f"  Benchmarks:  {', '.join(spec.get('benchmarks') or [])}")
-        if gate:
-            out.append(
-                "  Gate:        " + ", ".join(f"{b} >= {100 * v:.1f}%" for b, v in gate.items())
-            )
-    if not status:
-        out.append("  <not started>")
-    for stage, ev in status.items():
-        line = f"  {stage}: {ev.get('phase', 'Pending')}"
-        line += f" (Job {ev['job']})" if ev.get("job") else ""
-        line += f"  report: {ev['report']}" if ev.get("report") else ""
-        out.append(line)
-        if ev.get("message"):
-            out.append(f"    {ev['message']}")
-        results = ev.get("results") or {}
-        if results:
-            rows = [
-                [b, f"{100 * r.get('passAt1', 0):.1f}", str(r.get("problems", "-")),
-                 str(r.get("failures", "-")),
-                 f"{100 * gate[b]:.1f}" if b in gate else "-"]
-                for b, r in results.items()
-            ]  # fmt: skip
-            out.append(
-                plain_table(["BENCHMARK", "PASS@1", "PROBLEMS", "FAILED", "MIN"], rows, "    ")
-            )
-    return out
-
-
-def describe_text(run: dict[str, Any], events: Sequence[dict[str, Any]], now: dt.datetime) -> str:
-    meta, spec = run["metadata"], run.get("spec") or {}
-    status = run.get("status") or {}
-    progress = current_progress(status)
-    stages_spec = spec.get("stages", [])
-    stages_status = {s.get("name"): s for s in status.get("stages", []) or []}
-    current = status.get("stage")
-    idx = stage_index(run, current)
-
-    fields: list[tuple[str, str]] = [
-        ("Name", meta["name"]),
-        ("Namespace", meta.get("namespace", "default")),
-        ("Age", human_age(parse_time(meta.get("creationTimestamp")), now)),
-        ("Phase", phase_of(run)),
-        ("Stage", f"{current} ({idx}/{len(stages_spec)})" if current and idx else (current or "-")),
-    ]
-    if progress:
-        bits = [f"step {progress.get('step', '-')}/{progress.get('totalSteps', '-')}"]
-        if isinstance(progress.get("loss"), int | float):
-            bits.append(f"loss {progress['loss']:.4f}")
-        if isinstance(progress.get("tokensPerSecond"), int | float):
-            bits.append(f"{progress['tokensPerSecond']:.3g} tokens/s")
-        fields.append(("Progress", ", ".join(bits)))
-        if progress.get("checkpoint"):
-            fields.append(("Last checkpoint", progress["checkpoint"]))
-    model = spec.get("model") or {}
-    fields += [
-        ("Image", spec.get("image", "-")),
-        (
-            "Model",
-            model.get("preset", "-")
-            + (f" from {model['initFrom']}" if model.get("initFrom") else ""),
-        ),
-        ("Checkpoints", (spec.get("checkpoints") or {}).get("uri", "-")),
-        ("Accelerator", _accelerator_text(spec.get("accelerator"))),
-        ("Suspend", str(bool(spec.get("suspend", False))).lower()),
-    ]
-    width = max(len(k) for k, _ in fields) + 2
-    out = [f"{k + ':':<{width}}{v}" for k, v in fields]
-
-    out.append("Stages:")
-    rows = []
-    for s in stages_spec:
-        st = stages_status.get(s.get("name"), {})
-        rows.append(
-            [
-                s.get("name", "?"),
-                s.get("kind", "?"),
-                st.get("phase", "Pending"),
-                str(s.get("steps", "-")),
-                st.get("jobSet") or "-",
-                str(st.get("retries", 0)),
-                str(st.get("jobSetRestarts", 0)),
-                st.get("final") or "-",
-            ]
-        )
-    out.append(
-        plain_table(
-            ["NAME", "KIND", "PHASE", "STEPS", "JOBSET", "RETRIES", "RESTARTS", "FINAL CHECKPOINT"],
-            rows,
-            indent="  ",
-        )
-    )
-
-    out.append("Conditions:")
-    conds = status.get("conditions") or []
-    if conds:
-        rows = [
-            [
-                c.get("type", "?"),
-                c.get("status", "?"),
-                c.get("reason", "-"),
-                c.get("message", "") or "-",
-            ]
-            for c in conds
-        ]
-        out.append(plain_table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows, indent="  "))
-    else:
-        out.append("  <none>")
-
-    out += _evaluation_lines(spec.get("evaluation"), status.get("evaluation") or {})
-
-    sampler = status.get("sampler") or {}
-    sampler_spec = spec.get("sampler") or {}
-    out.append("Sampler:")
-    if sampler or sampler_spec:
-        out.append(f"  Enabled:   {str(sampler_spec.get('enabled', True)).lower()}")
-        out.append(f"  Endpoint:  {sampler.get('endpoint') or '-'}")
-        out.append(f"  Ready:     {str(bool(sampler.get('ready'))).lower()}")
-    else:
-        out.append("  <none>")
-
-    out.append("Events:")
-    if events:
-        rows = [
-            [
-                e.get("type", "Normal"),
-                e.get("reason", "-"),
-                human_age(
-                    parse_time(
-                        e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp")
-                    ),
-                    now,
-                ),
-                (e.get("message") or "").strip(),
-            ]
-            for e in events
-        ]
-        out.append(plain_table(["TYPE", "REASON", "AGE", "MESSAGE"], rows, indent="  "))
-    else:
-        out.append("  <none>")
-    return "\n".join(out)
-
-
 # ---------------------------------------------------------------------------------------- logs
 
 
@@ -538,21 +362,23 @@ def stage_jobset(run: dict[str, Any], stage: str | None) -> tuple[str, str]:
     The JobSet name comes from status (it carries the operator's `-r<N>` retry suffix); before the
     operator has written it, the deterministic `<run>-<stage>` is used.
     """
+    from coda_ctl.runstatus import status_of
+
     name = run["metadata"]["name"]
     spec_stages = [s.get("name") for s in (run.get("spec") or {}).get("stages", [])]
-    status = run.get("status") or {}
-    by_name = {s.get("name"): s for s in status.get("stages", []) or []}
+    status = status_of(run)
+    jobsets = {s.name: s.job_set for s in status.stages if s.job_set}
     if stage is None:
-        stage = status.get("stage")
+        stage = status.stage
         if stage is None:
-            started = [s for s in spec_stages if by_name.get(s, {}).get("jobSet")]
+            started = [s for s in spec_stages if s in jobsets]
             stage = started[-1] if started else (spec_stages[0] if spec_stages else None)
     if stage is None or stage not in spec_stages:
         from coda_ctl.errors import CtlError, Exit
 
         known = ", ".join(spec_stages) or "none"
         raise CtlError(f'run "{name}" has no stage {stage!r} (stages: {known})', Exit.NOT_FOUND)
-    return stage, by_name.get(stage, {}).get("jobSet") or f"{name}-{stage}"
+    return stage, jobsets.get(stage) or f"{name}-{stage}"
 
 
 # ---------------------------------------------------------------------------------------- watch
@@ -560,18 +386,20 @@ def stage_jobset(run: dict[str, Any], stage: str | None) -> tuple[str, str]:
 
 def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
     """Per stage: (name, completed steps, total steps, phase) from the run's spec and status."""
-    status = run.get("status") or {}
-    by_name = {s.get("name"): s for s in status.get("stages", []) or []}
+    from coda_ctl.runstatus import current_progress, status_of
+
+    status = status_of(run)
+    phases = {s.name: s.phase for s in status.stages}
     progress = current_progress(status)
     out = []
     for s in (run.get("spec") or {}).get("stages", []):
         name, total = s.get("name", "?"), int(s.get("steps", 0) or 0)
-        phase = by_name.get(name, {}).get("phase", "Pending")
+        phase = phases.get(name, "Pending")
         if phase == "Succeeded":
             done = total
-        elif name == status.get("stage"):
-            done = int(progress.get("step") or 0)
-            total = int(progress.get("totalSteps") or total)
+        elif name == status.stage:
+            done = progress.step or 0
+            total = progress.total_steps or total
         else:
             done = 0
         out.append((name, done, total, phase))
@@ -581,28 +409,23 @@ def stage_progress(run: dict[str, Any]) -> list[tuple[str, int, int, str]]:
 def evaluation_progress(run: dict[str, Any]) -> str | None:
     """`watch`'s evaluation line: per evaluated stage its phase and pass@1 per benchmark, then the
     gate's verdict (QualityGate condition); None for a run without spec.evaluation."""
+    from coda_ctl.runstatus import status_of
+
     spec = (run.get("spec") or {}).get("evaluation")
-    status = run.get("status") or {}
-    evaluations = status.get("evaluation") or {}
+    status = status_of(run)
+    evaluations = status.evaluation or {}
     if not spec and not evaluations:
         return None
     parts = []
     for stage, ev in evaluations.items():
-        part = f"{stage} {ev.get('phase', 'Pending')}"
-        results = ev.get("results") or {}
-        if results:
-            part += " " + ", ".join(
-                f"{b} {100 * r.get('passAt1', 0):.1f}%" for b, r in results.items()
-            )
+        part = f"{stage} {ev.phase}"
+        if ev.results:
+            part += " " + ", ".join(f"{b} {100 * r.pass_at1:.1f}%" for b, r in ev.results.items())
         parts.append(part)
     line = "eval: " + ("; ".join(parts) or "pending")
-    gate = next(
-        (c for c in status.get("conditions", []) or [] if c.get("type") == "QualityGate"), None
-    )
+    gate = status.condition("QualityGate")
     if gate is not None:
-        line += "  gate: " + (
-            "passed" if gate.get("status") == "True" else f"FAILED ({gate.get('message', '')})"
-        )
+        line += "  gate: " + ("passed" if gate.status == "True" else f"FAILED ({gate.message})")
     elif (spec or {}).get("minPassAt1"):
         line += "  gate: pending"
     return line

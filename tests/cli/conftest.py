@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 # Test modules import the helpers as `ctl_testkit` (a unique name: pytest runs in importlib mode).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ctl_testkit import Emulator, write_kubeconfig
+from ctl_testkit import Emulator, local_run, write_kubeconfig
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +32,10 @@ def kube_api(kubeconfig: Path) -> Any:
     from kubernetes import config
 
     return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture
+def make_local_run(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """`make_local_run(stages, name="ux")`: a small local CodaTrainingRun whose data lies under
+    this test's tmp_path (ctl_testkit.local_run)."""
+    return lambda stages, name="ux": local_run(tmp_path, stages, name)

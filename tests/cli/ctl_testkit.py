@@ -4,6 +4,7 @@ Kubernetes emulator in a background thread, kubeconfig files, the helm/kubectl b
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import os
 import re
@@ -259,3 +260,38 @@ def validate_objects(
             except kv.ValidationError as e:
                 problems.append(f"{label} (k8s {version}): {str(e).splitlines()[0]}")
     return problems
+
+
+# ------------------------------------------------------------------------------------ local runs
+
+LOCAL_STAGE: dict[str, Any] = {
+    "kind": "pretrain",
+    "steps": 10,
+    "batch": {"sequences": 2, "seqLen": 32},  # 64 tokens a step
+}
+
+
+def local_run(root: Path, stages: list[dict[str, Any]], name: str = "ux") -> dict[str, Any]:
+    """A small CodaTrainingRun for `coda-ctl local run` tests: coda-tiny, `stages` over a
+    10-step pretrain default, each reading a one-document JSONL written under `root/data`
+    unless the stage names its own data."""
+    data = root / "data" / "docs.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"text": "def f():\\n    return 1\\n"}\n')
+    default_data = [{"uri": str(data), "format": "jsonl"}]
+    return {
+        "apiVersion": "coda.dev/v1alpha1",
+        "kind": "CodaTrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "image": "local",
+            "model": {"preset": "coda-tiny"},
+            "tokenizer": "project",
+            "checkpoints": {"everySteps": 5},
+            "accelerator": {"tpu": {"type": "v5e", "topology": "1x1"}},
+            "stages": [
+                {**copy.deepcopy(LOCAL_STAGE), "data": copy.deepcopy(default_data), **stage}
+                for stage in stages
+            ],
+        },
+    }

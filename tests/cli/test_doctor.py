@@ -204,6 +204,111 @@ def _workload(name: str, admitted: bool, message: str) -> dict[str, Any]:
     }
 
 
+GIB = 1 << 30
+
+
+def _preflight_job(name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The operator's pre-flight Job of stage pretrain (render.render_preflight_job's labels)."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"{name}-pretrain-preflight",
+            "namespace": NS,
+            "creationTimestamp": ago(minutes=39),
+            "labels": {
+                "coda.dev/run": name,
+                "coda.dev/stage": "pretrain",
+                "app.kubernetes.io/component": "preflight",
+            },
+        },
+        "status": status,
+    }
+
+
+def _preflight_pod(name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The pre-flight Job's one CPU pod, labelled by the Job controller with its Job's name."""
+    job = f"{name}-pretrain-preflight"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-x7k2p",
+            "namespace": NS,
+            "labels": {
+                "coda.dev/run": name,
+                "coda.dev/stage": "pretrain",
+                "app.kubernetes.io/component": "preflight",
+                "batch.kubernetes.io/job-name": job,
+                "job-name": job,
+            },
+        },
+        "spec": {"containers": [{"name": "trainer", "image": IMAGE}]},
+        "status": status,
+    }
+
+
+def _preflighting(
+    name: str, preflight: dict[str, Any], stage_phase: str = "Pending", **status: Any
+) -> dict[str, Any]:
+    """A run whose stage pretrain waits for (or failed) its pre-flight: no JobSet exists yet,
+    though status names the one it will create (the planner sets it before the pre-flight)."""
+    return {
+        "phase": "Pending",
+        "stage": "pretrain",
+        "stages": [{"name": "pretrain", "phase": stage_phase, "jobSet": f"{name}-pretrain"}],
+        "preflight": {"pretrain": {"key": "k1", "job": f"{name}-pretrain-preflight", **preflight}},
+        **status,
+    }
+
+
+def _compiling(name: str) -> dict[str, Any]:
+    what = f"compiling the step for 1 x v5p 8x8x8 in Job {name}-pretrain-preflight"
+    return _preflighting(name, {"phase": "Running", "message": what})
+
+
+TOO_BIG = "does not fit (peak 120.00 GiB of 95.00 GiB HBM per chip)"
+
+
+def _preflight_scene() -> list[dict[str, Any]]:
+    """A pre-flight compiling, one whose pod cannot pull the image, and one that found the stage
+    does not fit (the run failed before asking for TPUs)."""
+    failed = {
+        "type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+        "message": "Container trainer for pod x exited with 78",
+    }  # fmt: skip
+    too_big_msg = f"stage pretrain failed: pre-flight on 1 x v5p 8x8x8: {TOO_BIG}"
+    report = {"fits": False, "peakBytesPerDevice": 120 * GIB, "hbmBytesPerDevice": 95 * GIB}
+    return [
+        _run("compiling", _compiling("compiling")),
+        _preflight_job("compiling", {"active": 1}),
+        _preflight_pod("compiling", RUNNING),
+        _run("preflight-pull", _compiling("preflight-pull")),
+        _preflight_job("preflight-pull", {"active": 1}),
+        _preflight_pod("preflight-pull", IMAGE_PULL),
+        _run(
+            "too-big",
+            _preflighting(
+                "too-big",
+                {"phase": "Failed", "message": TOO_BIG, "reportKey": "k1", "report": report},
+                stage_phase="Failed",
+                phase="Failed",
+                message=too_big_msg,
+                conditions=[
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "PreflightFailed",
+                        "message": too_big_msg,
+                        "lastTransitionTime": ago(minutes=30),
+                    },
+                ],
+            ),
+        ),
+        _preflight_job("too-big", {"failed": 1, "conditions": [failed]}),
+    ]
+
+
 def _scene() -> list[dict[str, Any]]:
     """Every object of every stuck run, runs first."""
     sa_message = (
@@ -250,6 +355,9 @@ def _scene() -> list[dict[str, Any]]:
                         "status": "False",
                         "reason": "ServiceAccountNotFound",
                         "message": sa_message,
+                        # required by the CRD (and the CLI's typed status): the API server
+                        # refuses a condition without it
+                        "lastTransitionTime": ago(minutes=39),
                     }
                 ],
             },
@@ -261,6 +369,7 @@ def _scene() -> list[dict[str, Any]]:
         _run("fine", _running("fine")),
         _jobset("fine"),
         *[_pod("fine", h, RUNNING, node=f"gke-tpu-{h}") for h in range(2)],
+        *_preflight_scene(),
     ]
 
 
@@ -343,3 +452,81 @@ def test_doctor_of_a_healthy_run_exits_0(kubeconfig: Path, stuck: None) -> None:
     res = _ctl(kubeconfig, "doctor", "fine")
     assert res.exit_code == 0, res.output
     assert res.stdout == 'run "fine": nothing is blocking it (2/2 pods running)\n'
+
+
+# ------------------------------------------------------------------------------- pre-flight Jobs
+
+
+def test_doctor_of_a_run_whose_preflight_compiles_says_so_not_no_jobset(
+    kubeconfig: Path, stuck: None
+) -> None:
+    """While the stage's pre-flight compiles, the operator holds its JobSet back on purpose:
+    nothing blocks the run (the JobSet's absence is no NoJobSet finding)."""
+    res = _ctl(kubeconfig, "doctor", "compiling")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == (
+        'run "compiling": nothing is blocking it (pre-flight of stage pretrain: compiling the '
+        "step for 1 x v5p 8x8x8 in Job compiling-pretrain-preflight)\n"
+    )
+
+
+def test_doctor_names_a_preflight_pod_that_cannot_start(kubeconfig: Path, stuck: None) -> None:
+    res = _ctl(kubeconfig, "doctor", "preflight-pull")
+    assert res.exit_code == Exit.ERROR, res.output
+    pod = "preflight-pull-pretrain-preflight-x7k2p"
+    assert res.stdout.startswith(
+        f'run "preflight-pull" is blocked: PreflightPodFailing: pre-flight pod {pod} of Job '
+        "preflight-pull-pretrain-preflight is ImagePullBackOff\n"
+        f"  fix: kubectl -n {NS} describe pod {pod}; kubectl -n {NS} logs {pod}\n"
+    ), res.stdout
+    assert "NoJobSet" not in res.stdout
+
+
+def test_doctor_and_describe_of_a_run_whose_preflight_found_it_does_not_fit(
+    kubeconfig: Path, stuck: None
+) -> None:
+    res = _ctl(kubeconfig, "doctor", "too-big")
+    assert res.exit_code == Exit.ERROR, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith('run "too-big" is blocked: RunFailed: stage pretrain failed: ')
+    # no JobSet ran: the log that says why is the pre-flight Job's
+    assert lines[1] == (
+        f"  fix: kubectl -n {NS} logs job/too-big-pretrain-preflight; "
+        f"then coda-ctl -n {NS} retry too-big"
+    )
+    assert lines[2] == (
+        "also: PreflightFailed: the pre-flight of stage pretrain (Job too-big-pretrain-preflight) "
+        f"failed: {TOO_BIG}"
+    )
+    assert lines[3].startswith("  fix: coda-ctl plan --compile --search -f RUN.yaml")
+
+    res = _ctl(kubeconfig, "describe", "too-big")
+    assert res.exit_code == 0, res.output
+    _golden("describe-preflight-too-big.txt", res.stdout)
+    sections = res.stdout.split("\nPre-flight")
+    assert len(sections) == 3, res.stdout  # `Pre-flight:` (the status), `Pre-flight Jobs:`
+    status_rows, job_rows = sections[1].splitlines(), sections[2].splitlines()
+    assert status_rows[1].split()[:7] == ["STAGE", "PHASE", "JOB", "FITS", "PEAK", "GiB", "HBM"]
+    assert status_rows[2].split()[:6] == [
+        "pretrain", "Failed", "too-big-pretrain-preflight", "NO", "120.00", "95.00"
+    ]  # fmt: skip
+    assert job_rows[2].split()[:4] == [
+        "pretrain", "too-big-pretrain-preflight", "Failed", "(PodFailurePolicy)"
+    ]  # fmt: skip
+    assert "NoJobSet" not in res.stdout
+
+
+def test_describe_lists_the_preflight_job_and_pod_of_a_compiling_run(
+    kubeconfig: Path, stuck: None
+) -> None:
+    res = _ctl(kubeconfig, "describe", "compiling")
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert (
+        "Pods (JobSet compiling-pretrain):\n  <none>\n" in out
+    )  # the pre-flight pod is not a host
+    assert "pods of earlier JobSets" not in out
+    job_rows = out.split("Pre-flight Jobs:\n")[1].splitlines()
+    assert job_rows[1].split() == [
+        "pretrain", "compiling-pretrain-preflight", "Active", "Running", "-", "-", "-"
+    ]  # fmt: skip

@@ -66,7 +66,8 @@ def test_evaluate_all_prints_the_table_beside_the_paper_and_applies_the_gate(
 def test_describe_and_get_wide_show_the_evaluation() -> None:
     import datetime as dt
 
-    from coda_ctl import views
+    from coda_ctl import describe, views
+    from coda_operator.api import CodaTrainingRunStatus
 
     spec = {"benchmarks": ["humaneval", "mbpp"], "minPassAt1": {"humaneval": 0.3}}
     status = {
@@ -74,12 +75,13 @@ def test_describe_and_get_wide_show_the_evaluation() -> None:
                 "results": {"humaneval": {"passAt1": 0.25, "problems": 164, "failures": 123},
                             "mbpp": {"passAt1": 0.5, "problems": 500, "failures": 250}}},
     }  # fmt: skip
-    text = "\n".join(views._evaluation_lines(spec, status))
+    evaluations = CodaTrainingRunStatus.model_validate({"evaluation": status}).evaluation
+    text = "\n".join(describe.evaluation_lines(spec, evaluations))
     assert "Gate:        humaneval >= 30.0%" in text
     assert "sft: Succeeded (Job demo-sft-eval)  report: gs://b/demo/sft/eval" in text
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[4:]}
     assert rows["humaneval"] == ["25.0", "164", "123", "30.0"] and rows["mbpp"][-1] == "-"
-    assert views._evaluation_lines(None, {}) == []  # a run without evaluation: no section
+    assert describe.evaluation_lines(None, None) == []  # a run without evaluation: no section
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     run = {"metadata": {"name": "demo"}, "status": {"score": "sft: humaneval 25.0, mbpp 50.0"}}
     assert views.run_row(run, now, wide=True)[-1] == "sft: humaneval 25.0, mbpp 50.0"

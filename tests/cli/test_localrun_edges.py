@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,8 @@ from coda_ctl import localplan, localrun
 from coda_ctl.errors import CtlError, Exit
 from coda_trainer.serve.__main__ import parse_args as serve_args
 
-RUN: dict[str, Any] = {
-    "apiVersion": "coda.dev/v1alpha1",
-    "kind": "CodaTrainingRun",
-    "metadata": {"name": "edges"},
-    "spec": {
-        "image": "local",
-        "model": {"preset": "coda-tiny"},
-        "tokenizer": "project",
-        "checkpoints": {"everySteps": 5},
-        "accelerator": {"tpu": {"type": "v5e", "topology": "1x1"}},
-        "stages": [
-            {"name": "only", "kind": "pretrain", "steps": 10, "batch": {"sequences": 2, "seqLen": 32},
-             "data": [{"uri": "/nowhere", "format": "jsonl"}]},
-        ],
-    },
-}  # fmt: skip
+# The one stage of the edges run (ctl_testkit.local_run): the fake trainers write its directory.
+ONLY = [{"name": "only"}]
 
 
 def _fake_trainer(code: int, make_final: bool = False) -> Any:
@@ -60,9 +47,14 @@ def _fake_trainer(code: int, make_final: bool = False) -> Any:
     ],
 )
 def test_trainer_exit_codes(
-    tmp_path: Path, code: int, final: bool, exit_code: Exit | None, needle: str | None
+    tmp_path: Path,
+    make_local_run: Callable[..., dict[str, Any]],
+    code: int,
+    final: bool,
+    exit_code: Exit | None,
+    needle: str | None,
 ) -> None:
-    (stage,) = localplan.plan_local_run(RUN, tmp_path).stages
+    (stage,) = localplan.plan_local_run(make_local_run(ONLY, "edges"), tmp_path).stages
     progress = localrun.PlainProgress(None)  # type: ignore[arg-type]
     if exit_code is None:
         localrun.run_stage(stage, progress, popen=_fake_trainer(code, final))
@@ -78,8 +70,12 @@ def test_trainer_exit_codes(
     )  # the log's tail
 
 
-def test_progress_printers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    plan = localplan.plan_local_run(RUN, tmp_path)
+def test_progress_printers(
+    tmp_path: Path,
+    make_local_run: Callable[..., dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan = localplan.plan_local_run(make_local_run(ONLY, "edges"), tmp_path)
     (stage,) = plan.stages
     plain = localrun.PlainProgress(plan)
     plain.update(stage, localplan.Progress(step=5, total=10, loss=2.5, tokens_per_second=1000.0))

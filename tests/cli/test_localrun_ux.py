@@ -8,12 +8,12 @@ real HTTP server for the sampler, and the CLI itself runs as a subprocess for th
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,46 +23,15 @@ import yaml
 from coda_ctl import localplan, localrun
 from coda_ctl.errors import Exit
 
-STAGE = {
-    "kind": "pretrain",
-    "steps": 10,
-    "batch": {"sequences": 2, "seqLen": 32},  # 64 tokens a step
-    "data": [{"uri": "REPLACED", "format": "jsonl"}],
-}
-
-
-def make_run(tmp_path: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
-    data = tmp_path / "data" / "docs.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text('{"text": "def f():\\n    return 1\\n"}\n')
-    out = []
-    for extra in stages:
-        stage = {**copy.deepcopy(STAGE), **extra}
-        if stage["data"][0]["uri"] == "REPLACED":
-            stage["data"] = [{"uri": str(data), "format": "jsonl"}]
-        out.append(stage)
-    return {
-        "apiVersion": "coda.dev/v1alpha1",
-        "kind": "CodaTrainingRun",
-        "metadata": {"name": "ux"},
-        "spec": {
-            "image": "local",
-            "model": {"preset": "coda-tiny"},
-            "tokenizer": "project",
-            "checkpoints": {"everySteps": 5},
-            "accelerator": {"tpu": {"type": "v5e", "topology": "1x1"}},
-            "stages": out,
-        },
-    }
-
-
 # ------------------------------------------------------------------------------ progress text
 
 
 def test_plain_progress_says_compiling_then_rate_eta_and_leaves_a_summary(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    make_local_run: Callable[..., dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    plan = localplan.plan_local_run(make_run(tmp_path, [{"name": "pretrain"}]), tmp_path / "w")
+    plan = localplan.plan_local_run(make_local_run([{"name": "pretrain"}]), tmp_path / "w")
     (stage,) = plan.stages
     plain = localrun.PlainProgress(plan)
     P = localplan.Progress
@@ -90,9 +59,11 @@ def test_plain_progress_says_compiling_then_rate_eta_and_leaves_a_summary(
 
 
 def test_rich_progress_keeps_notes_and_summaries_on_screen(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    make_local_run: Callable[..., dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    run = make_run(tmp_path, [{"name": "pretrain"}, {"name": "sft", "kind": "sft"}])
+    run = make_local_run([{"name": "pretrain"}, {"name": "sft", "kind": "sft"}])
     plan = localplan.plan_local_run(run, tmp_path / "w")
     first, second = plan.stages
     P = localplan.Progress
@@ -109,8 +80,8 @@ def test_rich_progress_keeps_notes_and_summaries_on_screen(
     assert "[sft] starting (10 steps)" in out
 
 
-def test_eta_and_durations(tmp_path: Path) -> None:
-    plan = localplan.plan_local_run(make_run(tmp_path, [{"name": "pretrain"}]), tmp_path / "w")
+def test_eta_and_durations(tmp_path: Path, make_local_run: Callable[..., dict[str, Any]]) -> None:
+    plan = localplan.plan_local_run(make_local_run([{"name": "pretrain"}]), tmp_path / "w")
     (stage,) = plan.stages
     P = localplan.Progress
     assert localrun.eta_seconds(stage, P(step=2, total=10, tokens_per_second=64.0)) == 8.0
@@ -131,11 +102,14 @@ def test_trainer_status_fields_reach_the_progress() -> None:
 
 
 def test_a_stage_run_reports_the_trainers_compile_phase(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    make_local_run: Callable[..., dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A real child writes status.json as the trainer does: compiling, then steps."""
     monkeypatch.setattr(localrun, "POLL_S", 0.05)
-    plan = localplan.plan_local_run(make_run(tmp_path, [{"name": "pretrain"}]), tmp_path / "w")
+    plan = localplan.plan_local_run(make_local_run([{"name": "pretrain"}]), tmp_path / "w")
     (stage,) = plan.stages
     script = (
         "import json, pathlib, time\n"
@@ -199,14 +173,16 @@ def test_an_empty_sample_is_shown_as_such(chat: bool, capsys: pytest.CaptureFixt
     assert localrun.shown_completion("    return 1\n") == "    return 1\n"
 
 
-def test_tensorboard_files_are_named(tmp_path: Path) -> None:
-    one = localplan.plan_local_run(make_run(tmp_path, [{"name": "pretrain"}]), tmp_path / "w")
+def test_tensorboard_files_are_named(
+    tmp_path: Path, make_local_run: Callable[..., dict[str, Any]]
+) -> None:
+    one = localplan.plan_local_run(make_local_run([{"name": "pretrain"}]), tmp_path / "w")
     root = tmp_path / "w" / "ux"
     assert localrun.tensorboard_line(one) == (
         f"TensorBoard event files: {root}/pretrain/metrics/  (tensorboard --logdir {root})"
     )
     two = localplan.plan_local_run(
-        make_run(tmp_path, [{"name": "pretrain"}, {"name": "sft", "kind": "sft"}]), tmp_path / "w"
+        make_local_run([{"name": "pretrain"}, {"name": "sft", "kind": "sft"}]), tmp_path / "w"
     )
     assert localrun.tensorboard_line(two).startswith(
         f"TensorBoard event files: {root}/<stage>/metrics/"
@@ -217,9 +193,10 @@ def test_tensorboard_files_are_named(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ inputs up front
 
 
-def test_missing_inputs_of_every_stage_are_listed_before_training(tmp_path: Path) -> None:
-    run = make_run(
-        tmp_path,
+def test_missing_inputs_of_every_stage_are_listed_before_training(
+    tmp_path: Path, make_local_run: Callable[..., dict[str, Any]]
+) -> None:
+    run = make_local_run(
         [
             {"name": "base"},
             {"name": "pretrain"},  # starts from base's final, which does not exist yet: fine
@@ -237,14 +214,14 @@ def test_missing_inputs_of_every_stage_are_listed_before_training(tmp_path: Path
     # a stage that is already done is skipped by the run, so its inputs no longer matter
     (plan.stages[3].final_dir).mkdir(parents=True)
     assert len(localplan.input_problems(plan)) == 1
-    good = localplan.plan_local_run(
-        make_run(tmp_path, [{"name": "a"}, {"name": "b"}]), tmp_path / "w"
-    )
+    good = localplan.plan_local_run(make_local_run([{"name": "a"}, {"name": "b"}]), tmp_path / "w")
     assert localplan.input_problems(good) == []
 
 
-def test_model_init_from_is_checked_for_the_first_stage(tmp_path: Path) -> None:
-    run = make_run(tmp_path, [{"name": "a"}, {"name": "b"}])
+def test_model_init_from_is_checked_for_the_first_stage(
+    tmp_path: Path, make_local_run: Callable[..., dict[str, Any]]
+) -> None:
+    run = make_local_run([{"name": "a"}, {"name": "b"}])
     run["spec"]["model"]["initFrom"] = str(tmp_path / "hf-folder")
     plan = localplan.plan_local_run(run, tmp_path / "w")
     assert localplan.input_problems(plan) == [
@@ -254,9 +231,10 @@ def test_model_init_from_is_checked_for_the_first_stage(tmp_path: Path) -> None:
     assert localplan.input_problems(plan) == []
 
 
-def test_cli_fails_in_seconds_on_a_bad_path_in_the_last_stage(tmp_path: Path) -> None:
-    run = make_run(
-        tmp_path,
+def test_cli_fails_in_seconds_on_a_bad_path_in_the_last_stage(
+    tmp_path: Path, make_local_run: Callable[..., dict[str, Any]]
+) -> None:
+    run = make_local_run(
         [{"name": "base"}, {"name": "pretrain"}, {"name": "midtrain"},
          {"name": "sft", "kind": "sft", "data": [{"uri": str(tmp_path / "typo.jsonl")}]}],
     )  # fmt: skip

@@ -283,3 +283,12 @@ def test_eval_runs_humaneval_plus(tmp_path: Path) -> None:
     res = cli("eval", "humaneval-plus", "--url", "http://127.0.0.1:1", "--limit", "1")
     # accepted and handed to the harness, which then cannot reach the server
     assert res.exit_code == Exit.ERROR and "no sample could be generated" in res.stderr
+
+
+def test_train_runs_the_stage_entry_point_and_passes_its_exit_code_on(tmp_path: Path) -> None:
+    """`coda-ctl train` is the container's stage entry point (coda_trainer.api.run_stage): a job
+    file that is not there is a permanent failure (78), which the JobSet must not retry."""
+    from coda_trainer.contract import EXIT_PERMANENT
+
+    res = cli("train", "--config", str(tmp_path / "missing-job.yaml"))
+    assert res.exit_code == EXIT_PERMANENT, res.output

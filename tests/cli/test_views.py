@@ -89,12 +89,41 @@ def test_evaluation_progress() -> None:
     assert views.evaluation_progress({"spec": {"evaluation": {"benchmarks": ["mbpp"]}}}) == (
         "eval: pending"
     )
+    # statuses as the CRD admits them (a score needs passAt1 and problems, a condition its
+    # reason and lastTransitionTime): the views read them through the typed model
     run = {"status": {"evaluation": {
-        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05}}},
+        "midtrain": {"phase": "Succeeded", "results": {"mbpp": {"passAt1": 0.05, "problems": 500}}},
         "sft": {"phase": "Running"},
     }}}  # fmt: skip
     assert views.evaluation_progress(run) == "eval: midtrain Succeeded mbpp 5.0%; sft Running"
     run["spec"] = {"evaluation": {"benchmarks": ["mbpp"], "minPassAt1": {"mbpp": 0.01}}}
     assert views.evaluation_progress(run).endswith("  gate: pending")
-    run["status"]["conditions"] = [{"type": "QualityGate", "status": "True", "message": "ok"}]
+    gate = {"type": "QualityGate", "status": "True", "reason": "Passed", "message": "ok",
+            "lastTransitionTime": "2026-01-02T11:00:00Z"}  # fmt: skip
+    run["status"]["conditions"] = [gate]
     assert views.evaluation_progress(run).endswith("  gate: passed")
+
+
+def test_describe_leaves_out_and_names_status_entries_that_do_not_validate() -> None:
+    """`describe` reads the status through the operator's typed model; what does not validate (a
+    hand-edited status) is left out and named, the rest still shown."""
+    from coda_ctl import describe
+
+    ok = {"type": "Running", "status": "True", "reason": "StageRunning", "message": "b runs",
+          "lastTransitionTime": "2026-01-02T11:30:00Z"}  # fmt: skip
+    run = _run(
+        {
+            "phase": "Running",
+            "stage": "b",
+            "progress": {"stage": "b", "step": "five", "totalSteps": 20, "loss": 2.0},
+            "conditions": [{"type": "Broken", "status": "Maybe"}, ok],
+        }
+    )
+    status, left_out = describe.read_status(run)
+    assert left_out == ["progress.step", "conditions[0]"]
+    assert [c.type for c in status.conditions] == ["Running"] and status.progress.loss == 2.0
+    text = describe.describe_text(run, [], NOW)
+    assert "Progress:    step -/20, loss 2.0000" in text
+    assert "Not shown:   status entries that are not valid: progress.step, conditions[0]" in text
+    assert "  Running   True     StageRunning   b runs" in text
+    assert describe.read_status(_run({"phase": 7, "stages": "x"}))[1] == ["phase", "stages"]
