@@ -66,7 +66,7 @@ def kill_resume_serve(
     stage_dir = root / kill_stage
     try:
         _wait_for(lambda: stage_dir.is_dir() and any(p.name.isdigit() for p in stage_dir.iterdir()),
-                  300, first, f"a {kill_stage} checkpoint")  # fmt: skip
+                  480, first, f"a {kill_stage} checkpoint")  # fmt: skip
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(30)
     finally:

@@ -46,7 +46,6 @@ import yaml
 
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
-from coda_trainer.data import batch_fields
 from coda_trainer.k8s_progress import ProgressReporter
 from coda_trainer.metrics import peak_flops_per_device
 
@@ -249,7 +248,9 @@ def _abstract_batch(cfg: TrainJobConfig, mesh: Any, rows: int, spec: Any) -> tup
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s
+    # lazy: imports JAX (+9-11 s measured); --help and bad-config exits stay at ~1 s; data is
+    # NumPy, which `coda-ctl plan`'s arithmetic-only report (this module's top) must not load
+    from coda_trainer.data import batch_fields
     from coda_trainer.sharding import batch_sharding
     from coda_trainer.step import stage_knobs
 
