@@ -641,7 +641,8 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
             written.setdefault("apiVersion", contract.API_VERSION)
             written.setdefault("kind", contract.KIND)
             state.written[key] = written
-    for ev in events:  # after the status they describe; posted off the reconcile (see EventPoster)
+    # after the status they describe; posted off the reconcile (see EventPoster)
+    for ev in planner.coalesce_events(events):
         state.events.post(kube, run, ev)
     state.phases.set(key, status.get("phase", "Pending"))
     for kind, seconds in finished_stages:

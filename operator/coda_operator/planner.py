@@ -46,6 +46,7 @@ __all__ = [
     "Observed",
     "PatchChild",
     "Plan",
+    "coalesce_events",
     "gate_misses",
     "isoformat",
     "parse_time",
@@ -1135,6 +1136,29 @@ def _timers(ctx: _Ctx, spec: CodaTrainingRunSpec) -> None:
     elif spec.active_deadline_seconds is not None and st.start_time:
         left = spec.active_deadline_seconds - (ctx.now - parse_time(st.start_time)).total_seconds()
         ctx.requeue_in(left)
+
+
+def coalesce_events(events: list[Event]) -> list[Event]:
+    """The Events of one reconcile, with a stage's "running" folded into its "started".
+
+    A stage whose JobSet is created and seen running in the same reconcile (no Kueue hold) used
+    to post StageStarted and StageRunning back to back: two API writes for one fact. A
+    StageRunning that follows its stage's StageStarted becomes a suffix of it; a StageRunning on
+    its own (a Kueue admission, a resume) stays an Event.
+    """
+    out: list[Event] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if (
+            ev.reason == "StageRunning"
+            and prev is not None
+            and prev.reason == "StageStarted"
+            and prev.message.startswith(f"Stage {ev.message.removeprefix('stage ').split(':')[0]} ")
+        ):
+            out[-1] = Event(prev.type, prev.reason, f"{prev.message}; running")
+            continue
+        out.append(ev)
+    return out
 
 
 def _true_conditions(status: Mapping[str, Any]) -> frozenset[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from coda_operator.handlers import OperatorConfig, _State
+from coda_operator.planner import Event, coalesce_events
 from operator_testkit import Cluster, OperatorTask, run_spec
 
 
@@ -68,3 +69,17 @@ async def _idle_for(cluster: Cluster, run: str, seconds: float) -> bool:
     n = _status_patches(cluster, run)
     await asyncio.sleep(seconds)
     return _status_patches(cluster, run) == n
+
+
+def test_a_stage_started_and_running_in_one_reconcile_is_one_event() -> None:
+    started = Event("Normal", "StageStarted", "Stage sft (3/3): creating JobSet r-sft on cpu")
+    running = Event("Normal", "StageRunning", "stage sft: running")
+    succeeded = Event("Normal", "StageSucceeded", "Stage midtrain (2/3) completed")
+    assert coalesce_events([succeeded, started, running]) == [
+        succeeded,
+        Event("Normal", "StageStarted", f"{started.message}; running"),
+    ]
+    # running on its own (Kueue admitted the JobSet later), or another stage's: kept
+    assert coalesce_events([running]) == [running]
+    other = Event("Normal", "StageRunning", "stage midtrain: running")
+    assert coalesce_events([started, other]) == [started, other]
