@@ -10,7 +10,8 @@ Triggers (all end in the same level-triggered `reconcile(namespace, name)`):
   back-off retries after API errors.
 
 Children are observed through kopf indexes (no list call per reconcile); the run itself is read
-fresh inside a per-run lock, so concurrent triggers never act on a stale status. Children have
+fresh inside a per-run lock (or taken from the operator's own last status PATCH while the watch
+shows nothing newer, `_State.current_run`), so concurrent triggers never act on a stale status. Children have
 deterministic names and are created only if absent, so a restarted operator (or a reconcile that
 runs twice) never duplicates a JobSet.
 """
