@@ -619,8 +619,18 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
         # Status says what went wrong even when no child could be created (Kubeflow #2351).
         metrics.RECONCILE_ERRORS.labels("apply").inc()
         message = "; ".join(failed)
-        _set_condition(status, "Created", "False", "CreateFailed", message)
-        status["message"] = message
+        st = api.CodaTrainingRunStatus.model_validate(status)
+        planner.set_condition(
+            st,
+            "Created",
+            False,
+            "CreateFailed",
+            message,
+            now=planner.isoformat(datetime.now(UTC)),
+            generation=(run.get("metadata") or {}).get("generation"),
+        )
+        st.message = message
+        status = st.wire()
         events.append(planner.Event("Warning", "CreateFailed", message))
         state.retry_later(key)
     else:
@@ -650,28 +660,6 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
         metrics.STAGE_SECONDS.labels(kind).observe(seconds)
     if requeue_after is not None and not failed:
         state.wake_in(key, requeue_after, "timer")
-
-
-def _set_condition(
-    status: dict[str, Any], type_: str, value: str, reason: str, message: str
-) -> None:
-    now = planner.isoformat(datetime.now(UTC))
-    conditions = status.setdefault("conditions", [])
-    for c in conditions:
-        if c["type"] == type_:
-            if c["status"] != value:
-                c["lastTransitionTime"] = now
-            c.update(status=value, reason=reason, message=message[:32768])
-            return
-    conditions.append(
-        {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message[:32768],
-            "lastTransitionTime": now,
-        }
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ __all__ = [
     "phase_from_conditions",
     "plan",
     "retry_requested",
+    "set_condition",
 ]
 
 # Printed phase precedence: the first of these conditions that is True names the phase.
@@ -257,6 +258,43 @@ class Plan:
 # --------------------------------------------------------------------------------------------------
 
 
+# metav1.Condition's limit on a message
+CONDITION_MESSAGE_MAX = 32768
+
+
+def set_condition(
+    st: CodaTrainingRunStatus,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> None:
+    """Set one run-level condition (the only writer of conditions, for planner and handlers):
+    lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    message = message[:CONDITION_MESSAGE_MAX]
+    existing = st.condition(type_)
+    if existing is None:
+        st.conditions.append(
+            Condition(
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
+        return
+    if existing.status != value:
+        existing.last_transition_time = now
+    existing.status, existing.reason, existing.message = value, reason, message
+    existing.observed_generation = generation
+
+
 class _Ctx:
     def __init__(self, status: CodaTrainingRunStatus, now: datetime, generation: int | None):
         self.st = status
@@ -269,24 +307,7 @@ class _Ctx:
         self.requeue: float | None = None
 
     def cond(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        value = "True" if status else "False"
-        existing = self.st.condition(type_)
-        if existing is None:
-            self.st.conditions.append(
-                Condition(
-                    type=type_,
-                    status=value,
-                    reason=reason,
-                    message=message,
-                    last_transition_time=self.now_s,
-                    observed_generation=self.gen,
-                )
-            )
-            return
-        if existing.status != value:
-            existing.last_transition_time = self.now_s
-        existing.status, existing.reason, existing.message = value, reason, message
-        existing.observed_generation = self.gen
+        set_condition(self.st, type_, status, reason, message, now=self.now_s, generation=self.gen)
 
     def clear(self, type_: str, reason: str, message: str = "") -> None:
         """Set a condition False only if it exists (keeps never-relevant conditions out of status)."""
