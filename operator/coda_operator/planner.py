@@ -584,49 +584,13 @@ def _advance(
         changed = [k for k in fp if ss.fingerprint.get(k) != fp[k]]
 
         if obs.state == "Completed":
-            ss.phase = "Succeeded"
-            ss.final = render.stage_final(spec, i)
-            ss.completion_time = ctx.now_s
-            ss.message = None
-            ss.fingerprint = {}  # only the running stage's is compared
-            if ss.start_time:
-                ctx.finished.append(
-                    (stage.kind, (ctx.now - parse_time(ss.start_time)).total_seconds())
-                )
-            ctx.event(
-                "Normal",
-                "StageSucceeded",
-                f"Stage {stage.name} ({i + 1}/{n}) completed; final checkpoint {ss.final}",
-            )
+            _stage_succeeded(ctx, spec, i, ss)
             i += 1
             continue
 
         if obs.state == "Failed":
-            why = obs.message or "JobSet failed"
-            # The JobSet's only FailJobSet rule is the trainer's EXIT_PERMANENT: bad config, data
-            # or init_from. Another attempt would fail the same way, so it gets none.
-            permanent = obs.reason == JOBSET_FAIL_ACTION_REASON
-            if permanent:
-                why = f"permanent failure, not retried (trainer exit {EXIT_PERMANENT}: bad config, data or init_from; see the leader's log): {why}"
-            if not permanent and ss.retries < spec.failure_policy.stage_retries:
-                ss.retries += 1
-                ss.message = f"retry {ss.retries}/{spec.failure_policy.stage_retries} after: {why}"
-                ctx.event(
-                    "Warning",
-                    "StageRetrying",
-                    f"Stage {stage.name}: JobSet {js_name} failed ({why}); starting retry "
-                    f"{ss.retries}/{spec.failure_policy.stage_retries}, resuming from the newest checkpoint",
-                )
-                continue  # same stage, next attempt name
-            ss.phase = "Failed"
-            ss.message = why
-            ss.completion_time = ctx.now_s
-            attempts = ss.retries + 1
-            msg = f"stage {stage.name} failed after {attempts} attempt{'s' * (attempts > 1)}: {why}"
-            ctx.cond("Failed", True, "StageFailed", msg)
-            ctx.cond("Running", False, "StageFailed", msg)
-            st.message = msg
-            st.completion_time = ctx.now_s
+            if _stage_failed(ctx, spec, i, ss, obs):
+                continue  # retrying: the same stage, next attempt name
             return False
 
         # Active JobSet: honour suspend, tell Kueue's hold from a user suspend.
@@ -646,6 +610,56 @@ def _advance(
     else:
         ctx.clear("SpecChangeRejected", "SpecAccepted")
     return all_done
+
+
+def _stage_succeeded(ctx: _Ctx, spec: CodaTrainingRunSpec, i: int, ss: StageStatus) -> None:
+    """Stage i's JobSet Completed: record its final checkpoint and duration."""
+    stage = spec.stages[i]
+    ss.phase = "Succeeded"
+    ss.final = render.stage_final(spec, i)
+    ss.completion_time = ctx.now_s
+    ss.message = None
+    ss.fingerprint = {}  # only the running stage's is compared
+    if ss.start_time:
+        ctx.finished.append((stage.kind, (ctx.now - parse_time(ss.start_time)).total_seconds()))
+    ctx.event(
+        "Normal",
+        "StageSucceeded",
+        f"Stage {stage.name} ({i + 1}/{len(spec.stages)}) completed; final checkpoint {ss.final}",
+    )
+
+
+def _stage_failed(
+    ctx: _Ctx, spec: CodaTrainingRunSpec, i: int, ss: StageStatus, obs: JobSetObs
+) -> bool:
+    """Stage i's JobSet Failed: True when another attempt starts, False when the run fails."""
+    stage, st = spec.stages[i], ctx.st
+    why = obs.message or "JobSet failed"
+    # The JobSet's only FailJobSet rule is the trainer's EXIT_PERMANENT: bad config, data
+    # or init_from. Another attempt would fail the same way, so it gets none.
+    permanent = obs.reason == JOBSET_FAIL_ACTION_REASON
+    if permanent:
+        why = f"permanent failure, not retried (trainer exit {EXIT_PERMANENT}: bad config, data or init_from; see the leader's log): {why}"
+    if not permanent and ss.retries < spec.failure_policy.stage_retries:
+        ss.retries += 1
+        ss.message = f"retry {ss.retries}/{spec.failure_policy.stage_retries} after: {why}"
+        ctx.event(
+            "Warning",
+            "StageRetrying",
+            f"Stage {stage.name}: JobSet {obs.name} failed ({why}); starting retry "
+            f"{ss.retries}/{spec.failure_policy.stage_retries}, resuming from the newest checkpoint",
+        )
+        return True
+    ss.phase = "Failed"
+    ss.message = why
+    ss.completion_time = ctx.now_s
+    attempts = ss.retries + 1
+    msg = f"stage {stage.name} failed after {attempts} attempt{'s' * (attempts > 1)}: {why}"
+    ctx.cond("Failed", True, "StageFailed", msg)
+    ctx.cond("Running", False, "StageFailed", msg)
+    st.message = msg
+    st.completion_time = ctx.now_s
+    return False
 
 
 # The reason JobSet (>= v0.5) gives a JobSet failed by a FailJobSet failure-policy rule.
