@@ -941,91 +941,11 @@ def _evaluations(
             continue
         if ev.phase == "Succeeded":
             continue
-        job = render.eval_job_name(name, stage, ev.retries)
-        obs = observed.jobs.get(job)
-        index = spec.stage_names().index(stage)
-        if obs is None:
-            # Create is create-if-absent: repeating it while the Job is not yet observed is safe.
-            ctx.actions.append(
-                Create(render.render_eval_job(name, namespace, spec, stage, ev.retries))
-            )
-            if ev.job != job or ev.phase == "Pending":
-                ev.job, ev.phase = job, "Running"
-                ev.checkpoint = render.stage_final(spec, index)
-                ev.start_time = ev.start_time or ctx.now_s
-                ev.completion_time, ev.message = None, f"Job {job} created"
-                ctx.event(
-                    "Normal",
-                    "EvaluationStarted",
-                    f"Evaluating stage {stage} ({ev.checkpoint}) on "
-                    f"{', '.join(spec.evaluation.benchmarks)}: Job {job}",
-                )
+        outcome = _evaluate_stage(ctx, name, namespace, spec, observed, stage, ev)
+        if outcome == "failed":
+            return False
+        if outcome == "waiting":
             done = False
-            continue
-        if obs.state == "Active":
-            ev.phase, ev.message = "Running", f"Job {job} running"
-            done = False
-            continue
-        if obs.state == "Completed":
-            missing = [b for b in spec.evaluation.benchmarks if b not in (ev.results or {})]
-            if missing:
-                first_seen = ev.completion_time or ctx.now_s
-                ev.completion_time = first_seen
-                waited = (ctx.now - parse_time(first_seen)).total_seconds()
-                if waited < EVAL_SCORES_GRACE_S:
-                    ev.message = (
-                        f"Job {job} completed; waiting for its scores ({', '.join(missing)})"
-                    )
-                    ctx.requeue_in(EVAL_SCORES_GRACE_S - waited)
-                    done = False
-                    continue
-                _fail_evaluation(
-                    ctx, stage, ev,
-                    f"Job {job} completed but reported no scores for {', '.join(missing)} into "
-                    f"status.evaluation.{stage} (see the Job's log)",
-                )  # fmt: skip
-                return False
-            ev.phase, ev.completion_time = "Succeeded", ev.completion_time or ctx.now_s
-            ev.message = None
-            scores = ", ".join(
-                f"{b} {100 * ev.results[b].pass_at1:.1f}"  # type: ignore[index]
-                for b in spec.evaluation.benchmarks
-            )
-            ctx.event("Normal", "EvaluationSucceeded", f"Stage {stage} pass@1: {scores}")
-            st.score = f"{stage}: {scores}"
-            continue
-        # Failed
-        why = obs.message or obs.reason or "Job failed"
-        permanent = obs.reason == JOB_POD_FAILURE_POLICY_REASON
-        if not permanent and ev.retries < spec.failure_policy.stage_retries:
-            ev.retries += 1
-            ev.phase, ev.job = "Pending", None
-            ev.message = f"retry {ev.retries}/{spec.failure_policy.stage_retries} after: {why}"
-            ctx.event(
-                "Warning",
-                "EvaluationRetrying",
-                f"Evaluation of stage {stage}: Job {job} failed ({why}); starting retry "
-                f"{ev.retries}/{spec.failure_policy.stage_retries}",
-            )
-            # Create the next attempt in this same pass.
-            ctx.actions.append(
-                Create(render.render_eval_job(name, namespace, spec, stage, ev.retries))
-            )
-            ev.job, ev.phase = render.eval_job_name(name, stage, ev.retries), "Running"
-            done = False
-            continue
-        if permanent:
-            why = (
-                f"permanent failure, not retried (evaluation exit {EXIT_PERMANENT}: bad checkpoint "
-                f"or arguments; see the Job's log): {why}"
-            )
-        attempts = ev.retries + 1
-        _fail_evaluation(
-            ctx, stage, ev,
-            f"evaluation of stage {stage} failed after {attempts} attempt"
-            f"{'s' * (attempts > 1)}: {why}",
-        )  # fmt: skip
-        return False
     if not (done and trained):
         if trained:
             running = [s for s in stages if st.evaluation[s].phase != "Succeeded"]
@@ -1035,6 +955,110 @@ def _evaluations(
             st.message = msg
         return False
     return _gate(ctx, spec, stages[-1])
+
+
+_EvalOutcome = Literal["done", "waiting", "failed"]
+
+
+def _evaluate_stage(
+    ctx: _Ctx,
+    name: str,
+    namespace: str,
+    spec: CodaTrainingRunSpec,
+    observed: Observed,
+    stage: str,
+    ev: EvaluationStatus,
+) -> _EvalOutcome:
+    """One trained stage's evaluation: create its Job, follow it, take its scores."""
+    assert spec.evaluation is not None
+    job = render.eval_job_name(name, stage, ev.retries)
+    obs = observed.jobs.get(job)
+    index = spec.stage_names().index(stage)
+    if obs is None:
+        # Create is create-if-absent: repeating it while the Job is not yet observed is safe.
+        ctx.actions.append(Create(render.render_eval_job(name, namespace, spec, stage, ev.retries)))
+        if ev.job != job or ev.phase == "Pending":
+            ev.job, ev.phase = job, "Running"
+            ev.checkpoint = render.stage_final(spec, index)
+            ev.start_time = ev.start_time or ctx.now_s
+            ev.completion_time, ev.message = None, f"Job {job} created"
+            ctx.event(
+                "Normal",
+                "EvaluationStarted",
+                f"Evaluating stage {stage} ({ev.checkpoint}) on "
+                f"{', '.join(spec.evaluation.benchmarks)}: Job {job}",
+            )
+        return "waiting"
+    if obs.state == "Active":
+        ev.phase, ev.message = "Running", f"Job {job} running"
+        return "waiting"
+    if obs.state == "Completed":
+        missing = [b for b in spec.evaluation.benchmarks if b not in (ev.results or {})]
+        if missing:
+            first_seen = ev.completion_time or ctx.now_s
+            ev.completion_time = first_seen
+            waited = (ctx.now - parse_time(first_seen)).total_seconds()
+            if waited < EVAL_SCORES_GRACE_S:
+                ev.message = f"Job {job} completed; waiting for its scores ({', '.join(missing)})"
+                ctx.requeue_in(EVAL_SCORES_GRACE_S - waited)
+                return "waiting"
+            _fail_evaluation(
+                ctx, stage, ev,
+                f"Job {job} completed but reported no scores for {', '.join(missing)} into "
+                f"status.evaluation.{stage} (see the Job's log)",
+            )  # fmt: skip
+            return "failed"
+        ev.phase, ev.completion_time = "Succeeded", ev.completion_time or ctx.now_s
+        ev.message = None
+        scores = ", ".join(
+            f"{b} {100 * ev.results[b].pass_at1:.1f}"  # type: ignore[index]
+            for b in spec.evaluation.benchmarks
+        )
+        ctx.event("Normal", "EvaluationSucceeded", f"Stage {stage} pass@1: {scores}")
+        ctx.st.score = f"{stage}: {scores}"
+        return "done"
+    return _evaluation_job_failed(ctx, name, namespace, spec, stage, ev, obs)
+
+
+def _evaluation_job_failed(
+    ctx: _Ctx,
+    name: str,
+    namespace: str,
+    spec: CodaTrainingRunSpec,
+    stage: str,
+    ev: EvaluationStatus,
+    obs: JobObs,
+) -> _EvalOutcome:
+    """The evaluation Job failed: another attempt ("waiting"), or the run fails ("failed")."""
+    job = obs.name
+    why = obs.message or obs.reason or "Job failed"
+    permanent = obs.reason == JOB_POD_FAILURE_POLICY_REASON
+    if not permanent and ev.retries < spec.failure_policy.stage_retries:
+        ev.retries += 1
+        ev.phase, ev.job = "Pending", None
+        ev.message = f"retry {ev.retries}/{spec.failure_policy.stage_retries} after: {why}"
+        ctx.event(
+            "Warning",
+            "EvaluationRetrying",
+            f"Evaluation of stage {stage}: Job {job} failed ({why}); starting retry "
+            f"{ev.retries}/{spec.failure_policy.stage_retries}",
+        )
+        # Create the next attempt in this same pass.
+        ctx.actions.append(Create(render.render_eval_job(name, namespace, spec, stage, ev.retries)))
+        ev.job, ev.phase = render.eval_job_name(name, stage, ev.retries), "Running"
+        return "waiting"
+    if permanent:
+        why = (
+            f"permanent failure, not retried (evaluation exit {EXIT_PERMANENT}: bad checkpoint "
+            f"or arguments; see the Job's log): {why}"
+        )
+    attempts = ev.retries + 1
+    _fail_evaluation(
+        ctx, stage, ev,
+        f"evaluation of stage {stage} failed after {attempts} attempt"
+        f"{'s' * (attempts > 1)}: {why}",
+    )  # fmt: skip
+    return "failed"
 
 
 def _fail_evaluation(ctx: _Ctx, stage: str, ev: EvaluationStatus, msg: str) -> None:
