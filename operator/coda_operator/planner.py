@@ -727,20 +727,7 @@ def _preflight(
         pf.phase, pf.retries, pf.attempt, pf.job = "Pending", 0, pf.attempt + 1, None
 
     if pf.report is not None and pf.report_key == key:
-        r = pf.report
-        numbers = (
-            f"peak {_gib(r.peak_bytes_per_device)} GiB of {_gib(r.hbm_bytes_per_device)} GiB "
-            f"HBM per chip"
-        )
-        if r.fits:
-            pf.phase, pf.message = "Succeeded", numbers
-            ctx.cond("Preflight", True, "Fits", f"stage {stage.name} on {where}: {numbers}")
-            return True
-        why = "; ".join(r.problems) or f"does not fit ({numbers})"
-        pf.phase, pf.message = "Failed", why
-        ctx.cond("Preflight", False, "DoesNotFit", f"stage {stage.name} on {where}: {why}")
-        _fail_stage(ctx, ss, "PreflightFailed", f"pre-flight on {where}: {why}")
-        return False
+        return _preflight_reported(ctx, ss, pf, where)
 
     job = render.preflight_job_name(name, stage.name, pf.attempt)
     obs = observed.jobs.get(job)
@@ -754,38 +741,8 @@ def _preflight(
             _preflight_waiting(ctx, ss, pf, f"Job {job} completed; waiting for its report")
             return False
     if obs is not None and obs.state != "Active":
-        why = (
-            obs.message or obs.reason or "Job failed"
-            if obs.state == "Failed"
-            else f"Job {job} completed without writing status.preflight.{stage.name}"
-        )
-        if obs.state == "Failed" and obs.reason in _PREFLIGHT_PERMANENT:
-            msg = f"pre-flight Job {job} failed, not retried (see its log): {why}"
-            pf.phase, pf.message = "Failed", msg
-            ctx.cond("Preflight", False, "PreflightFailed", msg)
-            _fail_stage(ctx, ss, "PreflightFailed", msg)
+        if not _preflight_job_ended(ctx, spec, ss, pf, job, obs):
             return False
-        if pf.retries >= spec.failure_policy.stage_retries:
-            msg = (
-                f"pre-flight Job {job} failed after {pf.retries + 1} attempt(s): {why} (see its "
-                "log; a pod that cannot write its report needs a ServiceAccount allowed to patch "
-                "codatrainingruns/status, the chart's trainerServiceAccount with reportProgress; "
-                "or set spec.preflight: false)"
-            )
-            pf.phase, pf.message = "Failed", msg
-            ctx.cond("Preflight", False, "PreflightFailed", msg)
-            _fail_stage(ctx, ss, "StageFailed", msg)
-            return False
-        # Evicted, exit 75, a crash: the same contract as training, a new Job (no TPU involved).
-        pf.retries += 1
-        pf.attempt += 1
-        pf.waiting_since = None
-        ctx.event(
-            "Warning",
-            "PreflightRetrying",
-            f"Pre-flight of stage {stage.name}: {why}; retry "
-            f"{pf.retries}/{spec.failure_policy.stage_retries}",
-        )
         job, obs = render.preflight_job_name(name, stage.name, pf.attempt), None
 
     if obs is None:
@@ -803,6 +760,71 @@ def _preflight(
             )
     _preflight_waiting(ctx, ss, pf, f"compiling the step for {where} in Job {job}")
     return False
+
+
+def _preflight_reported(ctx: _Ctx, ss: StageStatus, pf: PreflightStatus, where: str) -> bool:
+    """The stage's pre-flight report for its current key: True when the step fits (the JobSet
+    may be created), else the stage fails."""
+    r = pf.report
+    assert r is not None
+    numbers = (
+        f"peak {_gib(r.peak_bytes_per_device)} GiB of {_gib(r.hbm_bytes_per_device)} GiB "
+        f"HBM per chip"
+    )
+    if r.fits:
+        pf.phase, pf.message = "Succeeded", numbers
+        ctx.cond("Preflight", True, "Fits", f"stage {ss.name} on {where}: {numbers}")
+        return True
+    why = "; ".join(r.problems) or f"does not fit ({numbers})"
+    pf.phase, pf.message = "Failed", why
+    ctx.cond("Preflight", False, "DoesNotFit", f"stage {ss.name} on {where}: {why}")
+    _fail_stage(ctx, ss, "PreflightFailed", f"pre-flight on {where}: {why}")
+    return False
+
+
+def _preflight_job_ended(
+    ctx: _Ctx,
+    spec: CodaTrainingRunSpec,
+    ss: StageStatus,
+    pf: PreflightStatus,
+    job: str,
+    obs: JobObs,
+) -> bool:
+    """The pre-flight Job failed, or completed without a report: True when another attempt
+    starts (pf.attempt moved on), False when the stage fails."""
+    why = (
+        obs.message or obs.reason or "Job failed"
+        if obs.state == "Failed"
+        else f"Job {job} completed without writing status.preflight.{ss.name}"
+    )
+    if obs.state == "Failed" and obs.reason in _PREFLIGHT_PERMANENT:
+        msg = f"pre-flight Job {job} failed, not retried (see its log): {why}"
+        pf.phase, pf.message = "Failed", msg
+        ctx.cond("Preflight", False, "PreflightFailed", msg)
+        _fail_stage(ctx, ss, "PreflightFailed", msg)
+        return False
+    if pf.retries >= spec.failure_policy.stage_retries:
+        msg = (
+            f"pre-flight Job {job} failed after {pf.retries + 1} attempt(s): {why} (see its "
+            "log; a pod that cannot write its report needs a ServiceAccount allowed to patch "
+            "codatrainingruns/status, the chart's trainerServiceAccount with reportProgress; "
+            "or set spec.preflight: false)"
+        )
+        pf.phase, pf.message = "Failed", msg
+        ctx.cond("Preflight", False, "PreflightFailed", msg)
+        _fail_stage(ctx, ss, "StageFailed", msg)
+        return False
+    # Evicted, exit 75, a crash: the same contract as training, a new Job (no TPU involved).
+    pf.retries += 1
+    pf.attempt += 1
+    pf.waiting_since = None
+    ctx.event(
+        "Warning",
+        "PreflightRetrying",
+        f"Pre-flight of stage {ss.name}: {why}; retry "
+        f"{pf.retries}/{spec.failure_policy.stage_retries}",
+    )
+    return True
 
 
 def _preflight_waiting(ctx: _Ctx, ss: StageStatus, pf: PreflightStatus, what: str) -> None:
