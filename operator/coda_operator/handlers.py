@@ -560,9 +560,10 @@ async def _missing_service_account(
 _CHILD_TRIGGERS = frozenset({"jobset", "evaljob", "sampler"})
 
 
-async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
+async def _read_run(state: _State, kube: Kube, key: Key, trigger: str) -> dict[str, Any] | None:
+    """The run to plan from: our own last write while current, else a GET. None when it is gone
+    (forgotten) or could not be read (a retry is scheduled)."""
     namespace, name = key
-    kube = state.client()
     run = state.current_run(key) if trigger in _CHILD_TRIGGERS else None
     if run is None:
         state.written.pop(key, None)
@@ -572,12 +573,21 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
             log.warning("reading %s/%s: %s", namespace, name, e)
             metrics.RECONCILE_ERRORS.labels("read").inc()
             state.retry_later(key)
-            return
+            return None
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         state.forget(key)  # deleted: children go with it (ownerReferences); nothing is recreated
-        return
+        return None
     run.setdefault("apiVersion", contract.API_VERSION)
     run.setdefault("kind", contract.KIND)
+    return run
+
+
+async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
+    namespace, name = key
+    kube = state.client()
+    run = await _read_run(state, kube, key, trigger)
+    if run is None:
+        return
 
     observed = state.observe(key)
     missing_sa = await _missing_service_account(state, kube, namespace, run)
