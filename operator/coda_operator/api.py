@@ -542,8 +542,8 @@ def parse_spec(data: Any, *, cluster: bool = True, admission: bool = True) -> Co
 # Status
 # --------------------------------------------------------------------------------------------------
 
+# One vocabulary for the run's phase and each stage's, evaluation's and pre-flight's phase.
 Phase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
-StagePhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(_StatusWire):
@@ -565,7 +565,7 @@ class Condition(_StatusWire):
 
 class StageStatus(_StatusWire):
     name: str = Field(description="The stage's name (spec.stages[].name).")
-    phase: StagePhase = Field(default="Pending", description="Where the stage is in its lifecycle.")
+    phase: Phase = Field(default="Pending", description="Where the stage is in its lifecycle.")
     job_set: str | None = Field(default=None, description="Current JobSet of this stage.")
     retries: int = Field(default=0, ge=0, description="Operator retries used (JobSets replaced).")
     job_set_restarts: int = Field(
@@ -621,7 +621,7 @@ class EvaluationStatus(_StatusWire):
     """One evaluated stage. The operator owns phase/job/retries/times/message; the evaluation Job
     merge-patches `results`, `report` and `settings` when it finishes."""
 
-    phase: StagePhase = Field(default="Pending", description="Where the evaluation Job is.")
+    phase: Phase = Field(default="Pending", description="Where the evaluation Job is.")
     job: str | None = Field(default=None, description="The evaluation Job's name.")
     retries: int = Field(default=0, ge=0, description="Evaluation Jobs replaced after failures.")
     checkpoint: str | None = Field(default=None, description="The evaluated checkpoint (URI).")
@@ -677,7 +677,7 @@ class PreflightStatus(_StatusWire):
     key: str | None = Field(
         default=None, description="Hash of the stage's spec parts and image being checked."
     )
-    phase: StagePhase = Field(
+    phase: Phase = Field(
         default="Pending",
         description="Pending, Running, Succeeded (fits) or Failed (does not fit, or the Job failed for good).",
     )

@@ -10,7 +10,8 @@ Triggers (all end in the same level-triggered `reconcile(namespace, name)`):
   back-off retries after API errors.
 
 Children are observed through kopf indexes (no list call per reconcile); the run itself is read
-fresh inside a per-run lock, so concurrent triggers never act on a stale status. Children have
+fresh inside a per-run lock (or taken from the operator's own last status PATCH while the watch
+shows nothing newer, `_State.current_run`), so concurrent triggers never act on a stale status. Children have
 deterministic names and are created only if absent, so a restarted operator (or a reconcile that
 runs twice) never duplicates a JobSet.
 """
@@ -88,6 +89,10 @@ class _State:
         self.eval_jobs: Any = None
         # (namespace, name) of ServiceAccounts seen to exist (deleting one later is not noticed)
         self.service_accounts_seen: set[tuple[str, str]] = set()
+        # The run as our last status PATCH left it, and the resourceVersion of the run's newest
+        # watch event: see `current_run`.
+        self.written: dict[Key, dict[str, Any]] = {}
+        self.watched_rv: dict[Key, str] = {}
 
     def bind(self, kwargs: dict[str, Any]) -> _State:
         self.jobsets = kwargs.get("coda_jobsets", self.jobsets)
@@ -106,6 +111,20 @@ class _State:
         self.info = _login(self.config) or self.info
         assert self.info is not None
         return self.info
+
+    def current_run(self, key: Key) -> dict[str, Any] | None:
+        """The run as our last status PATCH returned it, when it is provably still current: the
+        watch has since delivered exactly that resourceVersion and nothing newer. Otherwise None
+        (the caller GETs). Saves a GET per reconcile of a run whose only writer since was us;
+        any other write (spec, annotation, the trainer's progress, deletion) shows in the watch
+        as a newer resourceVersion first, and the run is read again."""
+        body = self.written.get(key)
+        if body is None:
+            return None
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        if rv is None or self.watched_rv.get(key) != rv:
+            return None
+        return body
 
     def observe(self, key: Key) -> planner.Observed:
         jobsets = {obs.name: obs for obs in (self.jobsets or {}).get(key, [])}
@@ -140,6 +159,8 @@ class _State:
             handle.cancel()
         self.failures.pop(key, None)
         self.phases.forget(key)
+        self.written.pop(key, None)
+        self.watched_rv.pop(key, None)
 
     async def close(self) -> None:
         await self.events.close()
@@ -354,6 +375,11 @@ async def run_event(
         state.forget((namespace, name))
         return
     state.known.add((namespace, name))
+    rv = (body.get("metadata") or {}).get("resourceVersion")
+    if rv is not None:
+        state.watched_rv[(namespace, name)] = rv
+    else:
+        state.watched_rv.pop((namespace, name), None)
     trigger = run_trigger(event.get("type"), body)
     if trigger is not None:
         await reconcile(state, namespace, name, trigger=trigger)
@@ -420,7 +446,7 @@ async def _reconcile_locked(state: _State, namespace: str, name: str, *, trigger
     async with lock:
         with metrics.RECONCILE_SECONDS.time():
             try:
-                await _reconcile(state, key)
+                await _reconcile(state, key, trigger)
             except Exception:  # never let kopf's slow back-off take over; retry on our schedule
                 log.exception("reconcile of %s/%s failed", namespace, name)
                 metrics.RECONCILE_ERRORS.labels("unexpected").inc()
@@ -445,18 +471,37 @@ def _with_generated_key(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "stringData": {key: secrets.token_urlsafe(32)}}
 
 
-async def _apply(kube: Kube, run: dict[str, Any], action: planner.Action) -> None:
+async def _apply(kube: Kube, run: dict[str, Any], action: planner.Action) -> dict[str, Any] | None:
+    """Apply one action; returns the object a Create made (None if it existed, or another verb)."""
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
     if isinstance(action, planner.Create):
         obj = _with_generated_key(action.obj)
         kopf.adopt(obj, owner=run)  # ownerReference → garbage collection with the run
-        await kube.create(obj)  # an existing object (and so an existing key) is kept
+        return await kube.create(obj)  # an existing object (and so an existing key) is kept
     elif isinstance(action, planner.PatchChild):
         await kube.patch(action.api_version, action.kind, ns, action.name, action.patch)
     elif isinstance(action, planner.DeleteChild):
         await kube.delete(action.api_version, action.kind, ns, action.name)
     elif isinstance(action, planner.DeleteRun):
         await kube.delete(contract.API_VERSION, contract.KIND, ns, name)
+    return None
+
+
+def _with_created(observed: planner.Observed, created: list[dict[str, Any]]) -> planner.Observed:
+    """`observed` plus the JobSets, Jobs and sampler Deployment this reconcile just created, as
+    their POST responses show them (what their watch events will report moments later)."""
+    jobsets, jobs, sampler = dict(observed.jobsets), dict(observed.jobs), observed.sampler
+    for body in created:
+        api_version, kind = body.get("apiVersion"), body.get("kind")
+        if (api_version, kind) == ("jobset.x-k8s.io/v1alpha2", "JobSet"):
+            obs = planner.JobSetObs.from_body(body)
+            jobsets[obs.name] = obs
+        elif (api_version, kind) == ("batch/v1", "Job"):
+            job = planner.JobObs.from_body(body)
+            jobs[job.name] = job
+        elif (api_version, kind) == ("apps/v1", "Deployment"):
+            sampler = planner.DeploymentObs.from_body(body)
+    return dataclasses.replace(observed, jobsets=jobsets, jobs=jobs, sampler=sampler)
 
 
 _STATUS_KEYS = {f.alias or n for n, f in api.CodaTrainingRunStatus.model_fields.items()}
@@ -474,6 +519,11 @@ def _merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             patch[k] = v
     patch.update({k: None for k in old if k not in new})
     return patch
+
+
+def _not_ours(status: dict[str, Any]) -> dict[str, Any]:
+    """The status fields the planner does not own (kopf's, future ones)."""
+    return {k: v for k, v in status.items() if k not in _STATUS_KEYS}
 
 
 def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -505,42 +555,92 @@ async def _missing_service_account(
     return None
 
 
-async def _reconcile(state: _State, key: Key) -> None:
+# Triggers that may reuse the run from our own last write (`_State.current_run`); a trigger from
+# the run's own watch event, a resync or a retry after an error always reads it.
+_CHILD_TRIGGERS = frozenset({"jobset", "evaljob", "sampler"})
+
+
+async def _read_run(state: _State, kube: Kube, key: Key, trigger: str) -> dict[str, Any] | None:
+    """The run to plan from: our own last write while current, else a GET. None when it is gone
+    (forgotten) or could not be read (a retry is scheduled)."""
     namespace, name = key
-    kube = state.client()
-    try:
-        run = await kube.get(contract.API_VERSION, contract.KIND, namespace, name)
-    except _API_ERRORS as e:
-        log.warning("reading %s/%s: %s", namespace, name, e)
-        metrics.RECONCILE_ERRORS.labels("read").inc()
-        state.retry_later(key)
-        return
+    run = state.current_run(key) if trigger in _CHILD_TRIGGERS else None
+    if run is None:
+        state.written.pop(key, None)
+        try:
+            run = await kube.get(contract.API_VERSION, contract.KIND, namespace, name)
+        except _API_ERRORS as e:
+            log.warning("reading %s/%s: %s", namespace, name, e)
+            metrics.RECONCILE_ERRORS.labels("read").inc()
+            state.retry_later(key)
+            return None
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         state.forget(key)  # deleted: children go with it (ownerReferences); nothing is recreated
-        return
+        return None
     run.setdefault("apiVersion", contract.API_VERSION)
     run.setdefault("kind", contract.KIND)
+    return run
+
+
+async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
+    namespace, name = key
+    kube = state.client()
+    run = await _read_run(state, kube, key, trigger)
+    if run is None:
+        return
 
     observed = state.observe(key)
     missing_sa = await _missing_service_account(state, kube, namespace, run)
     if missing_sa:
         observed = dataclasses.replace(observed, missing_service_account=missing_sa)
-    result = planner.plan(run, observed, datetime.now(UTC))
+    now = datetime.now(UTC)
+    result = planner.plan(run, observed, now)
     status = result.status_dict()
     events = list(result.events)
+    finished_stages = list(result.finished_stages)
+    requeue_after = result.requeue_after
 
     failed: list[str] = []
+    created: list[dict[str, Any]] = []
     for action in result.actions:
         try:
-            await _apply(kube, run, action)
+            made = await _apply(kube, run, action)
         except _API_ERRORS as e:
             failed.append(f"{_describe(action)}: {e}")
+        else:
+            if made is not None:
+                created.append(made)
+    if created and not failed:
+        # Plan once more with what was just created as observed: the status the created
+        # JobSet's watch event would lead to (Created, Running or Queued) goes out in this
+        # reconcile's one status PATCH instead of a second reconcile's. Taken only when that plan
+        # asks for nothing more than a status change.
+        settled = planner.plan(
+            {**run, "status": {**_not_ours(run.get("status") or {}), **status}},
+            _with_created(observed, created),
+            now,
+        )
+        if not settled.actions:
+            status = settled.status_dict()
+            events += settled.events
+            finished_stages += settled.finished_stages
+            requeue_after = settled.requeue_after
     if failed:
         # Status says what went wrong even when no child could be created (Kubeflow #2351).
         metrics.RECONCILE_ERRORS.labels("apply").inc()
         message = "; ".join(failed)
-        _set_condition(status, "Created", "False", "CreateFailed", message)
-        status["message"] = message
+        st = api.CodaTrainingRunStatus.model_validate(status)
+        planner.set_condition(
+            st,
+            "Created",
+            False,
+            "CreateFailed",
+            message,
+            now=planner.isoformat(datetime.now(UTC)),
+            generation=(run.get("metadata") or {}).get("generation"),
+        )
+        st.message = message
+        status = st.wire()
         events.append(planner.Event("Warning", "CreateFailed", message))
         state.retry_later(key)
     else:
@@ -548,8 +648,9 @@ async def _reconcile(state: _State, key: Key) -> None:
 
     patch = _status_patch(run.get("status") or {}, status)
     if patch:
+        state.written.pop(key, None)
         try:
-            await kube.patch(
+            written = await kube.patch(
                 contract.API_VERSION, contract.KIND, namespace, name, {"status": patch}, status=True
             )
         except _API_ERRORS as e:
@@ -557,35 +658,18 @@ async def _reconcile(state: _State, key: Key) -> None:
             metrics.RECONCILE_ERRORS.labels("status").inc()
             state.retry_later(key)
             return  # events follow the status they describe; they are re-derived next time
-    for ev in events:  # after the status they describe; posted off the reconcile (see EventPoster)
+        if isinstance(written, dict) and written.get("metadata"):
+            written.setdefault("apiVersion", contract.API_VERSION)
+            written.setdefault("kind", contract.KIND)
+            state.written[key] = written
+    # after the status they describe; posted off the reconcile (see EventPoster)
+    for ev in planner.coalesce_events(events):
         state.events.post(kube, run, ev)
     state.phases.set(key, status.get("phase", "Pending"))
-    for kind, seconds in result.finished_stages:
+    for kind, seconds in finished_stages:
         metrics.STAGE_SECONDS.labels(kind).observe(seconds)
-    if result.requeue_after is not None and not failed:
-        state.wake_in(key, result.requeue_after, "timer")
-
-
-def _set_condition(
-    status: dict[str, Any], type_: str, value: str, reason: str, message: str
-) -> None:
-    now = planner.isoformat(datetime.now(UTC))
-    conditions = status.setdefault("conditions", [])
-    for c in conditions:
-        if c["type"] == type_:
-            if c["status"] != value:
-                c["lastTransitionTime"] = now
-            c.update(status=value, reason=reason, message=message[:32768])
-            return
-    conditions.append(
-        {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message[:32768],
-            "lastTransitionTime": now,
-        }
-    )
+    if requeue_after is not None and not failed:
+        state.wake_in(key, requeue_after, "timer")
 
 
 # --------------------------------------------------------------------------------------------------

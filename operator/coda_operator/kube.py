@@ -135,17 +135,18 @@ class Kube:
                 return None
             raise
 
-    async def create(self, obj: dict[str, Any]) -> bool:
-        """Create if absent: False when it already exists (HTTP 409)."""
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create if absent: the created object as the server returned it, or None when it
+        already exists (HTTP 409)."""
         meta = obj["metadata"]
         path = _path(obj["apiVersion"], plural_of(obj["kind"]), meta.get("namespace"))
         try:
-            await self.request("POST", path, body=obj)
+            created = await self.request("POST", path, body=obj)
         except ApiError as e:
             if e.status == 409:
-                return False
+                return None
             raise
-        return True
+        return created if isinstance(created, dict) else dict(obj)
 
     async def patch(
         self,

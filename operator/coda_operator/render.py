@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,12 +179,33 @@ FINGERPRINT_FIELDS = {
 }
 
 
+# fingerprint() memo: (run, id(spec), index) → (spec, hashes). The spec object is kept in the
+# value and compared by identity, so an id reused after a spec is freed never matches. Specs are
+# immutable and the planner parses a run's spec once per change (planner._parsed_spec), so the
+# running stage's hashes (asked for on every reconcile) are computed once per spec.
+_FINGERPRINTS: OrderedDict[tuple[str, int, int], tuple[Any, dict[str, str]]] = OrderedDict()
+FINGERPRINT_CACHE_SIZE = 8192
+
+
 def fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, str]:
     """Short hashes of every spec part the stage's JobSet is rendered from (spec-change detection).
 
     Fields at their defaults are left out of the hashes, so an operator upgrade that adds an
-    optional field does not make every running stage look changed.
+    optional field does not make every running stage look changed. Returns a fresh dict.
     """
+    key = (run, id(spec), index)
+    hit = _FINGERPRINTS.get(key)
+    if hit is not None and hit[0] is spec:
+        _FINGERPRINTS.move_to_end(key)
+        return dict(hit[1])
+    hashes = _fingerprint(run, spec, index)
+    _FINGERPRINTS[key] = (spec, hashes)
+    while len(_FINGERPRINTS) > FINGERPRINT_CACHE_SIZE:
+        _FINGERPRINTS.popitem(last=False)
+    return dict(hashes)
+
+
+def _fingerprint(run: str, spec: CodaTrainingRunSpec, index: int) -> dict[str, str]:
     job = stage_job_config(run, spec, index)
 
     def dump(model: Any) -> Any:

@@ -322,6 +322,20 @@ class Cluster:
         ]
         return sorted(evs, key=lambda e: e["metadata"]["name"])
 
+    async def wait_events(
+        self, run: str, *reasons: str, timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """The run's Events once every reason in `reasons` is among them. Events are posted after
+        the status write they describe, off the reconcile (handlers.EventPoster), so a test that
+        has seen a status waits for its Events rather than assuming they are already there."""
+
+        async def probe() -> list[dict[str, Any]] | None:
+            evs = self.events(run)
+            seen = {e["reason"] for e in evs}
+            return evs if all(r in seen for r in reasons) else None
+
+        return await self.wait_for(f"Events {', '.join(reasons)} of {run}", probe, timeout)
+
     async def wait_for(
         self, what: str, predicate: Callable[[], Awaitable[Any]], timeout: float = 15.0
     ) -> Any:

@@ -245,8 +245,7 @@ async def test_operator_runs_the_preflight_then_the_jobset_and_caches_it(
     await cluster.wait_jobset("pf-pretrain-r1")
     await asyncio.sleep(0.3)
     assert sorted(cluster.objects("jobs")) == ["pf-pretrain-preflight", "pf-pretrain-preflight-r1"]
-    reasons = [e["reason"] for e in cluster.events("pf")]
-    assert "PreflightStarted" in reasons and "PreflightRetrying" in reasons and "Fits" in reasons
+    await cluster.wait_events("pf", "PreflightStarted", "PreflightRetrying", "Fits")
 
 
 @pytest.mark.asyncio
