@@ -43,8 +43,12 @@ $(TOOLS)/helm:
 run: setup-run
 	$(VENV)/bin/coda-ctl local run
 
+# Two workers, whole files each: the suite waits on subprocesses, servers and compiles about as
+# much as it computes, and a file's module fixtures (trained checkpoints, emulators) stay in one
+# worker. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup tools
-	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -x -q -m "not slow"
