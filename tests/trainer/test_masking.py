@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from coda_trainer import curriculum
 from coda_trainer.config import PAPER_TABLE_3, MaskingConfig, MaskingProbs, ModelConfig
 from coda_trainer.loss import diffusion_loss
 from coda_trainer.masking import (
@@ -16,7 +17,6 @@ from coda_trainer.masking import (
     apply_plan,
     noise_pretrain,
     noise_sft,
-    prompt_keep_frac_at,
     prompt_keep_mask,
     sample_plan,
 )
@@ -409,12 +409,17 @@ def test_sft_ramp_and_answer_pads():
 
 def test_prompt_keep_frac_at_ramps_over_fraction_of_steps():
     total = 1000
-    assert prompt_keep_frac_at(0, total, 0.05) == 0.0
-    assert prompt_keep_frac_at(25, total, 0.05) == pytest.approx(0.5)
-    assert prompt_keep_frac_at(50, total, 0.05) == 1.0
-    assert prompt_keep_frac_at(999, total, 0.05) == 1.0
-    assert prompt_keep_frac_at(0, total, 0.0) == 1.0  # no ramp: full prompt from the start
-    assert prompt_keep_frac_at(0, total, 1.0) == 0.0 and prompt_keep_frac_at(500, total, 1.0) == 0.5
+    assert curriculum.prompt_keep_frac_at(0, total, 0.05) == 0.0
+    assert curriculum.prompt_keep_frac_at(25, total, 0.05) == pytest.approx(0.5)
+    assert curriculum.prompt_keep_frac_at(50, total, 0.05) == 1.0
+    assert curriculum.prompt_keep_frac_at(999, total, 0.05) == 1.0
+    assert (
+        curriculum.prompt_keep_frac_at(0, total, 0.0) == 1.0
+    )  # no ramp: full prompt from the start
+    assert (
+        curriculum.prompt_keep_frac_at(0, total, 1.0) == 0.0
+        and curriculum.prompt_keep_frac_at(500, total, 1.0) == 0.5
+    )
 
 
 # ------------------------------------------------------------------------------------ spec & config
@@ -473,7 +478,7 @@ def test_paper_table_3_schedule_at_chosen_steps():
         (999, 4),
         (5000, 4),
     ]:
-        assert _tuple(m.probs_at(step, total)) == pytest.approx(expected[want]), step
+        assert _tuple(curriculum.probs_at(m, step, total)) == pytest.approx(expected[want]), step
 
 
 @settings(max_examples=50, deadline=None)
@@ -481,13 +486,13 @@ def test_paper_table_3_schedule_at_chosen_steps():
 def test_paper_table_3_epoch_index(total, data):
     step = data.draw(st.integers(0, total - 1))
     m = MaskingConfig(curriculum="paper-table-3")
-    assert m.probs_at(step, total) == PAPER_TABLE_3[step * 5 // total]
+    assert curriculum.probs_at(m, step, total) == PAPER_TABLE_3[step * 5 // total]
 
 
 def test_constant_and_linear_schedules():
     const = MaskingConfig(prefix_prob=0.01, truncate_prob=0.01, block_prob=0.01)
     for step in (0, 500, 999):
-        assert _tuple(const.probs_at(step, 1000)) == (0.01, 0.01, 0.01)
+        assert _tuple(curriculum.probs_at(const, step, 1000)) == (0.01, 0.01, 0.01)
     lin = MaskingConfig(
         curriculum="linear",
         prefix_prob=0.0,
@@ -495,10 +500,10 @@ def test_constant_and_linear_schedules():
         block_prob=0.1,
         ramp_to=MaskingProbs(prefix_prob=0.2, truncate_prob=0.1, block_prob=0.3),
     )
-    assert _tuple(lin.probs_at(0, 101)) == pytest.approx((0.0, 0.0, 0.1))
-    assert _tuple(lin.probs_at(50, 101)) == pytest.approx((0.1, 0.05, 0.2))
-    assert _tuple(lin.probs_at(100, 101)) == pytest.approx((0.2, 0.1, 0.3))
-    assert _tuple(lin.probs_at(10_000, 101)) == pytest.approx((0.2, 0.1, 0.3))
+    assert _tuple(curriculum.probs_at(lin, 0, 101)) == pytest.approx((0.0, 0.0, 0.1))
+    assert _tuple(curriculum.probs_at(lin, 50, 101)) == pytest.approx((0.1, 0.05, 0.2))
+    assert _tuple(curriculum.probs_at(lin, 100, 101)) == pytest.approx((0.2, 0.1, 0.3))
+    assert _tuple(curriculum.probs_at(lin, 10_000, 101)) == pytest.approx((0.2, 0.1, 0.3))
 
 
 # ------------------------------------------------------------------------------ block-size phases
@@ -511,9 +516,11 @@ def test_block_size_phases_split_the_stage_equally():
     total = 300
     for step, want in [(0, [2]), (99, [2]), (100, [2, 4]), (199, [2, 4]), (200, [2, 4, 8]),
                        (299, [2, 4, 8]), (10_000, [2, 4, 8])]:  # fmt: skip
-        assert m.block_sizes_at(step, total) == want, step
+        assert curriculum.block_sizes_at(m, step, total) == want, step
     flat = MaskingConfig(block_sizes=[4, 8])
-    assert flat.block_sizes_at(0, 10) == flat.block_sizes_at(9, 10) == [4, 8]
+    assert (
+        curriculum.block_sizes_at(flat, 0, 10) == curriculum.block_sizes_at(flat, 9, 10) == [4, 8]
+    )
     assert flat.all_block_sizes() == (4, 8)
 
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from coda_trainer import curriculum
 from coda_trainer.config import (
     PAPER_TABLE_3,
     MaskingConfig,
@@ -62,8 +63,8 @@ def test_paper_table_3_curriculum_by_epoch():
     total = 500
     for epoch, expected in enumerate(PAPER_TABLE_3):
         for step in (epoch * 100, epoch * 100 + 99):
-            assert masking.probs_at(step, total) == expected
-    assert masking.probs_at(total + 10, total) == PAPER_TABLE_3[-1]
+            assert curriculum.probs_at(masking, step, total) == expected
+    assert curriculum.probs_at(masking, total + 10, total) == PAPER_TABLE_3[-1]
     assert PAPER_TABLE_3[0] == MaskingProbs(prefix_prob=0.01, truncate_prob=0.01, block_prob=0.05)
     assert PAPER_TABLE_3[-1] == MaskingProbs(prefix_prob=0.20, truncate_prob=0.20, block_prob=0.25)
 
@@ -72,9 +73,9 @@ def test_linear_curriculum_interpolates_between_endpoints():
     masking = MaskingConfig(
         curriculum="linear", block_prob=0.0, ramp_to=MaskingProbs(block_prob=0.5, prefix_prob=0.1)
     )
-    assert masking.probs_at(0, 11).block_prob == 0.0
-    assert masking.probs_at(5, 11).block_prob == pytest.approx(0.25)
-    assert masking.probs_at(10, 11).prefix_prob == pytest.approx(0.1)
+    assert curriculum.probs_at(masking, 0, 11).block_prob == 0.0
+    assert curriculum.probs_at(masking, 5, 11).block_prob == pytest.approx(0.25)
+    assert curriculum.probs_at(masking, 10, 11).prefix_prob == pytest.approx(0.1)
 
 
 def test_mesh_resolution():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from coda_trainer import distributed, storage, train
+from coda_trainer import curriculum, distributed, storage, train
 from coda_trainer.checkpoint import Checkpointer
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.contract import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE
@@ -494,8 +494,8 @@ def test_embedded_default_and_presets_validate(tmp_path, corpus, no_device_work)
         "linear",
     )
     assert (mid.masking.block_sizes, mid.masking.strategy_shares) == ([2, 4, 8], "paper")
-    assert mid.masking.probs_at(0, mid.steps).block_prob == 0.05
-    assert mid.masking.probs_at(mid.steps - 1, mid.steps).prefix_prob == 0.20
+    assert curriculum.probs_at(mid.masking, 0, mid.steps).block_prob == 0.05
+    assert curriculum.probs_at(mid.masking, mid.steps - 1, mid.steps).prefix_prob == 0.20
     # Paper §4.5: batch 176, cutoff 1024, AdamW 2e-5, cosine, 10% warmup, prompt span ramped in
     # "during the first epoch" of 10 = the first 10% of steps.
     sft = stage_preset("sft", data=[{"uri": "gs://bucket/x.jsonl", "format": "chat"}])

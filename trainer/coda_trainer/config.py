@@ -633,35 +633,6 @@ class MaskingConfig(MaskingProbs):
         phases = self.block_size_phases or [self.block_sizes]
         return tuple(sorted({k for phase in phases for k in phase}))
 
-    def block_sizes_at(self, step: int, total_steps: int) -> list[int]:
-        """The S3 block sizes in force at `step` (the release's equal-length phases)."""
-        if self.block_size_phases is None:
-            return list(self.block_sizes)
-        n = len(self.block_size_phases)
-        return list(self.block_size_phases[min(step * n // max(total_steps, 1), n - 1)])
-
-    def probs_at(self, step: int, total_steps: int) -> MaskingProbs:
-        """The strategy probabilities in force at `step` (host-side; steps are Python ints)."""
-        if self.curriculum == "constant":
-            return MaskingProbs(
-                prefix_prob=self.prefix_prob,
-                truncate_prob=self.truncate_prob,
-                block_prob=self.block_prob,
-            )
-        if self.curriculum == "paper-table-3":
-            epoch = min(int(step * self.epochs / max(total_steps, 1)), self.epochs - 1)
-            return PAPER_TABLE_3[
-                min(epoch * len(PAPER_TABLE_3) // self.epochs, len(PAPER_TABLE_3) - 1)
-            ]
-        assert self.ramp_to is not None
-        frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
-        lerp = lambda a, b: a + (b - a) * frac  # noqa: E731
-        return MaskingProbs(
-            prefix_prob=lerp(self.prefix_prob, self.ramp_to.prefix_prob),
-            truncate_prob=lerp(self.truncate_prob, self.ramp_to.truncate_prob),
-            block_prob=lerp(self.block_prob, self.ramp_to.block_prob),
-        )
-
 
 PromptSpan = Literal["assistant-role", "generation-prompt"]
 

@@ -59,7 +59,6 @@ __all__ = [
     "apply_plan",
     "noise_pretrain",
     "noise_sft",
-    "prompt_keep_frac_at",
     "prompt_keep_mask",
     "sample_plan",
 ]
@@ -291,7 +290,7 @@ def noise_sft(
     """SFT noising: token-wise σ-masking of everything but the kept part of the prompt.
 
     `prompt_BxL`: True on prompt tokens. Pads after the answer must be valid (maskable): the model
-    learns to stop. `prompt_keep_frac`: f32 scalar from `prompt_keep_frac_at`.
+    learns to stop. `prompt_keep_frac`: f32 scalar from `curriculum.prompt_keep_frac_at`.
     """
     batch, seq_len = tokens_BxL.shape
     _check_len(seq_len)
@@ -305,15 +304,3 @@ def noise_sft(
     valid_BxL = jnp.ones((batch, seq_len), bool) if valid_BxL is None else valid_BxL.astype(bool)
     maskable_BxL = valid_BxL & ~prompt_keep_mask(prompt_BxL, prompt_keep_frac)
     return apply_plan(k_mask, tokens_BxL, plan, spec, valid_BxL=maskable_BxL)
-
-
-def prompt_keep_frac_at(step: int, total_steps: int, ramp_fraction: float) -> float:
-    """Host side: the SFT prompt-ramp progress at `step` (pass it to the jitted step as f32).
-
-    Grows linearly from 0 at step 0 to 1 at `ramp_fraction · total_steps`, then stays 1 (release:
-    `progress_src_mask`). `ramp_fraction == 0` disables the ramp: the full prompt is kept from step 0.
-    """
-    if ramp_fraction <= 0:
-        return 1.0
-    ramp_steps = max(1.0, float(total_steps) * ramp_fraction)
-    return float(min(max(step / ramp_steps, 0.0), 1.0))

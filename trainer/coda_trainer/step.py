@@ -21,9 +21,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from coda_trainer import curriculum
 from coda_trainer.config import TrainJobConfig
 from coda_trainer.loss import model_loss
-from coda_trainer.masking import prompt_keep_frac_at
 from coda_trainer.model import Transformer
 from coda_trainer.optimizer import make_optimizer, make_schedule
 from coda_trainer.sharding import optimizer_state_shardings, state_shardings
@@ -124,14 +124,16 @@ class StepKnobs(NamedTuple):
 
 def stage_knobs(stage: Any, spec: Any, step: int) -> StepKnobs:
     """The host-computed per-step values the step reads beside the data (numpy, by step)."""
-    p = stage.masking.probs_at(step, stage.steps)
+    p = curriculum.probs_at(stage.masking, step, stage.steps)
     ramp = stage.sft_config.prompt_ramp_fraction
     return StepKnobs(
         probs_3=np.asarray([p.prefix_prob, p.truncate_prob, p.block_prob], np.float32),
         prompt_keep_frac=np.float32(
-            prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
+            curriculum.prompt_keep_frac_at(step, stage.steps, ramp) if stage.kind == "sft" else 1.0
         ),
-        block_weights=spec.block_weights(stage.masking.block_sizes_at(step, stage.steps)),
+        block_weights=spec.block_weights(
+            curriculum.block_sizes_at(stage.masking, step, stage.steps)
+        ),
     )
 
 
