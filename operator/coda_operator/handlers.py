@@ -33,6 +33,7 @@ import kopf
 from coda_trainer import contract
 
 from coda_operator import api, metrics, planner, render
+from coda_operator.conditions import Cond, Reason, set_condition
 from coda_operator.jobset_support import JOBSET_CRD, jobset_crd_problem
 from coda_operator.kube import ApiError, Kube
 
@@ -630,11 +631,11 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
         metrics.RECONCILE_ERRORS.labels("apply").inc()
         message = "; ".join(failed)
         st = api.CodaTrainingRunStatus.model_validate(status)
-        planner.set_condition(
+        set_condition(
             st,
-            "Created",
+            Cond.CREATED,
             False,
-            "CreateFailed",
+            Reason.CREATE_FAILED,
             message,
             now=planner.isoformat(datetime.now(UTC)),
             generation=(run.get("metadata") or {}).get("generation"),

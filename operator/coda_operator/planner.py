@@ -33,9 +33,15 @@ from coda_operator.api import (
     StageStatus,
     parse_spec,
 )
+from coda_operator.conditions import (
+    PHASE_PRECEDENCE,
+    WARNING_TYPES,
+    Cond,
+    Reason,
+    set_condition,
+)
 
 __all__ = [
-    "CONDITION_TYPES",
     "Create",
     "DeleteChild",
     "DeleteRun",
@@ -53,31 +59,8 @@ __all__ = [
     "phase_from_conditions",
     "plan",
     "retry_requested",
-    "set_condition",
 ]
 
-# Printed phase precedence: the first of these conditions that is True names the phase.
-_PHASE_OF = [
-    ("Failed", "Failed"),
-    ("Complete", "Succeeded"),
-    ("Suspended", "Suspended"),
-    ("Queued", "Queued"),
-    ("Running", "Running"),
-]
-CONDITION_TYPES = (
-    "Created",
-    "Running",
-    "Queued",
-    "Suspended",
-    "Complete",
-    "Failed",
-    "SamplerReady",
-    "QualityGate",
-    "SpecChangeRejected",
-    "Invalid",
-    "Preflight",
-)
-_WARNING_CONDITIONS = {"Failed", "SpecChangeRejected", "Invalid"}
 # The reason Kubernetes gives a Job failed by a FailJob podFailurePolicy rule (the evaluation's
 # exit 78); any other failed Job (exit 75, a crash, BackoffLimitExceeded) may be retried.
 JOB_POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
@@ -98,7 +81,7 @@ def parse_time(s: str) -> datetime:
 
 def phase_from_conditions(conditions: list[Condition]) -> str:
     true = {c.type for c in conditions if c.status == "True"}
-    return next((phase for ctype, phase in _PHASE_OF if ctype in true), "Pending")
+    return next((phase for ctype, phase in PHASE_PRECEDENCE if ctype in true), "Pending")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,43 +241,6 @@ class Plan:
 # --------------------------------------------------------------------------------------------------
 
 
-# metav1.Condition's limit on a message
-CONDITION_MESSAGE_MAX = 32768
-
-
-def set_condition(
-    st: CodaTrainingRunStatus,
-    type_: str,
-    status: bool,
-    reason: str,
-    message: str,
-    *,
-    now: str,
-    generation: int | None,
-) -> None:
-    """Set one run-level condition (the only writer of conditions, for planner and handlers):
-    lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
-    message = message[:CONDITION_MESSAGE_MAX]
-    existing = st.condition(type_)
-    if existing is None:
-        st.conditions.append(
-            Condition(
-                type=type_,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
-        return
-    if existing.status != value:
-        existing.last_transition_time = now
-    existing.status, existing.reason, existing.message = value, reason, message
-    existing.observed_generation = generation
-
-
 class _Ctx:
     def __init__(self, status: CodaTrainingRunStatus, now: datetime, generation: int | None):
         self.st = status
@@ -322,7 +268,7 @@ class _Ctx:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
     def terminal(self) -> bool:
-        return self.st.is_true("Complete") or self.st.is_true("Failed")
+        return self.st.is_true(Cond.COMPLETE) or self.st.is_true(Cond.FAILED)
 
 
 # Parsed specs by run uid: a reconcile parses the spec only when it changed. Every reconcile
@@ -383,13 +329,13 @@ def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
         _retry_request(ctx, name, retry, None)
     else:
         assert spec is not None
-        ctx.clear("Invalid", "SpecValid")
+        ctx.clear(Cond.INVALID, Reason.SPEC_VALID)
         _retry_request(ctx, name, retry, spec)
         if not ctx.terminal():
             trained = _advance(ctx, name, namespace, spec, observed)
             if not ctx.terminal() and _evaluations(ctx, name, namespace, spec, observed, trained):
                 _complete(ctx, len(spec.stages))
-        if st.is_true("Complete"):
+        if st.is_true(Cond.COMPLETE):
             _sampler(ctx, name, namespace, spec, observed)
         _timers(ctx, spec)
 
@@ -401,13 +347,13 @@ def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
 
 def _on_invalid(ctx: _Ctx, err: InvalidSpec) -> None:
     message = "; ".join(err.errors)
-    ctx.cond("Invalid", True, "InvalidSpec", message)
+    ctx.cond(Cond.INVALID, True, Reason.INVALID_SPEC, message)
     started = any(s.job_set for s in ctx.st.stages)
     if not ctx.terminal() and not started:
         # Nothing ran yet: the run cannot start, and says why (Kubeflow #2351: status even when
         # no child could be created).
-        ctx.cond("Failed", True, "InvalidSpec", message)
-        ctx.cond("Running", False, "InvalidSpec", message)
+        ctx.cond(Cond.FAILED, True, Reason.INVALID_SPEC, message)
+        ctx.cond(Cond.RUNNING, False, Reason.INVALID_SPEC, message)
         ctx.st.message = message
         ctx.st.completion_time = ctx.st.completion_time or ctx.now_s
     # A run already past its first stage keeps its children; it waits until the spec is valid again.
@@ -427,7 +373,7 @@ def _retry_request(
         return
     st.retry_handled = value
     what = f"{RETRY_ANNOTATION}={value}"
-    failed = st.condition("Failed")
+    failed = st.condition(Cond.FAILED)
     if failed is None or failed.status != "True":
         phase = phase_from_conditions(st.conditions)
         ctx.event(
@@ -462,7 +408,7 @@ def _retry_request(
         f"retry of stage {ss.name} requested ({what}): creating JobSet {js}, resuming from the "
         f"stage's newest checkpoint"
     )
-    ctx.cond("Failed", False, "RetryRequested", msg)
+    ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
     st.message, st.completion_time = msg, None
     ctx.event("Normal", "RetryRequested", msg)
 
@@ -485,7 +431,7 @@ def _retry_evaluation(ctx: _Ctx, name: str, what: str, spec: CodaTrainingRunSpec
         f"retry of the evaluation of stage {stage} requested ({what}): creating Job {job} "
         f"(attempt {ev.retries + 1}) after: {before}"
     )
-    ctx.cond("Failed", False, "RetryRequested", msg)
+    ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
     st.message, st.completion_time = msg, None
     ctx.event("Normal", "RetryRequested", msg)
 
@@ -517,8 +463,8 @@ def _retry_gate(ctx: _Ctx, what: str, spec: CodaTrainingRunSpec) -> None:
         f"retry requested ({what}): the quality gate of the current spec is met "
         f"({met or 'no minPassAt1'}); completing the run without evaluating again"
     )
-    ctx.cond("Failed", False, "RetryRequested", msg)
-    ctx.cond("QualityGate", True, "RetryRequested", msg)
+    ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
+    ctx.cond(Cond.QUALITY_GATE, True, Reason.RETRY_REQUESTED, msg)
     st.message, st.completion_time = msg, None
     ctx.event("Normal", "RetryRequested", msg)
 
@@ -544,7 +490,7 @@ def _advance(
     st = ctx.st
     refused = _sync_stage_list(ctx, spec)
     if refused:
-        ctx.cond("SpecChangeRejected", True, "StagesReordered", refused)
+        ctx.cond(Cond.SPEC_CHANGE_REJECTED, True, Reason.STAGES_REORDERED, refused)
         return False
 
     deadline = spec.active_deadline_seconds
@@ -577,7 +523,7 @@ def _advance(
                 _start_stage(ctx, name, namespace, spec, i, fp)
             break
 
-        ctx.cond("Created", True, "JobSetCreated", f"JobSet {js_name} exists")
+        ctx.cond(Cond.CREATED, True, Reason.JOBSET_CREATED, f"JobSet {js_name} exists")
         ss.job_set_restarts = obs.restarts
         if not ss.fingerprint:
             ss.fingerprint = fp  # created before a crash lost the status write
@@ -606,9 +552,11 @@ def _advance(
         all_done = True
 
     if rejected:
-        ctx.cond("SpecChangeRejected", True, "RunningStageImmutable", "; ".join(rejected))
+        ctx.cond(
+            Cond.SPEC_CHANGE_REJECTED, True, Reason.RUNNING_STAGE_IMMUTABLE, "; ".join(rejected)
+        )
     else:
-        ctx.clear("SpecChangeRejected", "SpecAccepted")
+        ctx.clear(Cond.SPEC_CHANGE_REJECTED, Reason.SPEC_ACCEPTED)
     return all_done
 
 
@@ -655,8 +603,8 @@ def _stage_failed(
     ss.completion_time = ctx.now_s
     attempts = ss.retries + 1
     msg = f"stage {stage.name} failed after {attempts} attempt{'s' * (attempts > 1)}: {why}"
-    ctx.cond("Failed", True, "StageFailed", msg)
-    ctx.cond("Running", False, "StageFailed", msg)
+    ctx.cond(Cond.FAILED, True, Reason.STAGE_FAILED, msg)
+    ctx.cond(Cond.RUNNING, False, Reason.STAGE_FAILED, msg)
     st.message = msg
     st.completion_time = ctx.now_s
     return False
@@ -682,10 +630,10 @@ def _service_account_missing(
         f"created. Create it (kubectl -n {namespace} create serviceaccount {sa}), or install the "
         f"chart with --set 'trainerServiceAccount.namespaces={{{namespace}}}'"
     )
-    existing = ctx.st.condition("Created")
+    existing = ctx.st.condition(Cond.CREATED)
     if existing is None or existing.reason != "ServiceAccountNotFound":
         ctx.event("Warning", "ServiceAccountNotFound", message)
-    ctx.cond("Created", False, "ServiceAccountNotFound", message)
+    ctx.cond(Cond.CREATED, False, Reason.SERVICE_ACCOUNT_NOT_FOUND, message)
     ctx.st.message = message
     ctx.requeue_in(SERVICE_ACCOUNT_RECHECK_S)
     return True
@@ -773,11 +721,11 @@ def _preflight_reported(ctx: _Ctx, ss: StageStatus, pf: PreflightStatus, where: 
     )
     if r.fits:
         pf.phase, pf.message = "Succeeded", numbers
-        ctx.cond("Preflight", True, "Fits", f"stage {ss.name} on {where}: {numbers}")
+        ctx.cond(Cond.PREFLIGHT, True, Reason.FITS, f"stage {ss.name} on {where}: {numbers}")
         return True
     why = "; ".join(r.problems) or f"does not fit ({numbers})"
     pf.phase, pf.message = "Failed", why
-    ctx.cond("Preflight", False, "DoesNotFit", f"stage {ss.name} on {where}: {why}")
+    ctx.cond(Cond.PREFLIGHT, False, Reason.DOES_NOT_FIT, f"stage {ss.name} on {where}: {why}")
     _fail_stage(ctx, ss, "PreflightFailed", f"pre-flight on {where}: {why}")
     return False
 
@@ -800,7 +748,7 @@ def _preflight_job_ended(
     if obs.state == "Failed" and obs.reason in _PREFLIGHT_PERMANENT:
         msg = f"pre-flight Job {job} failed, not retried (see its log): {why}"
         pf.phase, pf.message = "Failed", msg
-        ctx.cond("Preflight", False, "PreflightFailed", msg)
+        ctx.cond(Cond.PREFLIGHT, False, Reason.PREFLIGHT_FAILED, msg)
         _fail_stage(ctx, ss, "PreflightFailed", msg)
         return False
     if pf.retries >= spec.failure_policy.stage_retries:
@@ -811,7 +759,7 @@ def _preflight_job_ended(
             "or set spec.preflight: false)"
         )
         pf.phase, pf.message = "Failed", msg
-        ctx.cond("Preflight", False, "PreflightFailed", msg)
+        ctx.cond(Cond.PREFLIGHT, False, Reason.PREFLIGHT_FAILED, msg)
         _fail_stage(ctx, ss, "StageFailed", msg)
         return False
     # Evicted, exit 75, a crash: the same contract as training, a new Job (no TPU involved).
@@ -831,9 +779,9 @@ def _preflight_waiting(ctx: _Ctx, ss: StageStatus, pf: PreflightStatus, what: st
     pf.phase, pf.message = "Running", what
     ss.phase = "Pending"
     msg = f"stage {ss.name}: pre-flight, {what}"
-    ctx.cond("Preflight", False, "Compiling", msg)
-    ctx.cond("Running", False, "Preflight", msg)
-    ctx.cond("Complete", False, "StagesRemaining", msg)
+    ctx.cond(Cond.PREFLIGHT, False, Reason.COMPILING, msg)
+    ctx.cond(Cond.RUNNING, False, Reason.PREFLIGHT, msg)
+    ctx.cond(Cond.COMPLETE, False, Reason.STAGES_REMAINING, msg)
     ctx.st.message = msg
 
 
@@ -841,8 +789,8 @@ def _fail_stage(ctx: _Ctx, ss: StageStatus, reason: str, why: str) -> None:
     """Stage `ss` failed before its JobSet existed: the run fails, no TPU was asked for."""
     ss.phase, ss.message, ss.completion_time = "Failed", why, ctx.now_s
     msg = f"stage {ss.name} failed: {why}"
-    ctx.cond("Failed", True, reason, msg)
-    ctx.cond("Running", False, reason, msg)
+    ctx.cond(Cond.FAILED, True, reason, msg)
+    ctx.cond(Cond.RUNNING, False, reason, msg)
     ctx.st.message = msg
     ctx.st.completion_time = ctx.now_s
 
@@ -875,7 +823,7 @@ def _start_stage(
         )
     if st.progress is None or st.progress.stage != stage.name:
         st.progress = Progress(stage=stage.name, step=0, total_steps=stage.steps)
-    ctx.cond("Created", False, "Creating", f"creating JobSet {ss.job_set}")
+    ctx.cond(Cond.CREATED, False, Reason.CREATING, f"creating JobSet {ss.job_set}")
     st.message = f"stage {stage.name}: waiting for JobSet {ss.job_set}"
     _stage_conditions(ctx, spec, ss)
 
@@ -912,28 +860,29 @@ def _active_stage(ctx: _Ctx, spec: CodaTrainingRunSpec, ss: StageStatus, obs: Jo
 def _stage_conditions(ctx: _Ctx, spec: CodaTrainingRunSpec, ss: StageStatus) -> None:
     phase = ss.phase
     ctx.cond(
-        "Suspended",
+        Cond.SUSPENDED,
         spec.suspend,
-        "SuspendedByUser" if spec.suspend else "Resumed",
+        Reason.SUSPENDED_BY_USER if spec.suspend else Reason.RESUMED,
         f"spec.suspend is {'true' if spec.suspend else 'false'}",
     )
     if phase == "Queued":
         ctx.cond(
-            "Queued",
+            Cond.QUEUED,
             True,
-            "WaitingForAdmission",
+            Reason.WAITING_FOR_ADMISSION,
             f"Kueue LocalQueue {spec.queue_name} has not admitted {ss.job_set}",
         )
     else:
-        ctx.clear("Queued", "Admitted" if phase == "Running" else phase, "")
+        ctx.clear(Cond.QUEUED, Reason.ADMITTED if phase == "Running" else phase, "")
     running = phase == "Running"
     ctx.cond(
-        "Running",
+        Cond.RUNNING,
         running,
-        "StageRunning" if running else f"Stage{phase}",
+        # not running: the stage's phase says why (StageQueued, StageSuspended, StageSucceeded, …)
+        Reason.STAGE_RUNNING if running else f"Stage{phase}",
         f"stage {ss.name}: {phase.lower()}",
     )
-    ctx.cond("Complete", False, "StagesRemaining", f"stage {ss.name} is {phase.lower()}")
+    ctx.cond(Cond.COMPLETE, False, Reason.STAGES_REMAINING, f"stage {ss.name} is {phase.lower()}")
 
 
 def _evaluations(
@@ -972,8 +921,8 @@ def _evaluations(
         if trained:
             running = [s for s in stages if st.evaluation[s].phase != "Succeeded"]
             msg = f"all {len(spec.stages)} stages succeeded; evaluating {', '.join(running)}"
-            ctx.cond("Running", True, "Evaluating", msg)
-            ctx.cond("Complete", False, "EvaluationRunning", msg)
+            ctx.cond(Cond.RUNNING, True, Reason.EVALUATING, msg)
+            ctx.cond(Cond.COMPLETE, False, Reason.EVALUATION_RUNNING, msg)
             st.message = msg
         return False
     return _gate(ctx, spec, stages[-1])
@@ -1086,8 +1035,8 @@ def _evaluation_job_failed(
 def _fail_evaluation(ctx: _Ctx, stage: str, ev: EvaluationStatus, msg: str) -> None:
     ev.phase, ev.message = "Failed", msg
     ev.completion_time = ev.completion_time or ctx.now_s
-    ctx.cond("Failed", True, "EvaluationFailed", msg)
-    ctx.cond("Running", False, "EvaluationFailed", msg)
+    ctx.cond(Cond.FAILED, True, Reason.EVALUATION_FAILED, msg)
+    ctx.cond(Cond.RUNNING, False, Reason.EVALUATION_FAILED, msg)
     ctx.st.message = msg
     ctx.st.completion_time = ctx.now_s
 
@@ -1112,9 +1061,9 @@ def _gate(ctx: _Ctx, spec: CodaTrainingRunSpec, stage: str) -> bool:
         return True
     if misses:
         msg = f"quality gate failed after stage {stage}: {'; '.join(misses)}; no sampler deployed"
-        ctx.cond("QualityGate", False, "QualityGateFailed", msg)
-        ctx.cond("Failed", True, "QualityGateFailed", msg)
-        ctx.cond("Running", False, "QualityGateFailed", msg)
+        ctx.cond(Cond.QUALITY_GATE, False, Reason.QUALITY_GATE_FAILED, msg)
+        ctx.cond(Cond.FAILED, True, Reason.QUALITY_GATE_FAILED, msg)
+        ctx.cond(Cond.RUNNING, False, Reason.QUALITY_GATE_FAILED, msg)
         ctx.st.message = msg
         ctx.st.completion_time = ctx.now_s
         return False
@@ -1122,17 +1071,17 @@ def _gate(ctx: _Ctx, spec: CodaTrainingRunSpec, stage: str) -> bool:
         f"{b} {100 * results[b].pass_at1:.1f}% >= {100 * need:.1f}%"
         for b, need in spec.evaluation.min_pass_at1.items()
     )
-    ctx.cond("QualityGate", True, "QualityGatePassed", f"stage {stage}: {passed}")
+    ctx.cond(Cond.QUALITY_GATE, True, Reason.QUALITY_GATE_PASSED, f"stage {stage}: {passed}")
     return True
 
 
 def _complete(ctx: _Ctx, n: int) -> None:
     st = ctx.st
     msg = f"all {n} stages succeeded"
-    ctx.cond("Complete", True, "AllStagesSucceeded", msg)
-    ctx.cond("Running", False, "Completed", msg)
-    ctx.clear("Queued", "Completed")
-    ctx.clear("Suspended", "Completed")
+    ctx.cond(Cond.COMPLETE, True, Reason.ALL_STAGES_SUCCEEDED, msg)
+    ctx.cond(Cond.RUNNING, False, Reason.COMPLETED, msg)
+    ctx.clear(Cond.QUEUED, Reason.COMPLETED)
+    ctx.clear(Cond.SUSPENDED, Reason.COMPLETED)
     st.message = msg
     st.completion_time = st.completion_time or ctx.now_s
 
@@ -1148,9 +1097,9 @@ def _fail_deadline(
             # Free the slices: a finished run keeps no TPUs (its Succeeded stages keep their checkpoints).
             ctx.actions.append(DeleteChild("jobset.x-k8s.io/v1alpha2", "JobSet", obs.name))
             ss.phase, ss.message, ss.completion_time = "Failed", msg, ctx.now_s
-    ctx.cond("Failed", True, "DeadlineExceeded", msg)
-    ctx.cond("Running", False, "DeadlineExceeded", msg)
-    ctx.clear("Queued", "DeadlineExceeded")
+    ctx.cond(Cond.FAILED, True, Reason.DEADLINE_EXCEEDED, msg)
+    ctx.cond(Cond.RUNNING, False, Reason.DEADLINE_EXCEEDED, msg)
+    ctx.clear(Cond.QUEUED, Reason.DEADLINE_EXCEEDED)
     st.message = msg
     st.completion_time = ctx.now_s
 
@@ -1176,26 +1125,34 @@ def _sampler(
             "SamplerCreated",
             f"Serving {st.sampler.checkpoint} at {st.sampler.endpoint} ({spec.sampler.replicas} replica(s))",
         )
-        ctx.cond("SamplerReady", False, "Starting", "sampler Deployment created")
+        ctx.cond(Cond.SAMPLER_READY, False, Reason.STARTING, "sampler Deployment created")
         return
     obs = observed.sampler
     if obs is None:
         # Created once; a terminal run never recreates children, so a deleted sampler stays deleted.
-        ctx.cond("SamplerReady", False, "NotFound", f"Deployment {st.sampler.deployment} not found")
+        ctx.cond(
+            Cond.SAMPLER_READY,
+            False,
+            Reason.NOT_FOUND,
+            f"Deployment {st.sampler.deployment} not found",
+        )
         st.sampler.ready, st.sampler.ready_replicas = False, 0
         return
     st.sampler.ready_replicas = obs.ready_replicas
     st.sampler.ready = obs.ready_replicas >= 1
     if st.sampler.ready:
         ctx.cond(
-            "SamplerReady",
+            Cond.SAMPLER_READY,
             True,
-            "ReplicasReady",
+            Reason.REPLICAS_READY,
             f"{obs.ready_replicas}/{obs.replicas} replicas ready",
         )
     else:
         ctx.cond(
-            "SamplerReady", False, "Starting", f"{obs.ready_replicas}/{obs.replicas} replicas ready"
+            Cond.SAMPLER_READY,
+            False,
+            Reason.STARTING,
+            f"{obs.ready_replicas}/{obs.replicas} replicas ready",
         )
 
 
@@ -1255,12 +1212,10 @@ def _condition_events(ctx: _Ctx, was_true_before: frozenset[str]) -> None:
     """One Kubernetes Event per run-level condition that became True (and for Resumed/Admitted)."""
     for c in ctx.st.conditions:
         was_true = c.type in was_true_before
-        if c.status == "True" and not was_true and c.type != "Created":
-            kind: Literal["Normal", "Warning"] = (
-                "Warning" if c.type in _WARNING_CONDITIONS else "Normal"
-            )
+        if c.status == "True" and not was_true and c.type != Cond.CREATED:
+            kind: Literal["Normal", "Warning"] = "Warning" if c.type in WARNING_TYPES else "Normal"
             ctx.event(kind, c.reason, c.message or c.type)
-        elif c.status == "False" and was_true and c.type in ("Suspended", "Queued"):
+        elif c.status == "False" and was_true and c.type in (Cond.SUSPENDED, Cond.QUEUED):
             ctx.event(
                 "Normal", c.reason, f"{c.type} → False: {c.message}" if c.message else c.reason
             )
