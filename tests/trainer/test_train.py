@@ -654,3 +654,19 @@ def test_trainer_reports_progress_into_the_run_status(tmp_path, corpus):
     checkpoints = [p["checkpoint"] for p in sent if "checkpoint" in p]
     assert f"{stage_dir}/4" in checkpoints, checkpoints  # checkpoints.every_steps = 4
     assert checkpoints[-1] == f"{stage_dir}/final" and sent[-1]["checkpoint"] == checkpoints[-1]
+
+
+def test_trainer_info_lines_reach_stderr_although_orbax_configured_logging_first() -> None:
+    """orbax and grain put a handler on the root logger when imported; the trainer's logging
+    set-up must still win, or 'mesh …' / 'resumed …' lines (which tests and users read) vanish."""
+    code = (
+        "import logging, orbax.checkpoint\n"
+        "from coda_trainer import train\n"
+        "train.configure_logging('INFO')\n"
+        "logging.getLogger('coda_trainer.train').info('probe line')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "INFO coda_trainer.train: probe line" in res.stderr

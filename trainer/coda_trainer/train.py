@@ -534,10 +534,13 @@ def run(cfg: TrainJobConfig, *, stop_after_steps: int | None = None) -> int:
 
 def configure_logging(level: str = "INFO") -> None:
     """Our messages at `level` on stderr; orbax/absl/jax chatter only from WARNING (unless DEBUG)."""
+    # force: importing orbax (and grain) already put a handler on the root logger, which would
+    # make basicConfig a silent no-op and our INFO lines (mesh, resumed, …) vanish.
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     if level.upper() != "DEBUG":
         for name in ("absl", "jax", "orbax", "fsspec"):
