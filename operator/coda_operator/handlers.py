@@ -583,6 +583,25 @@ async def _read_run(state: _State, kube: Kube, key: Key, trigger: str) -> dict[s
     return run
 
 
+def _settled_after_create(
+    run: dict[str, Any],
+    status: dict[str, Any],
+    observed: planner.Observed,
+    created: list[dict[str, Any]],
+    now: datetime,
+) -> planner.Plan | None:
+    """Plan once more with what was just created as observed: the status the created JobSet's
+    watch event would lead to (Created, Running or Queued) goes out in this reconcile's one
+    status PATCH instead of a second reconcile's. None when that plan asks for more than a
+    status change (then the next reconcile does it)."""
+    settled = planner.plan(
+        {**run, "status": {**_not_ours(run.get("status") or {}), **status}},
+        _with_created(observed, created),
+        now,
+    )
+    return None if settled.actions else settled
+
+
 async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
     namespace, name = key
     kube = state.client()
@@ -612,16 +631,8 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
             if made is not None:
                 created.append(made)
     if created and not failed:
-        # Plan once more with what was just created as observed: the status the created
-        # JobSet's watch event would lead to (Created, Running or Queued) goes out in this
-        # reconcile's one status PATCH instead of a second reconcile's. Taken only when that plan
-        # asks for nothing more than a status change.
-        settled = planner.plan(
-            {**run, "status": {**_not_ours(run.get("status") or {}), **status}},
-            _with_created(observed, created),
-            now,
-        )
-        if not settled.actions:
+        settled = _settled_after_create(run, status, observed, created, now)
+        if settled is not None:
             status = settled.status_dict()
             events += settled.events
             finished_stages += settled.finished_stages
