@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,10 @@ class OperatorConfig:
 Key = tuple[str, str]
 
 
+# How long a child this operator created counts as observed while the watch has not shown it.
+CREATED_EXPECTATION_S = 30.0
+
+
 class _State:
     """Per-operator state, kept in kopf's memo (several operators can share a process in tests)."""
 
@@ -94,6 +99,9 @@ class _State:
         # watch event: see `current_run`.
         self.written: dict[Key, dict[str, Any]] = {}
         self.watched_rv: dict[Key, str] = {}
+        # Children this operator POSTed that the watch indexes have not shown yet, per run:
+        # (kind, name) → (monotonic time, POST response). See `observe`.
+        self.created: dict[Key, dict[tuple[str, str], tuple[float, dict[str, Any]]]] = {}
 
     def bind(self, kwargs: dict[str, Any]) -> _State:
         self.jobsets = kwargs.get("coda_jobsets", self.jobsets)
@@ -127,13 +135,37 @@ class _State:
             return None
         return body
 
+    def remember_created(self, key: Key, body: dict[str, Any]) -> None:
+        """Note a child this reconcile POSTed, if the planner observes its kind (see `observe`)."""
+        kind, name = body.get("kind", ""), (body.get("metadata") or {}).get("name", "")
+        if kind in ("JobSet", "Job", "Deployment"):
+            self.created.setdefault(key, {})[(kind, name)] = (time.monotonic(), body)
+
     def observe(self, key: Key) -> planner.Observed:
+        """The run's children as the watch indexes show them, plus those this operator created
+        that the indexes do not show yet. A watch lags a POST (seconds on a loaded API server);
+        without the second part, a reconcile in that window (a spec edit, a resync) would see
+        "no JobSet", plan its creation again and post a duplicate (409) instead of, say, the
+        suspend patch. Like a Kubernetes controller's expectations, a remembered child counts
+        until the index shows it or for `CREATED_EXPECTATION_S`, whichever comes first."""
         jobsets = {obs.name: obs for obs in (self.jobsets or {}).get(key, [])}
         samplers = list((self.samplers or {}).get(key, []))
         jobs = {obs.name: obs for obs in (self.eval_jobs or {}).get(key, [])}
-        return planner.Observed(
+        observed = planner.Observed(
             jobsets=jobsets, sampler=samplers[0] if samplers else None, jobs=jobs
         )
+        pending = self.created.get(key)
+        if not pending:
+            return observed
+        now = time.monotonic()
+        seen = {"JobSet": set(jobsets), "Job": set(jobs), "Deployment": {s.name for s in samplers}}
+        for (kind, name), (at, _) in list(pending.items()):
+            if name in seen.get(kind, {name}) or now - at > CREATED_EXPECTATION_S:
+                del pending[(kind, name)]
+        if not pending:
+            self.created.pop(key, None)
+            return observed
+        return _with_created(observed, [body for _, body in pending.values()])
 
     def wake_in(self, key: Key, delay: float, trigger: str) -> None:
         old = self.wakeups.pop(key, None)
@@ -162,6 +194,7 @@ class _State:
         self.phases.forget(key)
         self.written.pop(key, None)
         self.watched_rv.pop(key, None)
+        self.created.pop(key, None)
 
     async def close(self) -> None:
         await self.events.close()
@@ -630,6 +663,7 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
         else:
             if made is not None:
                 created.append(made)
+                state.remember_created(key, made)
     if created and not failed:
         settled = _settled_after_create(run, status, observed, created, now)
         if settled is not None:

@@ -4,6 +4,7 @@ only while the watch confirms it is current, and a stage start is one status PAT
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -83,3 +84,49 @@ def test_a_stage_started_and_running_in_one_reconcile_is_one_event() -> None:
     assert coalesce_events([running]) == [running]
     other = Event("Normal", "StageRunning", "stage midtrain: running")
     assert coalesce_events([started, other]) == [started, other]
+
+
+def _created_jobset(name: str) -> dict[str, Any]:
+    """A JobSet as a POST response shows it."""
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": name, "namespace": "ml", "labels": {}},
+        "spec": {"suspend": False},
+        "status": {},
+    }
+
+
+def test_a_child_we_created_counts_as_observed_until_the_watch_shows_it(monkeypatch) -> None:
+    """The watch lags a POST; a reconcile in that window must not plan the JobSet again (a
+    duplicate POST, 409) but act on it, e.g. suspend it."""
+    from coda_operator import handlers, planner
+
+    state = _State(OperatorConfig())
+    key = ("ml", "demo")
+    spec = run_spec(suspend=True)
+    run = {"metadata": {"name": "demo", "namespace": "ml", "generation": 2}, "spec": spec,
+           "status": {}}  # fmt: skip
+    state.remember_created(key, _created_jobset("demo-pretrain"))
+    state.remember_created(key, {"kind": "ConfigMap", "metadata": {"name": "demo-pretrain"}})
+    observed = state.observe(key)
+    assert (
+        list(observed.jobsets) == ["demo-pretrain"]
+        and observed.jobsets["demo-pretrain"].state == "Active"
+    )
+    actions = planner.plan(run, observed, datetime.now(UTC)).actions
+    assert not any(isinstance(a, planner.Create) and a.obj["kind"] == "JobSet" for a in actions)
+    assert any(isinstance(a, planner.PatchChild) and a.name == "demo-pretrain" for a in actions)
+    # without the memory, the same reconcile would POST the JobSet again
+    bare = planner.plan(run, planner.Observed(), datetime.now(UTC)).actions
+    assert any(isinstance(a, planner.Create) and a.obj["kind"] == "JobSet" for a in bare)
+
+    # the index shows it: the memory is dropped, the index is what counts
+    state.jobsets = {key: [planner.JobSetObs.from_body(_created_jobset("demo-pretrain"))]}
+    state.observe(key)
+    assert key not in state.created
+    # a child the watch never shows (deleted at once) stops counting after the expectation time
+    state.jobsets = None
+    state.remember_created(key, _created_jobset("demo-pretrain-r1"))
+    monkeypatch.setattr(handlers, "CREATED_EXPECTATION_S", -1.0)
+    assert state.observe(key).jobsets == {} and key not in state.created
