@@ -534,14 +534,18 @@ def run(cfg: TrainJobConfig, *, stop_after_steps: int | None = None) -> int:
 
 def configure_logging(level: str = "INFO") -> None:
     """Our messages at `level` on stderr; orbax/absl/jax chatter only from WARNING (unless DEBUG)."""
-    # force: importing orbax (and grain) already put a handler on the root logger, which would
-    # make basicConfig a silent no-op and our INFO lines (mesh, resumed, …) vanish.
+    # Importing orbax (and grain) already put a bare StreamHandler on the root logger, which
+    # would make basicConfig a silent no-op and our INFO lines (mesh, resumed, …) vanish. Only
+    # those bare handlers go: subclasses (a test runner's capture handlers) stay.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
     )
+    root.setLevel(level.upper())  # also when a capture handler kept basicConfig from acting
     if level.upper() != "DEBUG":
         for name in ("absl", "jax", "orbax", "fsspec"):
             logging.getLogger(name).setLevel(logging.WARNING)
