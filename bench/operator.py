@@ -314,14 +314,19 @@ def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, 
                 jobset_posts.append(name)
                 created_at.setdefault(name, t)
     latencies = []
+    handoffs = []  # (previous JobSet's Completed PATCH, seconds after the first request, latency)
+    t0 = arrived[0] if arrived else 0.0
     for js, t in created_at.items():
         run, stage = js.rsplit("-", 1)
         i = STAGES.index(stage)
         if i > 0:
-            latencies.append(t - completed_at[f"{run}-{STAGES[i - 1]}"])
+            done = completed_at[f"{run}-{STAGES[i - 1]}"]
+            latencies.append(t - done)
+            handoffs.append((f"{run}-{STAGES[i - 1]}", round(done - t0, 4), round(t - done, 4)))
     if len(set(jobset_posts)) != 3 * runs:
         raise AssertionError(f"{len(set(jobset_posts))} JobSets created for {runs} runs × 3 stages")
     return {
+        "handoffs": sorted(handoffs, key=lambda h: h[1]),
         "requests_per_run": {k: round(v / runs, 2) for k, v in sorted(by_agent.items())},
         "requests_per_run_by_verb": {k: round(v / runs, 2) for k, v in sorted(by_verb.items())},
         # a POST of a JobSet that already exists (the index had not seen it yet): answered 409
@@ -394,11 +399,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         with urllib.request.urlopen(f"{url}/bench/log?since={before}", timeout=60) as rsp:
             data = json.load(rsp)
         stop(operator)  # graceful: a profile is written on the way out
+        analysis = analyse(data["log"], data["arrived"], args.runs)
+        with (out / "handoffs.csv").open("w") as f:
+            f.write("jobset,completed_s,latency_s\n")
+            f.writelines(f"{js},{at},{lat}\n" for js, at, lat in analysis.pop("handoffs"))
         result = {
             "runs": args.runs,
             "stages_per_run": len(STAGES),
             "wall_seconds": round(wall, 2),
-            **analyse(data["log"], data["arrived"], args.runs),
+            **analysis,
             "operator_cpu_seconds": round(op_cpu, 2),
             "operator_cpu_ms_per_run": round(1000 * op_cpu / args.runs, 2),
             "operator_rss_mib": {"idle": op_rss0.get("VmRSS"), **op_mem},

@@ -9,8 +9,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
+
+# Collector thresholds for an operator that holds thousands of objects. With Python's defaults
+# (700, 10, 10), at 1,000 runs (bench/operator.py) the collector ran ~2,000 times, took ~12 % of
+# the operator's CPU, and its full collections (up to 290 ms, the event loop stopped) were the
+# whole of the hand-off p99. Young objects are collected 14× less often; a full collection still
+# happens when the long-lived set has grown by a quarter (CPython's own rule).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Take what start-up allocated (modules, kopf's registry, pydantic's schemas: never garbage)
+    out of every later collection's scan, then collect less often (GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from coda_operator.handlers import OperatorConfig, run_operator
 
     kopf.configure(verbose=args.verbose)
+    tune_gc()
     config = OperatorConfig(server=args.server, metrics_port=args.metrics_port)
     # CODA_OPERATOR_PROFILE=<file>: a cProfile of the whole run, written when the operator stops
     # (SIGTERM stops it gracefully); `python -m pstats <file>` reads it.
