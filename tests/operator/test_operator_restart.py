@@ -40,14 +40,15 @@ def _kubeconfig(tmp: Path, server: str) -> Path:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, tmp: Path, name: str):
+    def __init__(self, kubeconfig: Path, tmp: Path, name: str, *, verbose: bool = True):
+        self.log_path = tmp / f"{name}.log"
         self.health, self.metrics = _free_port(), _free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
             "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("trainer", "operator")),
         }
-        self.log = (tmp / f"{name}.log").open("w")
+        self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -56,7 +57,7 @@ class OperatorProcess:
                 "--namespace",
                 NS,
                 "--standalone",
-                "--verbose",
+                *(["--verbose"] if verbose else []),
                 "--liveness",
                 f"http://127.0.0.1:{self.health}/healthz",
                 "--metrics-port",
@@ -130,7 +131,7 @@ async def test_operator_killed_mid_stage_resumes_without_duplicates(
     finally:
         first.stop()
 
-    second = OperatorProcess(kubeconfig, tmp_path, "second")
+    second = OperatorProcess(kubeconfig, tmp_path, "second", verbose=False)
     try:
         await second.wait_healthy()
         # the restarted operator picks up the running stage: it must not create midtrain again
@@ -147,6 +148,11 @@ async def test_operator_killed_mid_stage_resumes_without_duplicates(
         assert sorted(cluster.objects("deployments")) == ["kill-sampler"]
     finally:
         second.stop()
+    # kopf's line per handled watch event: with --verbose only (12 per run, noise at scale)
+    handled = "Handler 'jobset_event' succeeded"
+    assert handled in first.log_path.read_text()
+    quiet = second.log_path.read_text()
+    assert handled not in quiet and "Activity 'startup' succeeded" in quiet
 
 
 async def test_operator_killed_mid_preflight_neither_repeats_the_compile_nor_loses_the_report(
