@@ -15,7 +15,8 @@ Processes (each one's stdout/stderr goes to a file under --out):
 
 Reported: wall time (first submission → every run Succeeded); hand-off latency measured on the API
 server (arrival of the driver's PATCH marking a stage's JobSet Completed → arrival of the next
-stage's JobSet POST; p50/p99/max); API requests per run by client and by verb; operator CPU seconds
+stage's JobSet POST; p50/p99/max, and every hand-off with its time in <out>/handoffs.csv);
+admission latency (a run's POST → its first JobSet's POST); API requests per run by client and by verb; operator CPU seconds
 and RSS (from /proc of its pid) and the emulator's CPU seconds (is the emulator the bottleneck?).
 CODA_OPERATOR_PROFILE=<file> in the environment makes the operator write a cProfile there.
 """
@@ -291,6 +292,7 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
 def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, Any]:
     completed_at: dict[str, float] = {}
     created_at: dict[str, float] = {}
+    submitted_at: dict[str, float] = {}
     by_agent: collections.Counter[str] = collections.Counter()
     by_verb: collections.Counter[str] = collections.Counter()
     jobset_posts: list[str] = []
@@ -307,6 +309,8 @@ def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, 
         by_agent[who] += 1
         if who in ("operator", "kopf"):
             by_verb[f"{who} {method} {plural} {(action or '').lower()}".strip()] += 1
+        if plural == "codatrainingruns" and who == "driver" and method == "POST":
+            submitted_at[name] = t
         if plural == "jobsets" and name:
             if who == "driver" and method == "PATCH":
                 completed_at.setdefault(name, t)
@@ -323,6 +327,9 @@ def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, 
             done = completed_at[f"{run}-{STAGES[i - 1]}"]
             latencies.append(t - done)
             handoffs.append((f"{run}-{STAGES[i - 1]}", round(done - t0, 4), round(t - done, 4)))
+    # Admission: the run's POST → its first JobSet's POST. Hand-offs go first (the operator holds
+    # admissions back while one is in flight), so an overload shows here instead.
+    admissions = [created_at[f"{run}-{STAGES[0]}"] - t for run, t in submitted_at.items()]
     if len(set(jobset_posts)) != 3 * runs:
         raise AssertionError(f"{len(set(jobset_posts))} JobSets created for {runs} runs × 3 stages")
     return {
@@ -336,6 +343,12 @@ def analyse(log: list[list[Any]], arrived: list[float], runs: int) -> dict[str, 
             "p50": round(1000 * statistics.median(latencies), 1),
             "p99": round(1000 * percentile(latencies, 99), 1),
             "max": round(1000 * max(latencies), 1),
+        },
+        "admission_ms": {
+            "n": len(admissions),
+            "p50": round(1000 * statistics.median(admissions), 1),
+            "p99": round(1000 * percentile(admissions, 99), 1),
+            "max": round(1000 * max(admissions), 1),
         },
     }
 
