@@ -222,7 +222,10 @@ class ChildReconciles:
     60 ms with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_wait_s: float = 5.0) -> None:
+        # A waiter goes ahead after this long even if child work never stopped (a child
+        # reconcile stuck on a slow API call, a flood of sampler events): delayed, never starved.
+        self.max_wait_s = max_wait_s
         self.in_flight = 0
         self._none = asyncio.Event()
         self._none.set()
@@ -239,9 +242,12 @@ class ChildReconciles:
                 self._none.set()
 
     async def none_running(self) -> None:
-        """Return once no child reconcile is in flight. Waiters all go together when it happens
-        (they are not re-checked), so a steady trickle of child work delays them, never starves."""
-        await self._none.wait()
+        """Return once no child reconcile is in flight, or after `max_wait_s`. Waiters all go
+        together when it happens (they are not re-checked)."""
+        if self._none.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none.wait(), self.max_wait_s)
 
 
 class EventPoster:

@@ -76,6 +76,33 @@ async def test_a_failed_child_reconcile_does_not_block_admissions(
     assert state.child_reconciles.in_flight == 0
 
 
+@pytest.mark.asyncio
+async def test_an_admission_waits_for_a_stuck_child_reconcile_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[str] = []
+    stuck = asyncio.Event()  # never set: a child reconcile hanging on a slow API call
+
+    async def fake_reconcile(state: Any, namespace: str, name: str, *, trigger: str) -> None:
+        started.append(trigger)
+        if trigger == "jobset":
+            await stuck.wait()
+
+    monkeypatch.setattr(handlers, "_reconcile_locked", fake_reconcile)
+    state = _State(OperatorConfig())
+    state.child_reconciles.max_wait_s = 0.2
+    handoff = asyncio.create_task(handlers.reconcile(state, "ml", "old", trigger="jobset"))
+    try:
+        await _turns()
+        admission = asyncio.create_task(handlers.reconcile(state, "ml", "new", trigger="create"))
+        await asyncio.sleep(0.05)
+        assert started == ["jobset"]  # still held back
+        await asyncio.wait_for(admission, 5)  # then goes ahead: delayed, not starved
+        assert started == ["jobset", "create"]
+    finally:
+        handoff.cancel()
+
+
 class _RecordingKube:
     """Only what EventPoster calls: the Events it would POST, in order."""
 
