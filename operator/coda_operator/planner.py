@@ -312,8 +312,13 @@ def _retry_request(
         f"retry of stage {ss.name} requested ({what}): creating JobSet {js}, resuming from the "
         f"stage's newest checkpoint"
     )
+    _reopen(ctx, msg)
+
+
+def _reopen(ctx: _Ctx, msg: str) -> None:
+    """A manual retry was accepted: the run is no longer Failed, and says why."""
     ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
-    st.message, st.completion_time = msg, None
+    ctx.st.message, ctx.st.completion_time = msg, None
     ctx.event("Normal", "RetryRequested", msg)
 
 
@@ -335,9 +340,7 @@ def _retry_evaluation(ctx: _Ctx, name: str, what: str, spec: CodaTrainingRunSpec
         f"retry of the evaluation of stage {stage} requested ({what}): creating Job {job} "
         f"(attempt {ev.retries + 1}) after: {before}"
     )
-    ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
-    st.message, st.completion_time = msg, None
-    ctx.event("Normal", "RetryRequested", msg)
+    _reopen(ctx, msg)
 
 
 def _retry_gate(ctx: _Ctx, what: str, spec: CodaTrainingRunSpec) -> None:
@@ -367,10 +370,8 @@ def _retry_gate(ctx: _Ctx, what: str, spec: CodaTrainingRunSpec) -> None:
         f"retry requested ({what}): the quality gate of the current spec is met "
         f"({met or 'no minPassAt1'}); completing the run without evaluating again"
     )
-    ctx.cond(Cond.FAILED, False, Reason.RETRY_REQUESTED, msg)
+    _reopen(ctx, msg)
     ctx.cond(Cond.QUALITY_GATE, True, Reason.RETRY_REQUESTED, msg)
-    st.message, st.completion_time = msg, None
-    ctx.event("Normal", "RetryRequested", msg)
 
 
 def _sync_stage_list(ctx: _Ctx, spec: CodaTrainingRunSpec) -> str | None:
