@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
 from coda_trainer.config import ModelConfig
 from coda_trainer.model import Transformer
@@ -36,3 +43,39 @@ def proctree():
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+@dataclass
+class StatusSubresource:
+    """A real HTTP server in the API server's place for a run's status subresource: it records
+    every merge patch as (path, body) and answers `code`."""
+
+    url: str = ""
+    code: int = 200
+    patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+@pytest.fixture
+def status_server() -> Iterator[StatusSubresource]:
+    status = StatusSubresource()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PATCH(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status.patches.append((self.path, body))
+            self.send_response(status.code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    status.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield status
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -17,7 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any
 
 import pytest
 from coda_trainer.evaluate import prompts
@@ -594,36 +594,6 @@ def test_sigterm_while_candidates_run_kills_them_and_exits_143(tmp_path: Path, p
 # --------------------------------------------------------------------------------------------------
 
 
-class _StatusServer(BaseHTTPRequestHandler):
-    """The API server's status subresource: records merge patches, answers `code`."""
-
-    patches: ClassVar[list[tuple[str, dict]]] = []
-    code = 200
-
-    def do_PATCH(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).patches.append((self.path, body))
-        self.send_response(self.code)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def status_server():
-    _StatusServer.patches, _StatusServer.code = [], 200
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _eval_job(tmp_path: Path, server: str, *args: str) -> tuple[int, str]:
     env = {
         **os.environ, "PYTHONPATH": str(REPO / "trainer"), "JAX_PLATFORMS": "cpu",
@@ -640,19 +610,19 @@ def _eval_job(tmp_path: Path, server: str, *args: str) -> tuple[int, str]:
 
 
 def test_eval_job_writes_reports_and_patches_status_evaluation(
-    tmp_path: Path, status_server: str
+    tmp_path: Path, status_server: Any
 ) -> None:
     from coda_operator.api import EvaluationStatus
 
     report_dir = tmp_path / "runs" / "demo" / "sft" / "eval"
     rc, log = _eval_job(
-        tmp_path, status_server, "--reference", "--benchmark", "humaneval", "--benchmark", "mbpp",
+        tmp_path, status_server.url, "--reference", "--benchmark", "humaneval", "--benchmark", "mbpp",
         "--limit", "3", "--report-dir", str(report_dir),
     )  # fmt: skip
     assert rc == 0, log
     assert json.loads((report_dir / "humaneval.json").read_text())["n_problems"] == 3
     assert json.loads((report_dir / "mbpp.json").read_text())["pass_at_k"] == {"pass@1": 1.0}
-    ((path, body),) = _StatusServer.patches
+    ((path, body),) = status_server.patches
     assert path == "/apis/coda.dev/v1alpha1/namespaces/ml/codatrainingruns/demo/status"
     ev = EvaluationStatus.model_validate(body["status"]["evaluation"]["sft"])  # the operator's view
     assert ev.report == str(report_dir)
@@ -661,17 +631,17 @@ def test_eval_job_writes_reports_and_patches_status_evaluation(
     assert ev.results["mbpp"].failures == 0 and ev.results["mbpp"].reasons == {"passed": 3}
 
 
-def test_eval_job_exit_codes_follow_the_contract(tmp_path: Path, status_server: str) -> None:
+def test_eval_job_exit_codes_follow_the_contract(tmp_path: Path, status_server: Any) -> None:
     # The scores cannot be reported: retryable (75), the operator starts another Job.
-    _StatusServer.code = 500
+    status_server.code = 500
     rc, log = _eval_job(
-        tmp_path, status_server, "--reference", "--benchmark", "humaneval", "--limit", "1",
+        tmp_path, status_server.url, "--reference", "--benchmark", "humaneval", "--limit", "1",
         "--report-dir", str(tmp_path / "eval"),
     )  # fmt: skip
     assert rc == 75 and "could not report the scores" in log, log
     # No checkpoint there: permanent (78), no retry can help.
     rc, log = _eval_job(
-        tmp_path, status_server, "--checkpoint", str(tmp_path / "missing"), "--benchmark",
+        tmp_path, status_server.url, "--checkpoint", str(tmp_path / "missing"), "--benchmark",
         "humaneval", "--limit", "1",
     )  # fmt: skip
     assert rc == 78, log

@@ -6,47 +6,17 @@ for the API server's status subresource, and the exit codes of the training cont
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from coda_trainer.contract import EXIT_PERMANENT, EXIT_RETRYABLE
 
 REPO = Path(__file__).resolve().parents[2]
 STATUS_PATH = "/apis/coda.dev/v1alpha1/namespaces/ml/codatrainingruns/demo/status"
-
-
-class _StatusServer(BaseHTTPRequestHandler):
-    patches: ClassVar[list[tuple[str, dict[str, Any]]]] = []
-
-    def do_PATCH(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).patches.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def status_server():
-    _StatusServer.patches = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def rendered_job(tpu: dict[str, Any]) -> tuple[list[str], dict[str, str], str]:
@@ -86,15 +56,15 @@ def run_job(
 
 
 def test_a_config_that_cannot_run_exits_78_and_says_why_in_status(
-    tmp_path: Path, status_server: str
+    tmp_path: Path, status_server: Any
 ) -> None:
     from coda_operator.api import PreflightStatus
 
     command, env, key = rendered_job({"type": "v5p", "topology": "2x2x1"})
     env["CODA_PREFLIGHT_CONFIG"] = "run: demo\nstage: {}\n"  # not a stage job config
-    rc, log = run_job(tmp_path, command, env, status_server)
+    rc, log = run_job(tmp_path, command, env, status_server.url)
     assert rc == EXIT_PERMANENT, log
-    ((path, body),) = _StatusServer.patches
+    ((path, body),) = status_server.patches
     assert path == STATUS_PATH
     pf = PreflightStatus.model_validate(body["status"]["preflight"]["sft"])  # the operator's view
     assert pf.report_key == key and pf.report is not None and pf.report.fits is False
@@ -121,15 +91,15 @@ def test_report_key_outside_the_operators_pod_env_is_refused(tmp_path: Path) -> 
     reason="libtpu is not installed (the `preflight` extra, Linux x86_64 only)",
 )
 def test_the_rendered_job_compiles_the_stage_and_reports_it_fits(
-    tmp_path: Path, status_server: str
+    tmp_path: Path, status_server: Any
 ) -> None:
     """The real compile, deviceless, of test-micro on v5p 2x2x1 as the Job runs it."""
     from coda_operator.api import PreflightStatus
 
     command, env, key = rendered_job({"type": "v5p", "topology": "2x2x1"})
-    rc, log = run_job(tmp_path, command, env, status_server)
+    rc, log = run_job(tmp_path, command, env, status_server.url)
     assert rc == 0, log[-3000:]
-    ((_, body),) = _StatusServer.patches
+    ((_, body),) = status_server.patches
     pf = PreflightStatus.model_validate(body["status"]["preflight"]["sft"])
     assert pf.report_key == key and pf.report is not None and pf.report.fits is True
     assert 0 < (pf.report.peak_bytes_per_device or 0) < 0.9 * (pf.report.hbm_bytes_per_device or 0)
