@@ -44,6 +44,7 @@ import jax
 import numpy as np
 from coda_trainer import hf
 from coda_trainer.config import PRESETS, ModelConfig
+from coda_trainer.hf_config import hf_config_from_model
 from coda_trainer.model import Transformer, resolve_attention_impl
 from coda_trainer.sampling import SamplingConfig, generate
 from coda_trainer.sampling.parity import random_hf_weights, write_hf_folder
@@ -177,7 +178,7 @@ class Release:
                 self.model = ref.build_release_model(path, tmp, dtype=dtype).to(self.device)
             else:
                 self.model = ref.release_model(
-                    path, config.to_hf_config(), dtype=dtype, device=self.device
+                    path, hf_config_from_model(config), dtype=dtype, device=self.device
                 )
         self.same_weights = small
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from coda_trainer.config import ModelConfig
+from coda_trainer.hf_config import hf_config_from_model, model_config_from_hf
 
 # CoDALanguageModel/config.json of the release (SalesforceAIResearch/CoDA), verbatim values.
 RELEASED_CODA_CONFIG = {
@@ -52,7 +53,7 @@ def _arch(cfg: ModelConfig) -> dict:
 
 
 def test_released_coda_config_is_the_coda_preset():
-    cfg = ModelConfig.from_hf_config(RELEASED_CODA_CONFIG)
+    cfg = model_config_from_hf(RELEASED_CODA_CONFIG)
     # The file omits tie_word_embeddings (CoDAConfig's default says True) but the model is untied.
     assert not cfg.tie_word_embeddings and not cfg.causal
     assert _arch(cfg) == _arch(ModelConfig.preset("coda-1.7b"))
@@ -67,9 +68,9 @@ def test_round_trip(preset: str, architecture: str):
     cfg = ModelConfig.preset(preset)
     if architecture == "CoDALanguageModel":
         cfg = cfg.model_copy(update={"causal": False, "tie_word_embeddings": False})
-    hf = cfg.to_hf_config(architecture)
+    hf = hf_config_from_model(cfg, architecture)
     assert hf["architectures"] == [architecture]
-    back = ModelConfig.from_hf_config(hf, **{k: getattr(cfg, k) for k in _RUNTIME})
+    back = model_config_from_hf(hf, **{k: getattr(cfg, k) for k in _RUNTIME})
     if architecture == "Qwen3ForCausalLM":
         back = back.model_copy(update={"mask_token_id": cfg.mask_token_id, "causal": cfg.causal})
     assert back == cfg
@@ -77,14 +78,14 @@ def test_round_trip(preset: str, architecture: str):
 
 def test_transformers_5_rope_parameters_are_read():
     hf = {
-        **ModelConfig.preset("test-micro").to_hf_config("Qwen3ForCausalLM"),
+        **hf_config_from_model(ModelConfig.preset("test-micro"), "Qwen3ForCausalLM"),
         "rope_parameters": {"rope_theta": 10_000.0, "rope_type": "default"},
     }
     del hf["rope_theta"]
-    assert ModelConfig.from_hf_config(hf).rope_theta == 10_000.0
+    assert model_config_from_hf(hf).rope_theta == 10_000.0
     hf["rope_parameters"] = {"rope_theta": 10_000.0, "rope_type": "yarn", "factor": 4.0}
     with pytest.raises(ValueError, match="rope_type=default"):
-        ModelConfig.from_hf_config(hf)
+        model_config_from_hf(hf)
 
 
 def test_small_qwen3_without_special_ids_stays_in_vocab():
@@ -93,10 +94,10 @@ def test_small_qwen3_without_special_ids_stays_in_vocab():
         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "bos_token_id": None, "eos_token_id": None,
     }  # fmt: skip
-    cfg = ModelConfig.from_hf_config(hf)
+    cfg = model_config_from_hf(hf)
     assert cfg.causal and cfg.mask_token_id == 255 and cfg.eos_token_id == 255
 
 
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
-        ModelConfig.from_hf_config({**RELEASED_CODA_CONFIG, "architectures": ["LlamaForCausalLM"]})
+        model_config_from_hf({**RELEASED_CODA_CONFIG, "architectures": ["LlamaForCausalLM"]})

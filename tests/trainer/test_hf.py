@@ -19,6 +19,7 @@ import torch  # the reference implementation (dev extra); never skipped
 import transformers
 from coda_trainer import hf
 from coda_trainer.config import ModelConfig
+from coda_trainer.hf_config import hf_config_from_model
 from coda_trainer.model import Transformer
 from flax import nnx
 
@@ -334,7 +335,7 @@ def test_missing_folder_contents(tmp_path: Path):
     with pytest.raises(hf.CheckpointError, match=r"config\.json"):
         hf.load_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(
-        json.dumps(ModelConfig.preset("test-micro").to_hf_config())
+        json.dumps(hf_config_from_model(ModelConfig.preset("test-micro")))
     )
     with pytest.raises(hf.CheckpointError, match=r"no model\.safetensors"):
         hf.load_pretrained(str(tmp_path))

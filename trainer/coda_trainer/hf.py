@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from coda_trainer import storage
 from coda_trainer.config import ModelConfig
 from coda_trainer.contract import PermanentError
+from coda_trainer.hf_config import hf_config_from_model, model_config_from_hf
 from coda_trainer.model import Transformer
 from coda_trainer.sharding import state_shardings
 
@@ -442,7 +443,7 @@ def load_pretrained(
     """
     hf = _read_hf_config(path)
     try:
-        config = ModelConfig.from_hf_config(hf, **(config_overrides or {}))
+        config = model_config_from_hf(hf, **(config_overrides or {}))
     except ValueError as e:
         raise CheckpointError(f"{storage.join(path, 'config.json')}: {e}") from e
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -610,7 +611,7 @@ def save_pretrained(
             },
         }
         storage.write_text(storage.join(path, INDEX_FILE), json.dumps(index, indent=2) + "\n")
-    hf_config = config.to_hf_config(architecture)  # type: ignore[arg-type]
+    hf_config = hf_config_from_model(config, architecture)  # type: ignore[arg-type]
     storage.write_text(storage.join(path, "config.json"), json.dumps(hf_config, indent=2) + "\n")
     storage.write_text(
         storage.join(path, "generation_config.json"),

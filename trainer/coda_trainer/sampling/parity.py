@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from coda_trainer.config import ModelConfig
+from coda_trainer.hf_config import hf_config_from_model
 
 __all__ = ["GOLDEN_MODEL_CONFIG", "hf_weight_shapes", "random_hf_weights", "write_hf_folder"]
 
@@ -105,6 +106,6 @@ def write_hf_folder(path: str | Path, config: ModelConfig, weights: dict[str, np
         {k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path / "model.safetensors")
     )
     (path / "config.json").write_text(
-        json.dumps(config.to_hf_config("CoDALanguageModel"), indent=2)
+        json.dumps(hf_config_from_model(config, "CoDALanguageModel"), indent=2)
     )
     return path
