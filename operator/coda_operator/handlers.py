@@ -508,8 +508,6 @@ async def sampler_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -
 
 
 _ADMISSION_TRIGGERS = frozenset({"create", "resume"})
-
-
 _CHILD_TRIGGERS = frozenset({"jobset", "evaljob", "sampler"})
 
 
