@@ -675,7 +675,7 @@ def _settled_after_create(
     observed: planner.Observed,
     created: list[dict[str, Any]],
     now: datetime,
-) -> planner.Plan | None:
+) -> planner.Reconciliation | None:
     """Plan once more with what was just created as observed: the status the created JobSet's
     watch event would lead to (Created, Running or Queued) goes out in this reconcile's one
     status PATCH instead of a second reconcile's. None when that plan asks for more than a

@@ -52,7 +52,7 @@ __all__ = [
     "JobSetObs",
     "Observed",
     "PatchChild",
-    "Plan",
+    "Reconciliation",
     "coalesce_events",
     "gate_misses",
     "isoformat",
@@ -128,7 +128,9 @@ Action = Create | PatchChild | DeleteChild | DeleteRun
 
 
 @dataclass
-class Plan:
+class Reconciliation:
+    """What one reconcile decided: the actions to apply, the Events to post, the status to write."""
+
     actions: list[Action]
     events: list[Event]
     status: CodaTrainingRunStatus
@@ -213,7 +215,7 @@ def retry_requested(run: Mapping[str, Any]) -> bool:
     return bool(value) and value != (run.get("status") or {}).get("retryHandled")
 
 
-def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
+def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Reconciliation:
     """Decide what to do for one CodaTrainingRun body (metadata + spec + status)."""
     meta = run.get("metadata") or {}
     name, namespace = meta["name"], meta.get("namespace") or "default"
@@ -246,7 +248,7 @@ def plan(run: Mapping[str, Any], observed: Observed, now: datetime) -> Plan:
     st.phase = phase_from_conditions(st.conditions)  # type: ignore[assignment]
     st.observed_generation = ctx.gen
     _condition_events(ctx, _true_conditions(old_status))
-    return Plan(ctx.actions, ctx.events, st, ctx.requeue, ctx.finished)
+    return Reconciliation(ctx.actions, ctx.events, st, ctx.requeue, ctx.finished)
 
 
 def _on_invalid(ctx: _Ctx, err: InvalidSpec) -> None:

@@ -28,7 +28,7 @@ class EvalSim(Sim):
         super().__init__(spec)
         self.jobs: dict[str, dict[str, Any]] = {}
 
-    def step(self, dt: float = 1.0) -> planner.Plan:
+    def step(self, dt: float = 1.0) -> planner.Reconciliation:
         self.now += timedelta(seconds=dt)
         obs = Observed(
             {n: JobSetObs.from_body(b) for n, b in self.jobsets.items()},
@@ -314,7 +314,7 @@ async def test_operator_retries_a_failed_eval_job_then_stops_on_exit_78(
 # --------------------------------------------------------------------------------------------------
 
 
-def _retry(sim: EvalSim, value: str) -> planner.Plan:
+def _retry(sim: EvalSim, value: str) -> planner.Reconciliation:
     from coda_trainer.contract import RETRY_ANNOTATION
 
     sim.run["metadata"].setdefault("annotations", {})[RETRY_ANNOTATION] = value

@@ -35,9 +35,9 @@ class Sim:
         self.jobsets: dict[str, dict[str, Any]] = {}
         self.sampler: planner.DeploymentObs | None = None
         self.now = T0
-        self.last: planner.Plan | None = None
+        self.last: planner.Reconciliation | None = None
 
-    def step(self, dt: float = 1.0) -> planner.Plan:
+    def step(self, dt: float = 1.0) -> planner.Reconciliation:
         self.now += timedelta(seconds=dt)
         obs = Observed({n: JobSetObs.from_body(b) for n, b in self.jobsets.items()}, self.sampler)
         p = plan(copy.deepcopy(self.run), obs, self.now)
@@ -76,7 +76,7 @@ class Sim:
         return [e.reason for e in self.last.events]
 
 
-def kinds(p: planner.Plan) -> list[str]:
+def kinds(p: planner.Reconciliation) -> list[str]:
     return [
         type(a).__name__ + (":" + a.obj["kind"] if isinstance(a, Create) else "") for a in p.actions
     ]

@@ -80,7 +80,7 @@ from coda_trainer.step import (
 from coda_trainer.tokenizer import load_tokenizer
 
 __all__ = [
-    "Plan",
+    "PreparedJob",
     "main",
     "prepare",
     "run",
@@ -91,7 +91,7 @@ log = logging.getLogger("coda_trainer.train")
 
 
 @dataclasses.dataclass
-class Plan:
+class PreparedJob:
     """What `prepare` validated, handed to `train`."""
 
     cfg: TrainJobConfig
@@ -113,12 +113,12 @@ def _final_done(cfg: TrainJobConfig) -> bool:
     return json.loads(storage.read_text(meta_uri)).get("step") == cfg.stage.steps
 
 
-def prepare(cfg: TrainJobConfig) -> Plan:
+def prepare(cfg: TrainJobConfig) -> PreparedJob:
     """Validate everything that can be checked without devices. Raises ConfigError/DataError."""
     stage = cfg.stage
     model_config = stage_model_config(cfg)
     if _final_done(cfg):
-        return Plan(cfg, model_config, None, None, already_done=True)
+        return PreparedJob(cfg, model_config, None, None, already_done=True)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
@@ -143,7 +143,7 @@ def prepare(cfg: TrainJobConfig) -> Plan:
         validate_sources(stage.eval.data, tokenizer, kind=stage.kind, seq_len=seq_len, **sft_rows)
     init = stage.init_from or cfg.model.init_from
     init_from = resolve_init_from(init) if init else None
-    return Plan(cfg, model_config, tokenizer, init_from, already_done=False)
+    return PreparedJob(cfg, model_config, tokenizer, init_from, already_done=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def _global_batch(local: dict[str, Any], sharding: Any) -> dict[str, Any]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def train(plan: Plan, *, stop_after_steps: int | None = None) -> int:
+def train(plan: PreparedJob, *, stop_after_steps: int | None = None) -> int:
     """Run the stage described by a validated plan; returns an exit code.
 
     `stop_after_steps` (tests, benchmarks) behaves like a SIGTERM after that many steps of this
@@ -265,7 +265,7 @@ class _StageRun:
     where results go (checkpoints, metrics, the run's status). `start` restores or initialises,
     `loop` trains until done or told to stop, `publish` writes the final checkpoint."""
 
-    plan: Plan
+    plan: PreparedJob
     mesh: Any
     data: Any  # Prefetch over this process's loader (checkpointable)
     ckpt: Any  # checkpoint.Checkpointer
