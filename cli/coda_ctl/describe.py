@@ -20,14 +20,10 @@ from typing import Any
 from coda_operator.api import CodaTrainingRunStatus, EvaluationStatus, PreflightStatus, Progress
 
 from coda_ctl.runstatus import current_progress, read_status
-from coda_ctl.views import human_age, parse_time, plain_table
+from coda_ctl.views import gib, human_age, parse_time, plain_table
 
 STAGE_HEADERS = ["NAME", "KIND", "PHASE", "STEPS", "JOBSET", "RETRIES", "RESTARTS",
                  "FINAL CHECKPOINT"]  # fmt: skip
-
-
-def gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / (1 << 30):.2f}"
 
 
 # ---------------------------------------------------------------------------------------- sections

@@ -15,6 +15,7 @@ from typing import Any
 
 from coda_ctl import runspec
 from coda_ctl.errors import CtlError, Exit
+from coda_ctl.views import gib
 
 
 def load_spec_docs(path: str) -> list[dict[str, Any]]:
@@ -89,10 +90,6 @@ def runnable(plan: dict[str, Any]) -> bool:
     return all(s["fits"] is not False for s in plan["stages"])
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / (1 << 30):.2f}"
-
-
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -107,7 +104,7 @@ def table_rows(plan: dict[str, Any]) -> list[list[str]]:
         fits = {True: "yes", False: "NO", None: "?"}[s["fits"]]
         rows.append([
             plan["name"], s["name"], s["accelerator"], fits,
-            f"{_gib(s['peakBytesPerDevice'])} / {_gib(s['hbmBytesPerDevice'])}",
+            f"{gib(s['peakBytesPerDevice'])} / {gib(s['hbmBytesPerDevice'])}",
             s.get("remat") or "-", str(s.get("gradAccum") or "-"),
             f"{s['flopsPerStep']:.3g}",
             "-" if s["idealStepSeconds"] is None else f"{s['idealStepSeconds']:.3g}s",

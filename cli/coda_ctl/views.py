@@ -30,6 +30,11 @@ def parse_time(value: str | None) -> dt.datetime | None:
         return None
 
 
+def gib(n: int | None) -> str:
+    """Bytes as GiB with two decimals; "-" when unknown."""
+    return "-" if n is None else f"{n / (1 << 30):.2f}"
+
+
 def human_age(start: dt.datetime | None, now: dt.datetime) -> str:
     """kubectl-like coarse age: 45s, 12m, 5h, 3d."""
     if start is None:

@@ -508,6 +508,9 @@ async def sampler_event(namespace: str, labels: Any, memo: Any, **kwargs: Any) -
 
 
 _ADMISSION_TRIGGERS = frozenset({"create", "resume"})
+# A child's change: these reconciles go before admissions and Events (ChildReconciles) and may
+# reuse the run from our own last write (`_State.current_run`); a trigger from the run's own watch
+# event, a resync or a retry after an error always reads it.
 _CHILD_TRIGGERS = frozenset({"jobset", "evaljob", "sampler"})
 
 
@@ -642,11 +645,6 @@ async def _missing_service_account(
     return None
 
 
-# Triggers that may reuse the run from our own last write (`_State.current_run`); a trigger from
-# the run's own watch event, a resync or a retry after an error always reads it.
-_CHILD_TRIGGERS = frozenset({"jobset", "evaljob", "sampler"})
-
-
 async def _read_run(state: _State, kube: Kube, key: Key, trigger: str) -> dict[str, Any] | None:
     """The run to plan from: our own last write while current, else a GET. None when it is gone
     (forgotten) or could not be read (a retry is scheduled)."""
@@ -735,7 +733,7 @@ async def _reconcile(state: _State, key: Key, trigger: str = "") -> None:
             False,
             Reason.CREATE_FAILED,
             message,
-            now=planner.isoformat(datetime.now(UTC)),
+            now=planner.isoformat(now),
             generation=(run.get("metadata") or {}).get("generation"),
         )
         st.message = message
