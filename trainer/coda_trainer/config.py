@@ -927,12 +927,10 @@ def resolve_sampler_settings(*layers: SamplerKnobs) -> SamplerSettings:
     for layer in layers:
         if layer.preset is not None:
             values.update(SAMPLER_PRESETS[layer.preset].knobs())
-        for name in SamplerKnobs.model_fields:
+        for name in SamplerSettings.model_fields:  # a request's knobs have no max_new_tokens
             value = getattr(layer, name, None)
             if name != "preset" and value is not None:
                 values[name] = value
-        if getattr(layer, "max_new_tokens", None) is not None:
-            values["max_new_tokens"] = layer.max_new_tokens
     values["preset"] = None
     if values["top_k"] == 0:
         values["top_k"] = None
